@@ -1,0 +1,178 @@
+"""The ``qwenstudio`` command: parse, call the engine, print. No logic here that the Python API lacks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import InvalidRequest, QwenStudioError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Run the Qwen-Image family of image models.")
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _output_paths(out: Optional[Path], n: int, seeds: list[int]) -> list[Path]:
+    if out is not None and out.suffix.lower() == ".png":
+        if n == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+    folder = out or Path("outputs")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return [folder / f"qwen-{stamp}-{seeds[i]}-{i}.png" for i in range(n)]
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Argument(None, help="What to draw."),
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' or a diffusers folder path."),
+    variant: Optional[str] = typer.Option(None, help="Recipe to use (see `qwenstudio models`)."),
+    negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt (used when CFG > 1)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+    cfg: Optional[float] = typer.Option(None, help="True CFG scale; <= 1 skips the negative pass."),
+    cfg_norm: Optional[bool] = typer.Option(None, "--cfg-norm/--no-cfg-norm", help="Reference CFG renorm (default on)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (random if omitted; always recorded)."),
+    width: Optional[int] = typer.Option(None, help="Width, a multiple of 16."),
+    height: Optional[int] = typer.Option(None, help="Height, a multiple of 16."),
+    aspect: Optional[str] = typer.Option(None, help="Recommended size by aspect, e.g. 16:9."),
+    sampler: Optional[str] = typer.Option(None, help="euler, euler_ancestral, dpmpp_2m, heun, ..."),
+    scheduler: Optional[str] = typer.Option(None, help="reference, simple, normal, karras, exponential, sgm_uniform, beta"),
+    shift: Optional[float] = typer.Option(None, help="Sigma shift (ComfyUI ModelSamplingAuraFlow; Lightning: 3)."),
+    batch: int = typer.Option(1, help="Images per run."),
+    noise: str = typer.Option("diffusers", help="Seed convention: diffusers (seed+i per image) or comfy."),
+    magic: Optional[str] = typer.Option(None, help="Append the official positive-magic suffix: en or zh."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .png file or folder (default ./outputs)."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON, no progress bar."),
+    from_image: Optional[Path] = typer.Option(None, "--from-image", help="Re-create a PNG from its metadata."),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
+    dtype: Optional[str] = typer.Option(None, help="bfloat16, float16, float32 (default: bf16 on CUDA, fp32 on CPU)."),
+    retry_fp32: bool = typer.Option(False, "--retry-fp32", help="If latents go NaN/inf, retry once in fp32."),
+) -> None:
+    """Text-to-image. Example: qwenstudio generate "a red fox" --model tiny --seed 1"""
+    from ..engine.requests import GenerateRequest
+    from ..engine.specs import get_spec
+
+    try:
+        if from_image is not None:
+            from ..outputs import read_png_metadata
+
+            meta = read_png_metadata(from_image)
+            data = dict(meta["request"])
+            if prompt is not None:
+                data["prompt"] = prompt
+            request = GenerateRequest.from_dict(data)
+            if model == "tiny" and meta.get("model", {}).get("variant") not in (None, "tiny"):
+                raise InvalidRequest(
+                    f"{from_image} was made with '{meta['model'].get('name')}'; pass --model with that model"
+                )
+            variant = variant or meta.get("model", {}).get("variant")
+        else:
+            if prompt is None:
+                raise InvalidRequest("give a prompt (or --from-image PNG)")
+            request = GenerateRequest(
+                prompt=prompt, negative_prompt=negative, width=width, height=height, aspect=aspect, steps=steps,
+                cfg=cfg, cfg_norm=cfg_norm, sampler=sampler, scheduler=scheduler, shift=shift, seed=seed,
+                batch=batch, noise=noise, magic=magic,
+            )
+        spec = get_spec(variant or ("tiny" if model == "tiny" else "qwen-image"))
+        request = request.resolve(spec)  # validate before spending time on loading
+        from ..engine.engine import Engine
+
+        engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype)
+        if spec.builtin and not as_json:
+            typer.echo("note: the 'tiny' model has random weights; its images are noise (smoke test only).", err=True)
+        result = _run_with_progress(engine, request, as_json, retry_fp32)
+    except QwenStudioError as e:
+        _fail(e)
+        return
+
+    from ..outputs import save_png
+
+    paths = _output_paths(out, len(result.images), [im.metadata["seed"] for im in result.images])
+    for im, path in zip(result.images, paths):
+        save_png(im.image, im.metadata, path)
+    if as_json:
+        typer.echo(json.dumps(
+            {"images": [{"path": str(p), **im.metadata} for im, p in zip(result.images, paths)],
+             "timings": {k: v for k, v in result.timings.items()}}, indent=2))
+    else:
+        for im, path in zip(result.images, paths):
+            typer.echo(f"saved {path}  (seed {im.metadata['seed']}, {result.timings['total']:.2f}s)")
+
+
+def _run_with_progress(engine, request, quiet: bool, retry_fp32: bool):
+    if quiet or not sys.stderr.isatty():
+        return engine.generate(request, retry_fp32=retry_fp32)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]denoising"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task("denoise", total=request.steps)
+        return engine.generate(request, retry_fp32=retry_fp32,
+                               on_progress=lambda p: bar.update(task, completed=p.step))
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the known model variants and their default recipes."""
+    from dataclasses import asdict
+
+    from ..engine.specs import SPECS
+
+    rows = [{"name": s.name, "description": s.description, **asdict(s.defaults),
+             "default_size": "x".join(map(str, s.default_size)), "recipe_lora": s.recipe_lora} for s in SPECS.values()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("variant", "steps", "cfg", "sampler", "scheduler", "shift", "size", "description")
+    for r in rows:
+        table.add_row(r["name"], str(r["steps"]), str(r["cfg"]), r["sampler"], r["scheduler"],
+                      "auto" if r["shift"] is None else str(r["shift"]), r["default_size"], r["description"])
+    Console().print(table)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' or a diffusers folder."),
+    random_full: bool = typer.Option(False, "--random-full", help="Full-size random weights built on the device."),
+    steps: int = typer.Option(4),
+    cfg: float = typer.Option(4.0),
+    width: int = typer.Option(0, help="0: 64 for tiny, 1024 otherwise."),
+    height: int = typer.Option(0),
+    repeats: int = typer.Option(2, help="Timed runs per implementation (after one warm-up)."),
+    device: Optional[str] = typer.Option(None),
+    dtype: Optional[str] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time stock diffusers QwenImagePipeline vs our engine on the same weights; print per-stage times and ratios."""
+    from ..bench import print_report, run_bench
+
+    try:
+        report = run_bench(model=model, random_full=random_full, steps=steps, cfg=cfg, width=width, height=height,
+                           repeats=repeats, device=device, dtype=dtype)
+    except QwenStudioError as e:
+        _fail(e)
+        return
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

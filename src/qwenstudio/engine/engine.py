@@ -1,0 +1,266 @@
+"""The Engine: owns the loaded components and runs the denoise loop. Requests in, images + metadata out.
+
+``generate`` reads as the reference pipeline's story — resolve the request, encode prompts, make noise, build
+sigmas, sample, decode — but every stage is ours: the schedule and sampler are swappable pure functions, the
+progress callback can preview and cancel, NaN/inf latents fail with a typed error (optionally retried in fp32), and
+each image carries the exact request that re-creates it. The loop never syncs with the GPU per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import __version__
+from ..config import Settings
+from ..errors import Cancelled, GenerationFailed, InvalidRequest, ModelNotFound
+from . import latents as L
+from .loading import Components, load_diffusers_folder
+from .requests import GenerateRequest, GenerateResult, GeneratedImage
+from .specs import ModelSpec, get_spec
+from .text import PromptEncoder
+
+
+@dataclass
+class Progress:
+    """One step done. ``preview`` is a uint8 [B, h, w, 3] array when previews were asked for on this step."""
+
+    step: int
+    total: int
+    elapsed: float
+    preview: Any = None
+
+
+ProgressCallback = Callable[[Progress], Any]  # return False (or raise Cancelled) to stop the run
+
+
+class Engine:
+    def __init__(self, components: Components, spec: ModelSpec):
+        self.components = components
+        self.spec = spec
+        self.prompts = PromptEncoder(
+            components.tokenizer,
+            components.text_encoder,
+            template=spec.template,
+            drop_tokens=spec.drop_tokens,
+            max_tokens=spec.max_prompt_tokens,
+        )
+
+    # ---- construction --------------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str | Path = "tiny",
+        *,
+        variant: str | None = None,
+        device: str | None = None,
+        dtype: Any = None,
+        settings: Settings | None = None,
+    ) -> Engine:
+        """Load ``model``: ``"tiny"`` (built-in random model), or a diffusers folder path. ``variant`` names the
+        spec whose recipe to use (default: ``qwen-image`` for folders)."""
+        import torch
+
+        settings = settings or Settings.from_env()
+        device = device or settings.device
+        if isinstance(dtype, str):
+            dtype = _parse_dtype(dtype)
+        elif dtype is None and settings.dtype:
+            dtype = _parse_dtype(settings.dtype)
+        if str(model) == "tiny":
+            from ..testing.tiny import TinySpec, write_diffusers_folder
+
+            folder = write_diffusers_folder(settings.cache_dir / f"tiny-{__version__}", TinySpec())
+            spec = get_spec(variant or "tiny")
+        else:
+            folder = Path(model).expanduser()
+            if not folder.exists():
+                raise ModelNotFound(
+                    f"model '{model}' not found: give the path of a diffusers folder (with model_index.json) or 'tiny'"
+                )
+            spec = get_spec(variant or "qwen-image")
+        with torch.inference_mode(False):
+            components = load_diffusers_folder(folder, device=device, dtype=dtype)
+        return cls(components, spec)
+
+    @property
+    def device(self):
+        return self.components.device
+
+    def describe(self) -> dict:
+        c = self.components
+        return {"variant": self.spec.name, **c.identity, "device": str(c.device), "dtype": str(c.dtype).replace("torch.", "")}
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def generate(
+        self,
+        request: GenerateRequest | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+        retry_fp32: bool = False,
+        **fields,
+    ) -> GenerateResult:
+        """Run one request (or build one from keyword fields: ``engine.generate(prompt="...", seed=1)``)."""
+        if request is None:
+            request = GenerateRequest(**fields)
+        elif fields:
+            raise InvalidRequest("pass either a GenerateRequest or keyword fields, not both")
+        req = request.resolve(self.spec)
+        try:
+            return self._generate(req, on_progress, preview_every)
+        except GenerationFailed as e:
+            if not (retry_fp32 and e.code == "non_finite" and self.components.dtype != _fp32()):
+                raise
+            return self._retry_in_fp32(req, on_progress, preview_every)
+
+    def _generate(self, req: GenerateRequest, on_progress, preview_every: int) -> GenerateResult:
+        import torch
+
+        from .sampling import STOCHASTIC_SAMPLERS, build_sigmas, get_sampler
+
+        c, timings = self.components, {}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            cond = self.prompts.encode(req.full_prompt())
+            use_cfg = req.cfg > 1.0
+            uncond = self.prompts.encode(req.negative_prompt) if use_cfg else None
+            timings["text_encode"] = time.perf_counter() - t0
+
+            lh, lw = L.latent_hw(req.width, req.height)
+            noise = L.make_noise(
+                seeds=req.image_seeds(), convention=req.noise, width=req.width, height=req.height, skip=req.noise_skip
+            )
+            x = L.pack(noise).to(c.device)
+            sigmas = build_sigmas(
+                req.scheduler, req.steps, image_seq_len=x.shape[1], scheduler_config=c.scheduler_config, shift=req.shift
+            )
+            denoise = self._denoiser(cond, uncond, req, x.shape[0], lh, lw, sigmas)
+            noise_sampler = (
+                self._noise_sampler(req, lh, lw) if req.sampler in STOCHASTIC_SAMPLERS else None
+            )
+
+            step_times: list[float] = []
+            t_loop = last = time.perf_counter()
+
+            def callback(i, x_i, denoised, sigma, sigma_next):
+                nonlocal last
+                now = time.perf_counter()
+                step_times.append(now - last)
+                last = now
+                preview = None
+                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == req.steps):
+                    preview = L.preview_rgb(L.unpack(denoised, lh, lw))
+                if on_progress is not None:
+                    if on_progress(Progress(i + 1, req.steps, now - t0, preview)) is False:
+                        raise Cancelled(f"cancelled after step {i + 1} of {req.steps}")
+
+            x = get_sampler(req.sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
+            timings["denoise"] = time.perf_counter() - t_loop
+            timings["steps"] = step_times
+
+            if not bool(torch.isfinite(x).all()):  # the one host sync of the run, after the loop
+                raise GenerationFailed(
+                    "the latents became NaN/inf (numerical overflow, usually fp16/bf16); retry with retry_fp32 or "
+                    "--dtype float32", code="non_finite",
+                )
+            t_dec = time.perf_counter()
+            images = L.to_pil(L.decode(c.vae, L.unpack(x, lh, lw)))
+            timings["vae_decode"] = time.perf_counter() - t_dec
+        timings["total"] = time.perf_counter() - t0
+        out = [GeneratedImage(img, self._metadata(req, i, timings)) for i, img in enumerate(images)]
+        return GenerateResult(images=out, request=req, timings=timings, latents=L.unpack(x, lh, lw))
+
+    def _denoiser(self, cond, uncond, req: GenerateRequest, batch: int, lh: int, lw: int, sigmas):
+        """The model as a k-diffusion denoiser: (x, step, sigma) -> predicted clean latents, with true CFG."""
+        import torch
+
+        c = self.components
+        model = c.transformer
+        img_shapes = [[(1, lh // 2, lw // 2)]] * batch
+        # The reference feeds timestep = (sigma * 1000) / 1000 in float32; do the same for bit-level parity.
+        timesteps = ((sigmas[:-1].to(torch.float32) * 1000) / 1000).to(c.device)
+        cond_e = cond.embeds.expand(batch, -1, -1)
+        uncond_e = uncond.embeds.expand(batch, -1, -1) if uncond is not None else None
+        cfg, cfg_norm = float(req.cfg), bool(req.cfg_norm)
+
+        def velocity(xin, t, embeds):
+            return model(
+                hidden_states=xin, timestep=t, encoder_hidden_states=embeds, encoder_hidden_states_mask=None,
+                img_shapes=img_shapes, return_dict=False,
+            )[0].float()
+
+        def denoise(x, i, sigma):
+            xin = x.to(c.dtype)
+            t = timesteps[i].expand(batch)
+            v = velocity(xin, t, cond_e)
+            if uncond_e is not None:
+                vu = velocity(xin, t, uncond_e)
+                comb = vu + cfg * (v - vu)
+                if cfg_norm:  # reference: rescale to the conditional prediction's norm, per token
+                    comb = comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+                v = comb
+            return x - sigma * v
+
+        return denoise
+
+    def _noise_sampler(self, req: GenerateRequest, lh: int, lw: int):
+        """Per-step noise for ancestral samplers, drawn on the CPU in the unpacked latent shape (so it is the same
+        on every device), from generators seeded like the initial noise but on a separate stream (seed + 1)."""
+        import torch
+
+        device = self.components.device
+        if req.noise == "comfy":
+            gens = [torch.Generator().manual_seed(req.seed + 1)]
+            sizes = [req.batch]
+        else:
+            gens = [torch.Generator().manual_seed(s + 1) for s in req.image_seeds()]
+            sizes = [1] * req.batch
+
+        def sample(sigma, sigma_next):
+            n = torch.cat([torch.randn((k, L.LATENT_CHANNELS, lh, lw), generator=g) for g, k in zip(gens, sizes)])
+            return L.pack(n).to(device)
+
+        return sample
+
+    def _retry_in_fp32(self, req, on_progress, preview_every) -> GenerateResult:
+        model, dtype = self.components.transformer, self.components.dtype
+        model.to(_fp32())
+        self.components.dtype = _fp32()
+        try:
+            result = self._generate(req, on_progress, preview_every)
+        finally:
+            model.to(dtype)
+            self.components.dtype = dtype
+        for img in result.images:
+            img.metadata["retried_fp32"] = True
+        return result
+
+    def _metadata(self, req: GenerateRequest, i: int, timings: dict) -> dict:
+        single = req.for_image(i)
+        return {
+            "generator": f"qwenstudio {__version__}",
+            "request": single.to_dict(),
+            "model": self.describe(),
+            "seed": single.seed,
+            "noise": single.noise,
+            "timings": {k: round(v, 4) for k, v in timings.items() if isinstance(v, float)},
+        }
+
+
+def _fp32():
+    import torch
+
+    return torch.float32
+
+
+def _parse_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise InvalidRequest(f"unknown dtype '{name}'; valid: {', '.join(table)}")
+    return table[name]

@@ -1,0 +1,96 @@
+"""The CLI end to end on the tiny model: PNG with metadata, --from-image bit-identical, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from qwenstudio.cli.main import app
+from qwenstudio.outputs import read_png_metadata
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_generate_writes_png_with_both_metadata_chunks(tmp_path):
+    out = tmp_path / "fox.png"
+    r = run("generate", "a red fox", "--model", "tiny", "--seed", "1", "--steps", "3", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+        params = im.text["parameters"]
+        meta = json.loads(im.text["qwenstudio"])
+    assert params.startswith("a red fox\nNegative prompt:  \nSteps: 3, Sampler: euler, Schedule type: reference")
+    assert "Seed: 1, Size: 64x64" in params
+    assert meta["request"]["seed"] == 1 and meta["request"]["steps"] == 3 and meta["model"]["variant"] == "tiny"
+    assert meta["seed"] == 1 and meta["noise"] == "diffusers"
+
+
+def test_from_image_recreates_bit_identical_pixels(tmp_path):
+    first, second = tmp_path / "a.png", tmp_path / "b.png"
+    r = run("generate", "a lighthouse", "--steps", "3", "--cfg", "3", "--negative", "fog", "--sampler", "dpmpp_2m",
+            "--scheduler", "karras", "--shift", "2.5", "--width", "80", "--height", "48", "--out", str(first))
+    assert r.exit_code == 0, r.output
+    r = run("generate", "--from-image", str(first), "--out", str(second))
+    assert r.exit_code == 0, r.output
+    a, b = np.asarray(Image.open(first)), np.asarray(Image.open(second))
+    assert a.shape == (48, 80, 3) and np.array_equal(a, b)
+    assert read_png_metadata(first)["request"] == read_png_metadata(second)["request"]
+
+
+def test_batch_json_output(tmp_path):
+    r = run("generate", "boats", "--batch", "2", "--seed", "9", "--steps", "2", "--out", str(tmp_path), "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [im["seed"] for im in data["images"]] == [9, 10]
+    assert all(os.path.exists(im["path"]) for im in data["images"])
+    assert data["timings"]["total"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--width", "100"], "width 100 is not a multiple of 16; nearest valid: 96"),
+        (["--steps", "0"], "steps 0 out of range"),
+        (["--sampler", "ddim"], "unknown sampler 'ddim'; valid: euler"),
+        (["--model", "/no/such/folder"], "not found"),
+    ],
+)
+def test_bad_input_is_one_line_nonzero_exit(args, message):
+    r = run("generate", "x", *args)
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_unreadable_model_folder(tmp_path):
+    (tmp_path / "model_index.json").write_text("{not json")
+    for c in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (tmp_path / c).mkdir()
+    r = run("generate", "x", "--model", str(tmp_path))
+    assert r.exit_code == 2 and "not valid JSON" in r.stderr
+
+
+def test_models_lists_variants():
+    r = run("models", "--json")
+    assert r.exit_code == 0
+    names = [m["name"] for m in json.loads(r.stdout)]
+    assert {"qwen-image", "qwen-image-2512", "qwen-image-lightning-4step", "qwen-image-lightning-8step", "tiny"} <= set(names)
+
+
+def test_real_process_exit_code_and_single_line(tmp_path):
+    env = {**os.environ}
+    p = subprocess.run([sys.executable, "-m", "qwenstudio.cli.main", "generate", "x", "--height", "33"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "error: height 33 is not a multiple of 16; nearest valid: 32"
