@@ -30,7 +30,7 @@ LIMITS = {
 
 
 def nearest_multiple(value: int, multiple: int = 16) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, int(value / multiple + 0.5) * multiple)  # half rounds up: 1000 -> 1008
 
 
 @dataclass(frozen=True)

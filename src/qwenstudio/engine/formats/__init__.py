@@ -1,0 +1,1 @@
+"""File formats: detection by content and loaders for every layout people download (see each module)."""
