@@ -71,7 +71,7 @@ def run_bench(*, model="tiny", random_full=False, steps=4, cfg=4.0, width=0, hei
         dt = _parse_dtype(dtype) if dtype else default_dtype(device)
         engine = Engine(_full_size_components(device, dt), get_spec("qwen-image"))
     else:
-        engine = Engine.load(model, device=device, dtype=dtype)
+        engine = Engine.load(model, device=device, dtype=dtype, keep_lm_head=True)  # stock computes LM logits
     c = engine.components
     width = width or (64 if engine.spec.builtin else 1024)
     height = height or (64 if engine.spec.builtin else 1024)

@@ -58,6 +58,7 @@ class Engine:
         device: str | None = None,
         dtype: Any = None,
         settings: Settings | None = None,
+        keep_lm_head: bool = False,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), or a diffusers folder path. ``variant`` names the
         spec whose recipe to use (default: ``qwen-image`` for folders)."""
@@ -82,7 +83,7 @@ class Engine:
                 )
             spec = get_spec(variant or "qwen-image")
         with torch.inference_mode(False):
-            components = load_diffusers_folder(folder, device=device, dtype=dtype)
+            components = load_diffusers_folder(folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
         return cls(components, spec)
 
     @property

@@ -235,8 +235,9 @@ def load_tokenizer(folder: Path):
     return Qwen2Tokenizer.from_pretrained(str(folder))
 
 
-def load_diffusers_folder(path: str | Path, *, device=None, dtype=None) -> Components:
-    """Load transformer, VAE, text encoder, tokenizer and scheduler config from a diffusers folder."""
+def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_head: bool = False) -> Components:
+    """Load transformer, VAE, text encoder, tokenizer and scheduler config from a diffusers folder.
+    ``keep_lm_head`` loads the text encoder's LM head too (only the stock-pipeline benchmark needs it)."""
     import torch
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -270,7 +271,7 @@ def load_diffusers_folder(path: str | Path, *, device=None, dtype=None) -> Compo
         dtype=dtype,
         device=device,
         name="text_encoder",
-        key_map=lambda k: None if k.startswith("lm_head.") else text_encoder_key_map(k),
+        key_map=lambda k: None if k.startswith("lm_head.") and not keep_lm_head else text_encoder_key_map(k),
         optional=("lm_head.",),
     )
 

@@ -183,10 +183,16 @@ def write_diffusers_folder(path: str | os.PathLike, spec: TinySpec = TinySpec())
     if (path / "model_index.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
     comps = build_components(spec)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    for name in ("transformer", "vae", "text_encoder"):
-        comps[name].save_pretrained(tmp / name, safe_serialization=True)
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter the CLI's first run
+    try:
+        for name in ("transformer", "vae", "text_encoder"):
+            comps[name].save_pretrained(tmp / name, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     comps["tokenizer"].save_pretrained(tmp / "tokenizer")
     comps["scheduler"].save_pretrained(tmp / "scheduler")
     index = {
