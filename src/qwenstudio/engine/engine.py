@@ -143,6 +143,7 @@ class Engine:
                 self._noise_sampler(req, lh, lw) if req.sampler in STOCHASTIC_SAMPLERS else None
             )
 
+            total = len(sigmas) - 1  # ComfyUI's ddim_uniform/beta may give a different count than req.steps
             step_times: list[float] = []
             t_loop = last = time.perf_counter()
 
@@ -152,11 +153,11 @@ class Engine:
                 step_times.append(now - last)
                 last = now
                 preview = None
-                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == req.steps):
+                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
                     preview = L.preview_rgb(L.unpack(denoised, lh, lw))
                 if on_progress is not None:
-                    if on_progress(Progress(i + 1, req.steps, now - t0, preview)) is False:
-                        raise Cancelled(f"cancelled after step {i + 1} of {req.steps}")
+                    if on_progress(Progress(i + 1, total, now - t0, preview)) is False:
+                        raise Cancelled(f"cancelled after step {i + 1} of {total}")
 
             x = get_sampler(req.sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
             timings["denoise"] = time.perf_counter() - t_loop
