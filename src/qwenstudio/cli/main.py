@@ -55,6 +55,7 @@ def generate(
     device: Optional[str] = typer.Option(None, help="cuda, cuda:1, cpu (default: cuda if available)."),
     dtype: Optional[str] = typer.Option(None, help="bfloat16, float16, float32 (default: bf16 on CUDA, fp32 on CPU)."),
     retry_fp32: bool = typer.Option(False, "--retry-fp32", help="If latents go NaN/inf, retry once in fp32."),
+    offload: str = typer.Option("auto", help="auto, resident, model_offload, group_offload, cpu."),
 ) -> None:
     """Text-to-image. Example: qwenstudio generate "a red fox" --model tiny --seed 1"""
     from ..engine.requests import GenerateRequest
@@ -86,7 +87,7 @@ def generate(
         request = request.resolve(spec)  # validate before spending time on loading
         from ..engine.engine import Engine
 
-        engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype)
+        engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload)
         if spec.builtin and not as_json:
             typer.echo("note: the 'tiny' model has random weights; its images are noise (smoke test only).", err=True)
         result = _run_with_progress(engine, request, as_json, retry_fp32)

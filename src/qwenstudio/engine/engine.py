@@ -17,7 +17,8 @@ from .. import __version__
 from ..config import Settings
 from ..errors import Cancelled, GenerationFailed, InvalidRequest, ModelNotFound
 from . import latents as L
-from .loading import Components, load_diffusers_folder
+from .loading import Components, default_device, default_dtype, load_diffusers_folder
+from .memory import Plan, StagePlacement, preflight_folder
 from .requests import GenerateRequest, GenerateResult, GeneratedImage
 from .specs import ModelSpec, get_spec
 from .text import PromptEncoder
@@ -37,9 +38,11 @@ ProgressCallback = Callable[[Progress], Any]  # return False (or raise Cancelled
 
 
 class Engine:
-    def __init__(self, components: Components, spec: ModelSpec):
+    def __init__(self, components: Components, spec: ModelSpec, plan: Plan | None = None):
         self.components = components
         self.spec = spec
+        self.plan = plan or Plan("resident" if str(components.device) != "cpu" else "cpu", 0, 0)
+        self._stages = StagePlacement(components, self.plan)
         self.prompts = PromptEncoder(
             components.tokenizer,
             components.text_encoder,
@@ -59,9 +62,12 @@ class Engine:
         dtype: Any = None,
         settings: Settings | None = None,
         keep_lm_head: bool = False,
+        offload: str | None = None,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), or a diffusers folder path. ``variant`` names the
-        spec whose recipe to use (default: ``qwen-image`` for folders)."""
+        spec whose recipe to use (default: ``qwen-image`` for folders). ``offload`` forces a memory strategy
+        (resident, model_offload, group_offload, cpu); by default the cheapest one that fits is chosen, and a
+        model that cannot fit is refused before anything is loaded."""
         import torch
 
         settings = settings or Settings.from_env()
@@ -82,9 +88,14 @@ class Engine:
                     f"model '{model}' not found: give the path of a diffusers folder (with model_index.json) or 'tiny'"
                 )
             spec = get_spec(variant or "qwen-image")
+        device = torch.device(device or default_device())
+        dtype = dtype or default_dtype(device)
+        plan = preflight_folder(folder, device=device, dtype=dtype, spec=spec, prefer=offload)
+        load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
-            components = load_diffusers_folder(folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
-        return cls(components, spec)
+            components = load_diffusers_folder(folder, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
+        components.device = device
+        return cls(components, spec, plan=plan)
 
     @property
     def device(self):
@@ -92,7 +103,8 @@ class Engine:
 
     def describe(self) -> dict:
         c = self.components
-        return {"variant": self.spec.name, **c.identity, "device": str(c.device), "dtype": str(c.dtype).replace("torch.", "")}
+        return {"variant": self.spec.name, **c.identity, "device": str(c.device),
+                "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy}
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(
@@ -125,9 +137,10 @@ class Engine:
         c, timings = self.components, {}
         t0 = time.perf_counter()
         with torch.inference_mode():
-            cond = self.prompts.encode(req.full_prompt())
-            use_cfg = req.cfg > 1.0
-            uncond = self.prompts.encode(req.negative_prompt) if use_cfg else None
+            with self._stages.on_device("text_encoder"):
+                cond = self.prompts.encode(req.full_prompt())
+                use_cfg = req.cfg > 1.0
+                uncond = self.prompts.encode(req.negative_prompt) if use_cfg else None
             timings["text_encode"] = time.perf_counter() - t0
 
             lh, lw = L.latent_hw(req.width, req.height)
@@ -159,7 +172,8 @@ class Engine:
                     if on_progress(Progress(i + 1, total, now - t0, preview)) is False:
                         raise Cancelled(f"cancelled after step {i + 1} of {total}")
 
-            x = get_sampler(req.sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
+            with self._stages.on_device("transformer"):
+                x = get_sampler(req.sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
             timings["denoise"] = time.perf_counter() - t_loop
             timings["steps"] = step_times
 
@@ -169,7 +183,9 @@ class Engine:
                     "--dtype float32", code="non_finite",
                 )
             t_dec = time.perf_counter()
-            images = L.to_pil(L.decode(c.vae, L.unpack(x, lh, lw)))
+            with self._stages.on_device("vae"):
+                self._stages.set_vae_tiling(req.width * req.height)
+                images = L.to_pil(L.decode(c.vae, L.unpack(x, lh, lw).to(c.device)))
             timings["vae_decode"] = time.perf_counter() - t_dec
         timings["total"] = time.perf_counter() - t0
         out = [GeneratedImage(img, self._metadata(req, i, timings)) for i, img in enumerate(images)]

@@ -235,6 +235,17 @@ def load_tokenizer(folder: Path):
     return Qwen2Tokenizer.from_pretrained(str(folder))
 
 
+def check_diffusers_folder(root: Path) -> dict:
+    """Cheap structural check (model_index.json and every component folder); returns the index."""
+    if not root.is_dir():
+        raise ModelNotFound(f"model folder not found: {root}")
+    index = _read_json(root / "model_index.json", "model_index.json (is this a diffusers folder?)")
+    absent = [c for c in COMPONENTS if not (root / c).is_dir()]
+    if absent:
+        raise ModelNotFound(f"{root}: missing component folder(s): {', '.join(absent)}")
+    return index
+
+
 def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_head: bool = False) -> Components:
     """Load transformer, VAE, text encoder, tokenizer and scheduler config from a diffusers folder.
     ``keep_lm_head`` loads the text encoder's LM head too (only the stock-pipeline benchmark needs it)."""
@@ -243,12 +254,7 @@ def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     root = Path(path)
-    if not root.is_dir():
-        raise ModelNotFound(f"model folder not found: {root}")
-    index = _read_json(root / "model_index.json", "model_index.json (is this a diffusers folder?)")
-    absent = [c for c in COMPONENTS if not (root / c).is_dir()]
-    if absent:
-        raise ModelNotFound(f"{root}: missing component folder(s): {', '.join(absent)}")
+    index = check_diffusers_folder(root)
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
 

@@ -1,0 +1,72 @@
+"""Memory planning: strategy choice from measured free memory, and refusal before loading anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwenstudio import Engine, InsufficientMemory, InvalidRequest
+from qwenstudio.engine.memory import GiB, MemoryInfo, Plan, plan_memory, preflight_folder
+from qwenstudio.engine.specs import get_spec
+
+# Real Qwen-Image in bf16: DiT 20.4B params, Qwen2.5-VL-7B without LM head, VAE.
+REAL = {"transformer": int(40.9 * GiB), "text_encoder": int(15.4 * GiB), "vae": int(0.25 * GiB)}
+
+
+def _plan(vram_free_gib, ram_free_gib=120, **kw):
+    info = MemoryInfo(int(ram_free_gib * GiB), 128 * GiB, int(vram_free_gib * GiB), 80 * GiB)
+    return plan_memory(REAL, info, device="cuda", width=1328, height=1328, compute_itemsize=2, **kw)
+
+
+def test_gpu_strategies_follow_free_vram():
+    assert _plan(78).strategy == "resident"
+    assert _plan(48).strategy == "model_offload"
+    assert _plan(24).strategy == "group_offload"
+
+
+def test_refusal_names_needed_free_and_alternatives():
+    with pytest.raises(InsufficientMemory) as err:
+        _plan(8)
+    msg = str(err.value)
+    assert "free: 8.0 GiB GPU" in msg and "resident:" in msg and "fp8 or GGUF" in msg
+    with pytest.raises(InsufficientMemory, match="--offload group_offload would fit"):
+        _plan(24, prefer="resident")
+    with pytest.raises(InsufficientMemory):
+        _plan(48, ram_free_gib=10)  # offloading needs the weights in RAM
+
+
+def test_forced_and_invalid_strategies():
+    assert _plan(78, prefer="group_offload").strategy == "group_offload"
+    with pytest.raises(InvalidRequest, match="valid: auto, resident"):
+        _plan(78, prefer="swap")
+    info = MemoryInfo(64 * GiB, 64 * GiB)
+    with pytest.raises(InvalidRequest, match="needs a CUDA device"):
+        plan_memory(REAL, info, device="cpu", width=64, height=64, compute_itemsize=4, prefer="model_offload")
+
+
+def test_vae_tiling_above_threshold():
+    assert not _plan(78).vae_tiling
+    info = MemoryInfo(120 * GiB, 128 * GiB, 78 * GiB, 80 * GiB)
+    big = plan_memory(REAL, info, device="cuda", width=2560, height=2560, compute_itemsize=2)
+    assert big.vae_tiling
+
+
+def test_preflight_of_tiny_folder_on_cpu(tiny_folder):
+    import torch
+
+    plan = preflight_folder(tiny_folder, device="cpu", dtype=torch.float32, spec=get_spec("tiny"))
+    assert plan == Plan("cpu", 0, plan.ram_needed) and 0 < plan.ram_needed < 2 * GiB
+    starved = MemoryInfo(ram_free=1024, ram_total=1024)
+    with pytest.raises(InsufficientMemory, match="not enough memory"):
+        preflight_folder(tiny_folder, device="cpu", dtype=torch.float32, spec=get_spec("tiny"), info=starved)
+
+
+def test_engine_refuses_before_loading(tiny_folder, monkeypatch):
+    import qwenstudio.engine.memory as memory
+    import qwenstudio.engine.engine as engine_mod
+
+    monkeypatch.setattr(memory, "measure", lambda device: MemoryInfo(ram_free=1024, ram_total=1024))
+    loaded = []
+    monkeypatch.setattr(engine_mod, "load_diffusers_folder", lambda *a, **k: loaded.append(1))
+    with pytest.raises(InsufficientMemory):
+        Engine.load(tiny_folder, variant="tiny", device="cpu")
+    assert loaded == []
