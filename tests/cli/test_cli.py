@@ -84,7 +84,7 @@ def test_unreadable_model_folder(tmp_path):
 def test_models_lists_variants():
     r = run("models", "--json")
     assert r.exit_code == 0
-    names = [m["name"] for m in json.loads(r.stdout)]
+    names = [m["name"] for m in json.loads(r.stdout)["variants"]]
     assert {"qwen-image", "qwen-image-2512", "qwen-image-lightning-4step", "qwen-image-lightning-8step", "tiny"} <= set(names)
 
 

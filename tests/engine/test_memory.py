@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwenstudio import Engine, InsufficientMemory, InvalidRequest
-from qwenstudio.engine.memory import GiB, MemoryInfo, Plan, plan_memory, preflight_folder
+from qwenstudio.engine.memory import GiB, MemoryInfo, plan_memory
 from qwenstudio.engine.specs import get_spec
 
 # Real Qwen-Image in bf16: DiT 20.4B params, Qwen2.5-VL-7B without LM head, VAE.
@@ -50,23 +50,26 @@ def test_vae_tiling_above_threshold():
     assert big.vae_tiling
 
 
-def test_preflight_of_tiny_folder_on_cpu(tiny_folder):
-    import torch
+def test_tiny_folder_plans_cpu_from_headers(tiny_folder):
+    from qwenstudio.engine.sources import ModelSource, component_sizes
 
-    plan = preflight_folder(tiny_folder, device="cpu", dtype=torch.float32, spec=get_spec("tiny"))
-    assert plan == Plan("cpu", 0, plan.ram_needed) and 0 < plan.ram_needed < 2 * GiB
-    starved = MemoryInfo(ram_free=1024, ram_total=1024)
+    sizes = component_sizes(ModelSource("t", "tiny", folder=tiny_folder), itemsize=4)
+    assert set(sizes) == {"transformer", "text_encoder", "vae"} and all(0 < v < 2**27 for v in sizes.values())
+    info = MemoryInfo(ram_free=64 * GiB, ram_total=64 * GiB)
+    plan = plan_memory(sizes, info, device="cpu", width=64, height=64, compute_itemsize=4)
+    assert plan.strategy == "cpu" and plan.ram_needed > sum(sizes.values())
     with pytest.raises(InsufficientMemory, match="not enough memory"):
-        preflight_folder(tiny_folder, device="cpu", dtype=torch.float32, spec=get_spec("tiny"), info=starved)
+        plan_memory(sizes, MemoryInfo(1024, 1024), device="cpu", width=64, height=64, compute_itemsize=4)
 
 
 def test_engine_refuses_before_loading(tiny_folder, monkeypatch):
     import qwenstudio.engine.memory as memory
-    import qwenstudio.engine.engine as engine_mod
 
     monkeypatch.setattr(memory, "measure", lambda device: MemoryInfo(ram_free=1024, ram_total=1024))
     loaded = []
-    monkeypatch.setattr(engine_mod, "load_diffusers_folder", lambda *a, **k: loaded.append(1))
+    import qwenstudio.engine.sources as sources
+
+    monkeypatch.setattr(sources, "load_source", lambda *a, **k: loaded.append(1))
     with pytest.raises(InsufficientMemory):
         Engine.load(tiny_folder, variant="tiny", device="cpu")
     assert loaded == []

@@ -33,8 +33,13 @@ def _output_paths(out: Optional[Path], n: int, seeds: list[int]) -> list[Path]:
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="What to draw."),
-    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' or a diffusers folder path."),
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny', a name from `qwenstudio models`, a diffusers "
+                              "folder or a DiT file (safetensors/GGUF)."),
     variant: Optional[str] = typer.Option(None, help="Recipe to use (see `qwenstudio models`)."),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="Text encoder name (single-file DiTs)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="VAE name (single-file DiTs)."),
+    models_dir: list[Path] = typer.Option([], "--models-dir", help="Extra models dir (repeatable); also "
+                                          "QWENSTUDIO_MODELS_DIR and ~/.qwenstudio/models."),
     negative: Optional[str] = typer.Option(None, "--negative", "-n", help="Negative prompt (used when CFG > 1)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     cfg: Optional[float] = typer.Option(None, help="True CFG scale; <= 1 skips the negative pass."),
@@ -83,11 +88,15 @@ def generate(
                 cfg=cfg, cfg_norm=cfg_norm, sampler=sampler, scheduler=scheduler, shift=shift, seed=seed,
                 batch=batch, noise=noise, magic=magic,
             )
-        spec = get_spec(variant or ("tiny" if model == "tiny" else "qwen-image"))
+        from ..engine.registry import guess_variant
+
+        spec = get_spec(variant or guess_variant(Path(model).stem if model.endswith((".safetensors", ".gguf"))
+                                                 else Path(model).name))
         request = request.resolve(spec)  # validate before spending time on loading
         from ..engine.engine import Engine
 
-        engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload)
+        engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload,
+                             text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir))
         if spec.builtin and not as_json:
             typer.echo("note: the 'tiny' model has random weights; its images are noise (smoke test only).", err=True)
         result = _run_with_progress(engine, request, as_json, retry_fp32)
@@ -122,25 +131,42 @@ def _run_with_progress(engine, request, quiet: bool, retry_fp32: bool):
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List the known model variants and their default recipes."""
+def models(
+    as_json: bool = typer.Option(False, "--json"),
+    models_dir: list[Path] = typer.Option([], "--models-dir", help="Extra models dir (repeatable)."),
+) -> None:
+    """List the known model variants (recipes) and the model files found in the models dirs."""
     from dataclasses import asdict
 
+    from ..config import Settings
+    from ..engine.sources import registry_for
     from ..engine.specs import SPECS
 
-    rows = [{"name": s.name, "description": s.description, **asdict(s.defaults),
-             "default_size": "x".join(map(str, s.default_size)), "recipe_lora": s.recipe_lora} for s in SPECS.values()]
+    variants = [{"name": s.name, "description": s.description, **asdict(s.defaults),
+                 "default_size": "x".join(map(str, s.default_size)), "recipe_lora": s.recipe_lora}
+                for s in SPECS.values()]
+    registry = registry_for(Settings.from_env(), models_dir)
+    files = [{**e.public(), "path": str(e.path)} for e in registry.scan()]
+    skipped = [{"path": str(p), "reason": why} for p, why in registry.problems]
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps({"variants": variants, "files": files, "skipped": skipped,
+                               "dirs": [str(d) for d in registry.dirs]}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("variant", "steps", "cfg", "sampler", "scheduler", "shift", "size", "description")
-    for r in rows:
+    table = Table("variant", "steps", "cfg", "sampler", "scheduler", "shift", "size", "description", title="recipes")
+    for r in variants:
         table.add_row(r["name"], str(r["steps"]), str(r["cfg"]), r["sampler"], r["scheduler"],
                       "auto" if r["shift"] is None else str(r["shift"]), r["default_size"], r["description"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    found = Table("name", "kind", "format", "dtype/quant", "size", title="files in " + ", ".join(map(str, registry.dirs)))
+    for f in files:
+        found.add_row(f["name"], f["kind"], f["format"], f["quant"] or f["dtype"], f"{f['size_bytes'] / 2**30:.2f} GiB")
+    console.print(found)
+    for p in skipped:
+        console.print(f"[yellow]skipped[/] {p['path']}: {p['reason']}")
 
 
 @app.command()

@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..config import Settings
-from ..errors import Cancelled, GenerationFailed, InvalidRequest, ModelNotFound
+from ..errors import Cancelled, GenerationFailed, InvalidRequest
 from . import latents as L
-from .loading import Components, default_device, default_dtype, load_diffusers_folder
-from .memory import Plan, StagePlacement, preflight_folder
+from .loading import Components, default_device, default_dtype
+from .memory import Plan, StagePlacement
 from .requests import GenerateRequest, GenerateResult, GeneratedImage
 from .specs import ModelSpec, get_spec
 from .text import PromptEncoder
@@ -61,39 +61,41 @@ class Engine:
         device: str | None = None,
         dtype: Any = None,
         settings: Settings | None = None,
-        keep_lm_head: bool = False,
+        text_encoder: str | None = None,
+        vae: str | None = None,
+        models_dirs: tuple = (),
         offload: str | None = None,
+        allow_paths: bool = True,
+        keep_lm_head: bool = False,
     ) -> Engine:
-        """Load ``model``: ``"tiny"`` (built-in random model), or a diffusers folder path. ``variant`` names the
-        spec whose recipe to use (default: ``qwen-image`` for folders). ``offload`` forces a memory strategy
-        (resident, model_offload, group_offload, cpu); by default the cheapest one that fits is chosen, and a
-        model that cannot fit is refused before anything is loaded."""
+        """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
+        ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe (default: guessed
+        from the name, else ``qwen-image``). ``text_encoder``/``vae`` name components for single-file DiTs (default:
+        picked from the models dirs). ``offload`` forces a memory strategy (resident, model_offload, group_offload,
+        cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
+        is loaded. ``allow_paths=False`` (the server) accepts registry names only."""
         import torch
 
+        from .memory import measure, plan_memory
+        from .sources import component_sizes, load_source, registry_for, resolve
+
         settings = settings or Settings.from_env()
-        device = device or settings.device
         if isinstance(dtype, str):
             dtype = _parse_dtype(dtype)
         elif dtype is None and settings.dtype:
             dtype = _parse_dtype(settings.dtype)
-        if str(model) == "tiny":
-            from ..testing.tiny import TinySpec, write_diffusers_folder
-
-            folder = write_diffusers_folder(settings.cache_dir / f"tiny-{__version__}", TinySpec())
-            spec = get_spec(variant or "tiny")
-        else:
-            folder = Path(model).expanduser()
-            if not folder.exists():
-                raise ModelNotFound(
-                    f"model '{model}' not found: give the path of a diffusers folder (with model_index.json) or 'tiny'"
-                )
-            spec = get_spec(variant or "qwen-image")
-        device = torch.device(device or default_device())
+        source = resolve(model, registry_for(settings, models_dirs), settings, text_encoder=text_encoder, vae=vae,
+                         allow_paths=allow_paths)
+        spec = get_spec(variant or source.variant)
+        device = torch.device(device or settings.device or default_device())
         dtype = dtype or default_dtype(device)
-        plan = preflight_folder(folder, device=device, dtype=dtype, spec=spec, prefer=offload)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
+        plan = plan_memory(component_sizes(source, itemsize), measure(device), device=str(device), width=width,
+                           height=height, compute_itemsize=itemsize, prefer=offload)
         load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
-            components = load_diffusers_folder(folder, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
+            components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
         components.device = device
         return cls(components, spec, plan=plan)
 

@@ -139,26 +139,6 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def preflight_folder(folder: Path, *, device, dtype, spec, prefer: str | None = None,
-                     info: MemoryInfo | None = None) -> Plan:
-    """Plan for a diffusers folder from its safetensors headers, before a single weight is read."""
-    import torch
-
-    from .loading import check_diffusers_folder, component_files
-
-    check_diffusers_folder(Path(folder))
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    sizes = {
-        "transformer": safetensors_resident_bytes(component_files(Path(folder) / "transformer"), itemsize),
-        "text_encoder": safetensors_resident_bytes(component_files(Path(folder) / "text_encoder"), itemsize,
-                                                   skip_prefixes=("lm_head.",)),
-        "vae": safetensors_resident_bytes(component_files(Path(folder) / "vae"), itemsize),
-    }
-    width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
-    return plan_memory(sizes, info or measure(device), device=str(device), width=width, height=height,
-                       compute_itemsize=itemsize, prefer=prefer)
-
-
 class StagePlacement:
     """Puts each component where the plan says, for the duration of its stage (text encode, denoise, decode)."""
 

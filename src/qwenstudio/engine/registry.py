@@ -1,0 +1,141 @@
+"""The models home: find every usable weights file under the configured model dirs, by content.
+
+A models dir may follow the ComfyUI layout (``diffusion_models/`` or ``unet/``, ``text_encoders/`` or ``clip/``,
+``vae/``, ``loras/``, ``controlnet/``), be an existing ComfyUI/SwarmUI ``models`` folder, hold diffusers folders, or
+be a diffusers folder itself. Each file's role comes from ``formats.detect`` (its keys), not from the folder it is
+in or its extension. Models and LoRAs are then referred to by *name* (a file's stem, a folder's name): remote
+clients can only ever name things the registry found, never pass a path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import IncompatibleWeights, ModelNotFound, QwenStudioError
+
+_NOT_WEIGHTS = {".json", ".txt", ".md", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp", ".html", ".py", ".lock"}
+_MIN_WEIGHTS_BYTES = 1024
+# Preferred auto-picks when several text encoders / VAEs are present: the files the official guides name.
+_PREFERRED = {"text_encoder": ("qwen_2.5_vl_7b", "qwen2.5_vl", "qwen_2.5_vl"), "vae": ("qwen_image_vae",)}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str  # "diffusers", or a detected role: dit, text_encoder, vae, lora, controlnet
+    path: Path = field(compare=False)
+    container: str = "diffusers"  # diffusers | safetensors | gguf
+    dtype: str = ""
+    quant: str | None = None
+    size_bytes: int = 0
+
+    def public(self) -> dict:
+        """What a remote client may see: no filesystem paths."""
+        return {"name": self.name, "kind": self.kind, "format": self.container, "dtype": self.dtype,
+                "quant": self.quant, "size_bytes": self.size_bytes}
+
+
+class ModelRegistry:
+    def __init__(self, dirs: Iterable[Path]):
+        self.dirs = [Path(d).expanduser() for d in dirs]
+        self.problems: list[tuple[Path, str]] = []  # files that were skipped, with the reason (pickle, corrupt ...)
+
+    def scan(self) -> list[ModelEntry]:
+        from .formats.detect import detect
+
+        entries: dict[tuple[str, str], ModelEntry] = {}
+        self.problems = []
+        for root in self.dirs:
+            if not root.is_dir():
+                continue
+            folders = _diffusers_folders(root)
+            for folder in folders:
+                e = ModelEntry(folder.name, "diffusers", folder, "diffusers", "", None, _tree_size(folder))
+                entries.setdefault((e.kind, e.name), e)
+            for path in _candidate_files(root, exclude=folders):
+                try:
+                    info = detect(path)
+                except QwenStudioError as err:
+                    self.problems.append((path, str(err)))
+                    continue
+                if info.role == "unknown":
+                    self.problems.append((path, "not a Qwen-Image component (unrecognised tensor names)"))
+                    continue
+                e = ModelEntry(path.stem, info.role, path, info.container, info.dtype, info.quant, info.size_bytes)
+                entries.setdefault((e.kind, e.name), e)
+        return sorted(entries.values(), key=lambda e: (e.kind, e.name))
+
+    def find(self, name: str, kinds: tuple[str, ...]) -> ModelEntry:
+        found = [e for e in self.scan() if e.kind in kinds and e.name == name]
+        if not found:
+            known = sorted({e.name for e in self.scan() if e.kind in kinds})
+            where = ", ".join(str(d) for d in self.dirs) or "no models dirs configured"
+            raise ModelNotFound(
+                f"no {'/'.join(kinds)} named '{name}' in {where}; known: {', '.join(known) or 'none'}"
+            )
+        return found[0]
+
+    def pick(self, kind: str, name: str | None = None) -> ModelEntry:
+        """A named component, or the best automatic choice of that kind (the officially named file first)."""
+        if name is not None:
+            return self.find(name, (kind,))
+        candidates = [e for e in self.scan() if e.kind == kind]
+        if not candidates:
+            raise ModelNotFound(
+                f"no {kind.replace('_', ' ')} file found in the models dirs "
+                f"({', '.join(str(d) for d in self.dirs) or 'none configured'}); put one in "
+                f"<models>/{'text_encoders' if kind == 'text_encoder' else kind}/"
+            )
+        prefs = _PREFERRED.get(kind, ())
+        return sorted(candidates, key=lambda e: (not e.name.lower().startswith(prefs), e.quant is not None, e.name))[0]
+
+
+def _diffusers_folders(root: Path) -> list[Path]:
+    if (root / "model_index.json").is_file():
+        return [root]
+    out = []
+    for sub in (root, root / "diffusers"):
+        if sub.is_dir():
+            out += [p for p in sorted(sub.iterdir()) if p.is_dir() and (p / "model_index.json").is_file()]
+    return out
+
+
+def _candidate_files(root: Path, exclude: list[Path]) -> list[Path]:
+    """Regular files up to three levels down (ComfyUI's role folders and their subfolders), minus diffusers
+    folders and obvious non-weights (docs, images)."""
+    out = []
+    for depth_glob in ("*", "*/*", "*/*/*"):
+        for p in sorted(root.glob(depth_glob)):
+            if any(d == p or d in p.parents for d in exclude):
+                continue
+            if p.name.startswith(".") or not p.is_file() or p.suffix.lower() in _NOT_WEIGHTS:
+                continue
+            if p.stat().st_size < _MIN_WEIGHTS_BYTES:
+                continue
+            out.append(p)
+    return out
+
+
+def _tree_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def guess_variant(name: str) -> str:
+    """The spec to use for a model named like the published files (override with --variant)."""
+    n = name.lower().replace("_", "-")
+    if n == "tiny" or n.startswith("tiny-"):
+        return "tiny"
+    from .specs import SPECS
+
+    base = "qwen-image-2512" if "2512" in n else "qwen-image"
+    if "lightning" in n:
+        steps = 4 if "4step" in n or "4-step" in n else 8
+        return f"{base}-lightning-{steps}step" if f"{base}-lightning-{steps}step" in SPECS else base
+    return base
+
+
+def require_role(entry: ModelEntry, kinds: tuple[str, ...]) -> None:
+    if entry.kind not in kinds:
+        raise IncompatibleWeights(f"'{entry.name}' is a {entry.kind} file, not a {'/'.join(kinds)}")
