@@ -94,3 +94,21 @@ def test_real_process_exit_code_and_single_line(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == "error: height 33 is not a multiple of 16; nearest valid: 32"
+
+
+def test_lora_flags(tmp_path, monkeypatch, tiny_folder):
+    from qwenstudio.engine.loading import load_diffusers_folder
+    from qwenstudio.testing.loras import write_lora
+
+    model = load_diffusers_folder(tiny_folder, device="cpu").transformer
+    lora_path, _ = write_lora(tmp_path / "models" / "loras" / "my_style.safetensors", model, "comfy", seed=5)
+    out = tmp_path / "l.png"
+    r = run("generate", "x", "--steps", "2", "--seed", "1", "--models-dir", str(tmp_path / "models"),
+            "--lora", "my_style:0.7", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    meta = read_png_metadata(out)
+    assert meta["request"]["loras"] == [{"name": "my_style", "weight": 0.7}]
+    assert meta["loras"] == [{"name": "my_style", "weight": 0.7, "file": "my_style.safetensors"}]
+    r = run("generate", "x", "--steps", "2", "--loras", "my_style : 0.5, missing_one : 1", "--models-dir",
+            str(tmp_path / "models"))
+    assert r.exit_code == 2 and "missing_one" in r.stderr

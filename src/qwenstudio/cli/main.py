@@ -54,6 +54,9 @@ def generate(
     batch: int = typer.Option(1, help="Images per run."),
     noise: str = typer.Option("diffusers", help="Seed convention: diffusers (seed+i per image) or comfy."),
     magic: Optional[str] = typer.Option(None, help="Append the official positive-magic suffix: en or zh."),
+    lora: list[str] = typer.Option([], "--lora", help="LoRA as NAME[:WEIGHT] (repeatable; name from the models "
+                                   "dirs' loras/ or a path)."),
+    loras_text: Optional[str] = typer.Option(None, "--loras", help="SwarmUI-style stack: 'name : 0.8, other : 0.5'."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .png file or folder (default ./outputs)."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON, no progress bar."),
     from_image: Optional[Path] = typer.Option(None, "--from-image", help="Re-create a PNG from its metadata."),
@@ -83,10 +86,13 @@ def generate(
         else:
             if prompt is None:
                 raise InvalidRequest("give a prompt (or --from-image PNG)")
+            from ..engine.lora import parse_lora_arg, parse_stack_spec
+
+            stack = [parse_lora_arg(x) for x in lora] + (parse_stack_spec(loras_text) if loras_text else [])
             request = GenerateRequest(
                 prompt=prompt, negative_prompt=negative, width=width, height=height, aspect=aspect, steps=steps,
                 cfg=cfg, cfg_norm=cfg_norm, sampler=sampler, scheduler=scheduler, shift=shift, seed=seed,
-                batch=batch, noise=noise, magic=magic,
+                batch=batch, noise=noise, magic=magic, loras=stack,
             )
         from ..engine.registry import guess_variant
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..config import Settings
-from ..errors import Cancelled, GenerationFailed, InvalidRequest
+from ..errors import Cancelled, GenerationFailed, InvalidRequest, ModelNotFound
 from . import latents as L
 from .loading import Components, default_device, default_dtype
 from .memory import Plan, StagePlacement
@@ -43,6 +43,9 @@ class Engine:
         self.spec = spec
         self.plan = plan or Plan("resident" if str(components.device) != "cpu" else "cpu", 0, 0)
         self._stages = StagePlacement(components, self.plan)
+        self.registry = None  # set by Engine.load: where LoRA names are looked up
+        self.allow_paths = True  # False in the server: LoRAs by registry name only
+        self._lora_manager = None
         self.prompts = PromptEncoder(
             components.tokenizer,
             components.text_encoder,
@@ -84,8 +87,8 @@ class Engine:
             dtype = _parse_dtype(dtype)
         elif dtype is None and settings.dtype:
             dtype = _parse_dtype(settings.dtype)
-        source = resolve(model, registry_for(settings, models_dirs), settings, text_encoder=text_encoder, vae=vae,
-                         allow_paths=allow_paths)
+        registry = registry_for(settings, models_dirs)
+        source = resolve(model, registry, settings, text_encoder=text_encoder, vae=vae, allow_paths=allow_paths)
         spec = get_spec(variant or source.variant)
         device = torch.device(device or settings.device or default_device())
         dtype = dtype or default_dtype(device)
@@ -97,7 +100,10 @@ class Engine:
         with torch.inference_mode(False):
             components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
         components.device = device
-        return cls(components, spec, plan=plan)
+        engine = cls(components, spec, plan=plan)
+        engine.registry = registry
+        engine.allow_paths = allow_paths
+        return engine
 
     @property
     def device(self):
@@ -123,7 +129,9 @@ class Engine:
             request = GenerateRequest(**fields)
         elif fields:
             raise InvalidRequest("pass either a GenerateRequest or keyword fields, not both")
-        req = request.resolve(self.spec)
+        stack = self._load_loras(request)
+        req = self._apply_lora_recipes(request, stack).resolve(self.spec)
+        self._set_lora_stack(stack)
         try:
             return self._generate(req, on_progress, preview_every)
         except GenerationFailed as e:
@@ -192,6 +200,52 @@ class Engine:
         timings["total"] = time.perf_counter() - t0
         out = [GeneratedImage(img, self._metadata(req, i, timings)) for i, img in enumerate(images)]
         return GenerateResult(images=out, request=req, timings=timings, latents=L.unpack(x, lh, lw))
+
+    # ---- LoRAs ---------------------------------------------------------------------------------------------
+    def _load_loras(self, request: GenerateRequest) -> list:
+        """Read (or take from the manager's cache) every LoRA the request names; errors before any work."""
+        if not request.loras and self._lora_manager is None:
+            return []
+        manager = self._loras()
+        return [(manager.load(self._lora_path(ref.name)), float(ref.weight)) for ref in request.loras]
+
+    def _lora_path(self, name: str) -> Path:
+        if self.registry is not None:
+            try:
+                return self.registry.find(name, ("lora",)).path
+            except ModelNotFound:
+                if not self.allow_paths:
+                    raise
+        path = Path(name).expanduser()
+        if self.allow_paths and path.is_file():
+            return path
+        raise ModelNotFound(f"no LoRA named '{name}' (put it in <models>/loras/ or give its path)", code="lora_not_found")
+
+    def _apply_lora_recipes(self, request: GenerateRequest, stack: list) -> GenerateRequest:
+        """A Lightning LoRA switches the defaults to its recipe (steps, CFG 1, shift 3) unless the user set them."""
+        from dataclasses import replace
+
+        from .lora import apply_recipe, detect_lightning
+
+        for lora_file, weight in stack:
+            recipe = detect_lightning(lora_file.path, lora_file.metadata) if weight else None
+            if recipe is not None:
+                fields = request.to_dict()
+                user_set = {k for k in ("steps", "cfg", "shift", "scheduler") if fields.get(k) is not None}
+                changed = apply_recipe({k: fields[k] for k in ("steps", "cfg", "shift", "scheduler")}, recipe, user_set)
+                request = replace(request, **changed)
+        return request
+
+    def _set_lora_stack(self, stack: list) -> None:
+        if self._lora_manager is not None:
+            self._lora_manager.set_stack(stack)
+
+    def _loras(self):
+        if self._lora_manager is None:
+            from .lora import LoraManager
+
+            self._lora_manager = LoraManager(self.components.transformer)
+        return self._lora_manager
 
     def _denoiser(self, cond, uncond, req: GenerateRequest, batch: int, lh: int, lw: int, sigmas):
         """The model as a k-diffusion denoiser: (x, step, sigma) -> predicted clean latents, with true CFG."""
@@ -266,6 +320,8 @@ class Engine:
             "model": self.describe(),
             "seed": single.seed,
             "noise": single.noise,
+            "loras": [{"name": f.name, "weight": w, "file": f.path.name} for f, w in
+                      (self._lora_manager.stack if self._lora_manager else [])],
             "timings": {k: round(v, 4) for k, v in timings.items() if isinstance(v, float)},
         }
 

@@ -34,6 +34,22 @@ def nearest_multiple(value: int, multiple: int = 16) -> int:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    name: str
+    weight: float = 1.0
+
+    @classmethod
+    def coerce(cls, value: Any) -> LoraRef:
+        if isinstance(value, LoraRef):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("name"), str):
+            return cls(value["name"], value.get("weight", 1.0))
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
+            return cls(value[0], value[1])
+        raise InvalidRequest(f"a LoRA must be {{'name': str, 'weight': number}}, got {value!r}", code="invalid_lora")
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     prompt: str
     negative_prompt: str | None = None
@@ -51,7 +67,13 @@ class GenerateRequest:
     noise: str = "diffusers"  # seed convention: "diffusers" (seed+i per image) or "comfy" (one CPU stream)
     noise_skip: int = 0  # latent images of the noise stream to skip: re-creates image i of a comfy batch alone
     magic: str | None = None  # append the official "positive magic" suffix: "en" or "zh"
+    loras: tuple[LoraRef, ...] = ()  # LoRA stack for this request, by registry name (or path, local callers)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # Accept the JSON forms ({"name", "weight"} or [name, weight]) so from_dict(to_dict(r)) == r.
+        refs = tuple(LoraRef.coerce(x) for x in (self.loras or ()))
+        object.__setattr__(self, "loras", refs)
 
     # ---- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +147,10 @@ class GenerateRequest:
             )
         if self.noise not in NOISE_CONVENTIONS:
             raise InvalidRequest(f"unknown noise convention '{self.noise}'; valid: {', '.join(NOISE_CONVENTIONS)}")
+        if len(self.loras) > 8:
+            raise InvalidRequest("at most 8 LoRAs per request", code="invalid_lora")
+        for ref in self.loras:
+            _check_float(f"LoRA '{ref.name}' weight", ref.weight, -10.0, 10.0, code="invalid_lora")
         if self.magic is not None and self.magic not in POSITIVE_MAGIC:
             raise InvalidRequest(f"unknown magic '{self.magic}'; valid: {', '.join(POSITIVE_MAGIC)}")
 
@@ -151,11 +177,11 @@ def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
         raise InvalidRequest(f"{name} {v} out of range [{lo}, {hi}]", code=f"invalid_{name}")
 
 
-def _check_float(name: str, v: Any, lo: float, hi: float) -> None:
+def _check_float(name: str, v: Any, lo: float, hi: float, code: str | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise InvalidRequest(f"{name} must be a number, got {v!r}")
+        raise InvalidRequest(f"{name} must be a number, got {v!r}", code=code or f"invalid_{name}")
     if not lo <= v <= hi:
-        raise InvalidRequest(f"{name} {v} out of range [{lo}, {hi}]", code=f"invalid_{name}")
+        raise InvalidRequest(f"{name} {v} out of range [{lo}, {hi}]", code=code or f"invalid_{name}")
 
 
 @dataclass
