@@ -32,7 +32,8 @@ def _full_size_components(device, dtype):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from .engine.loading import Components, build_empty
-    from .testing.tiny import QWEN_IMAGE_SCHEDULER_CONFIG, build_tokenizer
+    from .engine.specs import QWEN_IMAGE_SCHEDULER_CONFIG
+    from .testing.tiny import build_tokenizer
 
     def materialize(module):
         module.to_empty(device=device)

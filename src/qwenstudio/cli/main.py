@@ -203,6 +203,38 @@ def bench(
         print_report(report)
 
 
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="A diffusers folder (or its transformer/) or a ComfyUI DiT file."),
+    dst: Path = typer.Argument(..., help="Output file (or folder for --to diffusers)."),
+    to: str = typer.Option(..., "--to", help="comfy, diffusers, fp8, fp8_scaled, gguf_q8_0, gguf_q5_0, gguf_q4_0, "
+                           "gguf_f16, gguf_bf16"),
+    dtype: Optional[str] = typer.Option(None, help="Float dtype for non-fp8 tensors (bf16, fp16, fp32)."),
+    scale_input: bool = typer.Option(False, "--scale-input", help="fp8_scaled: also write scale_input tensors."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Convert a Qwen-Image DiT between layouts; the output is validated by loading it back."""
+    try:
+        if to.startswith("gguf_"):
+            from ..engine.formats.gguf import WRITABLE_QTYPES, read_gguf, write_dit_gguf
+
+            qtype = to[len("gguf_"):].upper()
+            if qtype not in WRITABLE_QTYPES:
+                raise InvalidRequest(f"unknown GGUF type '{qtype}'; writable: {', '.join(WRITABLE_QTYPES)}")
+            if dst.exists() and not overwrite:
+                raise InvalidRequest(f"{dst} exists; pass --overwrite")
+            out = write_dit_gguf(src, dst, qtype)
+            read_gguf(out)  # validate: readable, Qwen-Image tensors present
+        else:
+            from ..engine.formats.convert import convert as convert_dit
+
+            out = convert_dit(src, dst, to, dtype=dtype, scale_input=scale_input, overwrite=overwrite)
+    except QwenStudioError as e:
+        _fail(e)
+        return
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     app()
 

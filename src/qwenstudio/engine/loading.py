@@ -50,23 +50,31 @@ def default_device() -> str:
 
 # ---- safetensors files -----------------------------------------------------------------------------------------
 
+def looks_like_pickle(head: bytes, size: int) -> bool:
+    """Zip (torch.save) or pickle protocol 2-5 (``\\x80 <proto>``). A safetensors header length can also start with
+    byte 0x80, so a plausible length followed by ``{`` wins."""
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
+        return False
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
 def read_safetensors_header(path: Path) -> dict:
     """Parse the JSON header of a safetensors file by content (8-byte little-endian length + JSON), validating that
     every tensor's byte range lies inside the file. Anything else (pickle, zip, truncated) is a typed error."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptFile(f"{path}: file is too short to be safetensors ({size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if head[:2] == b"PK" or head[:1] == b"\x80":
+            head = f.read(9)
+            if looks_like_pickle(head, size):
                 raise UnsupportedFormat(
                     f"{path}: this is a pickle/zip checkpoint; it is never unpickled. Convert it to safetensors."
                 )
+            if len(head) < 9:
+                raise CorruptFile(f"{path}: file is too short to be safetensors ({size} bytes)")
+            (n,) = struct.unpack("<Q", head[:8])
             if n < 2 or n > min(size - 8, 100 * 2**20):
                 raise CorruptFile(f"{path}: not a valid safetensors file (header length {n}, file size {size})")
-            raw = f.read(n)
+            raw = head[8:] + f.read(n - 1)
     except OSError as e:
         raise ModelNotFound(f"{path}: cannot read ({e.strerror})") from None
     try:
@@ -174,7 +182,9 @@ def fill_module(
                 f"{name}: tensor '{key}' has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}"
             )
         cast = dtype if tensor.is_floating_point() and target.is_floating_point() else tensor.dtype
-        _assign(module, mkey, tensor.to(device=device, dtype=cast))
+        # copy=True: never keep zero-copy views into the mmapped file — they pin the file and their alignment
+        # differs between layouts, which changes CPU kernel rounding (bit-exactness across formats needs a copy).
+        _assign(module, mkey, tensor.to(device=device, dtype=cast, copy=True))
         seen.add(mkey)
     missing = [k for k, v in expected.items() if k not in seen and v.device.type == "meta"]
     required = [k for k in missing if not k.startswith(optional)]

@@ -91,10 +91,7 @@ def load_source(source: ModelSource, *, device, dtype, keep_lm_head: bool = Fals
         return load_diffusers_folder(source.folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
     from .formats.comfy import find_tokenizer, load_single_files
 
-    tokenizer_dir = find_tokenizer(list(source.search_dirs))
-    components = load_single_files(source.dit.path, source.text_encoder.path, source.vae.path, tokenizer_dir,
-                                   device=device, dtype=dtype)
-    # Identity by names only: metadata and API responses never carry filesystem paths.
-    components.identity = {**components.identity, "name": source.name,
-                           "files": [source.dit.name, source.text_encoder.name, source.vae.name]}
+    components = load_single_files(source.dit.path, source.text_encoder.path, source.vae.path,
+                                   find_tokenizer(list(source.search_dirs)), device=device, dtype=dtype)
+    components.identity = {**components.identity, "name": source.name, "quant": source.dit.quant}
     return components

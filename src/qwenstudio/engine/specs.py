@@ -23,6 +23,24 @@ EDIT_TEMPLATE = (
     "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 
+# The scheduler config shipped with Qwen/Qwen-Image (scheduler/scheduler_config.json).
+QWEN_IMAGE_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
 # Official recommended sizes (Qwen-Image model card), width x height.
 QWEN_RESOLUTIONS: dict[str, tuple[int, int]] = {
     "1:1": (1328, 1328),
@@ -63,6 +81,12 @@ class ModelSpec:
     image_template: str | None = None  # per-image VL prefix for edit variants, e.g. "Picture {}: <|vision_start|>..."
     recipe_lora: str | None = None  # LoRA whose recipe these defaults are (Lightning), for docs and auto-defaults
     builtin: bool = False  # True for the random tiny model that needs no files
+    # Edit variants (reference pipelines): VAE/reference images and the default output are resized to about
+    # ``edit_area`` pixels (multiples of 32); the vision-language path sees images of about ``condition_area``
+    # pixels (None: the same VAE-sized image, as Qwen-Image-Edit does).
+    edit_area: int = 1024 * 1024
+    condition_area: int | None = None
+    dit_config: dict = field(default_factory=dict)  # DiT config this variant needs (2511: zero_cond_t)
 
     @property
     def is_edit(self) -> bool:
@@ -98,6 +122,42 @@ _TINY = replace(
     builtin=True,
 )
 
+EDIT_IMAGE_TEMPLATE = "<|vision_start|><|image_pad|><|vision_end|>"  # Qwen-Image-Edit: one image, no label
+EDIT_PLUS_IMAGE_TEMPLATE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"  # 2509/2511, numbered
+
+_EDIT = replace(
+    _QWEN_IMAGE,
+    name="qwen-image-edit",
+    description="Qwen-Image-Edit: one input image seen by the text encoder and appended as reference latents",
+    template=EDIT_TEMPLATE,
+    drop_tokens=64,
+    max_input_images=1,
+    image_template=EDIT_IMAGE_TEMPLATE,
+)
+_EDIT_2509 = replace(
+    _EDIT,
+    name="qwen-image-edit-2509",
+    description="Qwen-Image-Edit-2509: 1-3 input images (also depth/edge/keypoint control images)",
+    max_input_images=3,
+    image_template=EDIT_PLUS_IMAGE_TEMPLATE,
+    condition_area=384 * 384,
+)
+_EDIT_2511 = replace(
+    _EDIT_2509,
+    name="qwen-image-edit-2511",
+    description="Qwen-Image-Edit-2511: 1-3 input images, zero_cond_t DiT (better consistency)",
+    dit_config={"zero_cond_t": True},
+)
+_TINY_EDIT = replace(
+    _EDIT, name="tiny-edit", description="tiny random model driven as Qwen-Image-Edit (smoke tests)",
+    defaults=_TINY.defaults, resolutions=_TINY.resolutions, builtin=True, edit_area=64 * 64,
+)
+_TINY_EDIT_PLUS = replace(
+    _EDIT_2509, name="tiny-edit-plus", description="tiny random model driven as Qwen-Image-Edit-2509 (smoke tests)",
+    defaults=_TINY.defaults, resolutions=_TINY.resolutions, builtin=True, edit_area=64 * 64,
+    condition_area=32 * 32,
+)
+
 SPECS: dict[str, ModelSpec] = {
     s.name: s
     for s in (
@@ -107,6 +167,17 @@ SPECS: dict[str, ModelSpec] = {
         _lightning(_QWEN_IMAGE, 8, "Qwen-Image-Lightning-8steps-V2.0"),
         _lightning(_QWEN_IMAGE_2512, 4, "Qwen-Image-2512-Lightning-4steps-V1.0"),
         _TINY,
+        _EDIT,
+        _EDIT_2509,
+        _EDIT_2511,
+        _lightning(_EDIT, 4, "Qwen-Image-Edit-Lightning-4steps-V1.0"),
+        _lightning(_EDIT, 8, "Qwen-Image-Edit-Lightning-8steps-V1.1"),
+        _lightning(_EDIT_2509, 4, "Qwen-Image-Edit-2509-Lightning-4steps-V1.0"),
+        _lightning(_EDIT_2509, 8, "Qwen-Image-Edit-2509-Lightning-8steps-V1.0"),
+        _lightning(_EDIT_2511, 4, "Qwen-Image-Edit-2511-Lightning-4steps-V1.0"),
+        _lightning(_EDIT_2511, 8, "Qwen-Image-Edit-2511-Lightning-8steps-V1.0"),
+        _TINY_EDIT,
+        _TINY_EDIT_PLUS,
     )
 }
 

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..engine.specs import QWEN_IMAGE_SCHEDULER_CONFIG
+
 # Qwen2.5-VL special tokens, in the order of the real tokenizer (ids 151643..151664 there).
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -146,23 +148,6 @@ def build_components(spec: TinySpec = TinySpec()) -> dict:
             "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-# The scheduler config shipped with Qwen/Qwen-Image (scheduler/scheduler_config.json).
-QWEN_IMAGE_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
 
 
 def _randomize_zero_inits(module, seed: int) -> None:
