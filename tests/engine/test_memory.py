@@ -6,7 +6,6 @@ import pytest
 
 from qwenstudio import Engine, InsufficientMemory, InvalidRequest
 from qwenstudio.engine.memory import GiB, MemoryInfo, plan_memory
-from qwenstudio.engine.specs import get_spec
 
 # Real Qwen-Image in bf16: DiT 20.4B params, Qwen2.5-VL-7B without LM head, VAE.
 REAL = {"transformer": int(40.9 * GiB), "text_encoder": int(15.4 * GiB), "vae": int(0.25 * GiB)}
