@@ -235,6 +235,11 @@ def convert(
     typer.echo(f"wrote {out}")
 
 
+from .serve import serve_command  # noqa: E402  (light: imports the service lazily)
+
+app.command("serve")(serve_command)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,135 @@
+# ruff: noqa: B008  (typer declares options as argument defaults)
+"""``qwenstudio serve``: load one model on a worker thread and serve the HTTP API with uvicorn.
+
+Safe by default: 127.0.0.1; any other bind needs an API key, checked before anything is loaded or bound. SIGTERM /
+Ctrl-C go through uvicorn's graceful shutdown (stop taking jobs, cancel the running one, persist) and exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+
+def build_client(model: str, variant: str | None = None, device: str | None = None,
+                 settings=None):
+    """An in-process engine client whose worker thread loads ``model`` (``/readyz`` is false until it has)."""
+    from ..config import Settings
+    from ..service.engine_client import InProcessEngineClient
+
+    settings = settings or Settings.from_env()
+    if model == "tiny":
+        model_id, spec_name = "tiny", variant or "tiny"
+    else:
+        model_id, spec_name = Path(model).name, variant or "qwen-image"
+
+    def load():
+        from ..engine.engine import Engine
+
+        return Engine.load(model, variant=spec_name, device=device, settings=settings)
+
+    return InProcessEngineClient(model_id, spec_name, load)
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: str = "tiny",
+    api_key: str | None = None,
+    *,
+    variant: str | None = None,
+    device: str | None = None,
+    cors_origins: tuple[str, ...] = (),
+    queue_size: int = 16,
+    job_deadline_s: float = 600.0,
+    max_body_bytes: int = 1 << 20,
+    preview_every: int = 0,
+    log_level: str = "info",
+) -> None:
+    """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key."""
+    import uvicorn
+
+    from ..config import Settings
+    from ..service.app import create_app
+    from ..service.config import ServiceConfig
+
+    keys = [k.strip() for k in (api_key or os.environ.get("QWENSTUDIO_API_KEY", "")).split(",") if k.strip()]
+    config = ServiceConfig.with_keys(keys, host=host, port=port, cors_origins=tuple(cors_origins),
+                                     queue_size=queue_size, job_deadline_s=job_deadline_s,
+                                     max_body_bytes=max_body_bytes, preview_every=preview_every)
+    config.check_bind()  # before loading anything
+    settings = Settings.from_env()
+    client = build_client(model, variant, device, settings)
+    try:
+        app = create_app(settings, client, config)
+        server = _graceful_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                                timeout_graceful_shutdown=30))
+        server.run()
+    finally:
+        client.close()
+
+
+def _graceful_server_class():
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM after its shutdown, so the process dies "by signal"; a graceful stop that
+        persisted everything is a normal exit, so we only trigger the shutdown and then return (exit 0)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
+def _graceful_server(config):
+    return _graceful_server_class()(config)
+
+
+def serve_command(
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback requires --api-key."),
+    port: int = typer.Option(8000, help="TCP port."),
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' or a diffusers folder path."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="QWENSTUDIO_API_KEY",
+                                          help="Require this key (comma-separated for several).", show_default=False),
+    variant: str | None = typer.Option(None, help="Recipe (spec) to use for the model."),
+    device: str | None = typer.Option(None, help="cuda, cuda:1, cpu."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (repeatable)."),
+    queue_size: int = typer.Option(16, help="Jobs that may wait; beyond it 429."),
+    job_deadline: float = typer.Option(600.0, help="Seconds a job may run before it is cancelled."),
+    max_body: int = typer.Option(1 << 20, help="Request body cap in bytes (413 beyond)."),
+    preview_every: int = typer.Option(0, help="Default preview interval in steps for SSE (0: off)."),
+) -> None:
+    """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
+    from ..errors import QwenStudioError
+
+    try:
+        serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
+              queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
+              preview_every=preview_every)
+    except QwenStudioError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    typer.run(serve_command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""``create_app(settings, engine_client)``: every piece of state is built here and hung on ``app.state``; nothing
+global, so tests (and several apps in one process) never share anything but what they pass in."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .. import __version__
+from ..config import Settings
+from .api import files, jobs, openai, presets, system
+from .api.errors import install_error_handlers
+from .auth import GuardMiddleware
+from .config import ServiceConfig
+from .engine_client import EngineClient
+from .jobs import JobManager
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger("qwenstudio.service")
+DB_NAME = "service.db"
+
+
+def create_app(settings: Settings, engine_client: EngineClient, config: ServiceConfig | None = None) -> FastAPI:
+    """Build the app. The store opens (and recovers jobs a crash left active) now; the job worker starts with the
+    app's lifespan and stops, cancelling what runs, when the server shuts down."""
+    config = config or ServiceConfig()
+    store = Store(settings.home / DB_NAME)
+    recovered = store.recover()
+    if recovered:
+        log.warning("marked %d job(s) left queued/running by a previous run as failed (interrupted)", recovered)
+    metrics = Metrics()
+    manager = JobManager(store, engine_client, settings.outputs_dir, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        try:
+            yield
+        finally:
+            manager.stop()
+            store.close()
+
+    app = FastAPI(title="qwenstudio", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.config = config
+    app.state.client = engine_client
+    app.state.store = store
+    app.state.jobs = manager
+    app.state.metrics = metrics
+    app.state.outputs_dir = settings.outputs_dir
+
+    install_error_handlers(app)
+    for module in (system, jobs, files, presets, openai):
+        app.include_router(module.router)
+    app.add_middleware(GuardMiddleware, config=config)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
+                           allow_headers=["Authorization", "Content-Type", "X-API-Key", "Last-Event-ID"])
+    return app

@@ -1,0 +1,96 @@
+"""Request guards as one pure-ASGI middleware, run before any route: API key, body size cap, cross-site posts.
+
+Why pure ASGI (not BaseHTTPMiddleware): the body cap must count the bytes actually received (a missing or lying
+Content-Length must not get past it) and the client's disconnect must still reach the route that waits on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from urllib.parse import urlsplit
+
+from .api.errors import error_response
+from .config import ServiceConfig
+
+OPEN_PATHS = frozenset({"/healthz"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def key_matches(presented: str, hashes: tuple[str, ...]) -> bool:
+    """Hash the presented key and compare with every stored hash in constant time (no early exit)."""
+    digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).hexdigest()
+    ok = False
+    for h in hashes:
+        ok |= hmac.compare_digest(digest, h)
+    return ok
+
+
+def presented_key(headers: dict[str, str]) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return headers.get("x-api-key")
+
+
+class GuardMiddleware:
+    def __init__(self, app, config: ServiceConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+        async def deny(status: int, code: str, message: str, extra: dict | None = None):
+            await error_response(path, status, code, message, extra)(scope, receive, send)
+
+        if self.config.auth_enabled and path not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+            key = presented_key(headers)
+            if not key or not key_matches(key, self.config.api_key_hashes):
+                return await deny(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer KEY)",
+                                  {"WWW-Authenticate": "Bearer"})
+
+        if scope.get("method") in STATE_CHANGING and not self._origin_allowed(headers):
+            return await deny(403, "cross_origin_forbidden", "cross-site requests are not allowed")
+
+        limit = self.config.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await deny(413, "payload_too_large", f"request body over the {limit}-byte limit")
+        if scope.get("method") not in STATE_CHANGING:
+            return await self.app(scope, receive, send)
+
+        # Read the body here, counting real bytes, then replay it; later receives pass through (disconnects).
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await deny(413, "payload_too_large", f"request body over the {limit}-byte limit")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    def _origin_allowed(self, headers: dict[str, str]) -> bool:
+        """Browsers send Origin on cross-site posts; allow same-host and configured CORS origins only."""
+        origin = headers.get("origin")
+        if origin is None:
+            return True
+        if origin in self.config.cors_origins or "*" in self.config.cors_origins:
+            return True
+        return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()

@@ -1,0 +1,125 @@
+"""The one seam between the service and the engine (after vLLM v1's EngineCoreClient).
+
+The service calls ``submit`` from its job worker and blocks until the result; progress arrives through ``on_event``,
+whose ``False`` return stops the run at the next step. ``InProcessEngineClient`` runs the engine on one dedicated
+thread that owns it (loads it, runs every generation); a process or Ray client only has to implement the same three
+methods plus ``ready``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..errors import ModelNotFound, QwenStudioError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str  # the name clients pass as "model"
+    variant: str  # the spec whose bounds and defaults apply
+    ready: bool
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One denoising step done; ``preview`` is a uint8 [B, h, w, 3] array or None."""
+
+    step: int
+    total: int
+    elapsed: float
+    preview: Any = None
+
+
+EventCallback = Callable[[StepEvent], Any]  # return False to cancel
+
+
+class EngineClient(Protocol):
+    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0) -> Any:
+        """Run ``request`` (a resolved GenerateRequest) on ``model``; block; return the GenerateResult."""
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the running job to stop at its next step (no-op when it is not running)."""
+
+    def models(self) -> list[ModelInfo]: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class InProcessEngineClient:
+    """An engine loaded in this process, owned by one worker thread. ``loader`` runs on that thread at start."""
+
+    def __init__(self, model_id: str, variant: str, loader: Callable[[], Any], description: str = ""):
+        self._model_id, self._variant, self._description = model_id, variant, description
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenstudio-engine")
+        self._engine: Any = None
+        self._load_error: BaseException | None = None
+        self._cancelled: set[str] = set()
+        self._running: str | None = None
+        self._lock = threading.Lock()
+        self._loaded: Future = self._pool.submit(self._load, loader)
+
+    @classmethod
+    def from_engine(cls, engine: Any, model_id: str | None = None) -> InProcessEngineClient:
+        """Wrap an already loaded Engine (tests, notebooks)."""
+        return cls(model_id or engine.spec.name, engine.spec.name, lambda: engine, engine.spec.description)
+
+    def _load(self, loader: Callable[[], Any]) -> None:
+        try:
+            self._engine = loader()
+        except Exception as e:
+            logging.getLogger("qwenstudio.service").exception("loading the model failed")
+            self._load_error = e
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.done() and self._engine is not None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._loaded.result(timeout)
+        return self.ready
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(self._model_id, self._variant, self.ready, self._description)]
+
+    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0) -> Any:
+        if model != self._model_id:
+            raise ModelNotFound(f"model '{model}' is not served here; available: {self._model_id}")
+        return self._pool.submit(self._run, job_id, request, on_event, preview_every).result()
+
+    def _run(self, job_id: str, request: Any, on_event: EventCallback, preview_every: int) -> Any:
+        if self._engine is None:
+            if isinstance(self._load_error, QwenStudioError):
+                raise self._load_error
+            raise QwenStudioError("the model failed to load; see the server log", code="model_load_failed")
+
+        def on_progress(p) -> bool:
+            with self._lock:
+                if job_id in self._cancelled:
+                    return False
+            return on_event(StepEvent(p.step, p.total, p.elapsed, p.preview)) is not False
+
+        with self._lock:
+            self._running = job_id
+        try:
+            return self._engine.generate(request, on_progress=on_progress, preview_every=preview_every)
+        finally:
+            with self._lock:
+                self._cancelled.discard(job_id)
+                self._running = None
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            if job_id == self._running:  # remember only the running one: no growth from stale cancels
+                self._cancelled.add(job_id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,64 @@
+"""Service-level errors: branches of the one ``qwenstudio.errors`` tree, each with its HTTP status and stable code."""
+
+from __future__ import annotations
+
+from ..errors import QwenStudioError
+
+
+class NotFound(QwenStudioError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(QwenStudioError):
+    code = "conflict"
+    status = 409
+
+
+class QueueFull(QwenStudioError):
+    code = "queue_full"
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(QwenStudioError):
+    code = "unavailable"
+    status = 503
+
+
+class Unauthorized(QwenStudioError):
+    code = "unauthorized"
+    status = 401
+
+
+class Forbidden(QwenStudioError):
+    code = "forbidden"
+    status = 403
+
+
+class PayloadTooLarge(QwenStudioError):
+    code = "payload_too_large"
+    status = 413
+
+
+class UnsupportedMediaType(QwenStudioError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+class NotImplementedYet(QwenStudioError):
+    code = "not_implemented"
+    status = 501
+
+
+class OutputWriteFailed(QwenStudioError):
+    code = "output_write_failed"
+    status = 500
+
+
+class UnsafeBind(QwenStudioError):
+    code = "unsafe_bind"
+    status = 500
