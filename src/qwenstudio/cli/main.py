@@ -239,6 +239,10 @@ from .serve import serve_command  # noqa: E402  (light: imports the service lazi
 
 app.command("serve")(serve_command)
 
+from .edit import edit  # noqa: E402
+
+app.command()(edit)
+
 
 def main() -> None:
     app()

@@ -37,6 +37,20 @@ class Progress:
 ProgressCallback = Callable[[Progress], Any]  # return False (or raise Cancelled) to stop the run
 
 
+@dataclass
+class DenoiseHooks:
+    """What image-conditioned modes add to the shared denoiser (see ``engine/editing/``).
+
+    ``ref_tokens``: packed reference latents [B, N, 64] appended after the noisy tokens (edit); ``ref_shapes``: their
+    (1, h/2, w/2) grid shapes for RoPE. ``control(x, t, embeds, img_shapes, step, total)`` -> ControlNet block
+    residuals or None. ``blend(denoised, step)`` -> denoised with the known region put back (inpaint)."""
+
+    ref_tokens: Any = None
+    ref_shapes: tuple = ()
+    control: Callable | None = None
+    blend: Callable | None = None
+
+
 class Engine:
     def __init__(self, components: Components, spec: ModelSpec, plan: Plan | None = None):
         self.components = components
@@ -139,10 +153,34 @@ class Engine:
                 raise
             return self._retry_in_fp32(req, on_progress, preview_every)
 
+    def edit(
+        self,
+        request=None,
+        *,
+        images=(),
+        mask=None,
+        controls=(),
+        on_progress: ProgressCallback | None = None,
+        preview_every: int = 0,
+        **fields,
+    ) -> GenerateResult:
+        """Image-conditioned generation: edit (edit variants), img2img (``strength``), inpaint (``mask``),
+        edit-inpaint, ControlNet (``controls``). Images are paths, bytes or PIL images; see ``engine/editing/``."""
+        from .editing import run_edit
+
+        return run_edit(self, request, images=images, mask=mask, controls=controls, on_progress=on_progress,
+                        preview_every=preview_every, **fields)
+
+    def load_controlnet(self, source) -> None:
+        """Attach a ``QwenImageControlNetModel`` (a module, or a diffusers folder holding one) for ``controls``."""
+        from .editing import load_controlnet
+
+        load_controlnet(self, source)
+
     def _generate(self, req: GenerateRequest, on_progress, preview_every: int) -> GenerateResult:
         import torch
 
-        from .sampling import STOCHASTIC_SAMPLERS, build_sigmas, get_sampler
+        from .sampling import build_sigmas
 
         c, timings = self.components, {}
         t0 = time.perf_counter()
@@ -161,37 +199,7 @@ class Engine:
             sigmas = build_sigmas(
                 req.scheduler, req.steps, image_seq_len=x.shape[1], scheduler_config=c.scheduler_config, shift=req.shift
             )
-            denoise = self._denoiser(cond, uncond, req, x.shape[0], lh, lw, sigmas)
-            noise_sampler = (
-                self._noise_sampler(req, lh, lw) if req.sampler in STOCHASTIC_SAMPLERS else None
-            )
-
-            total = len(sigmas) - 1  # ComfyUI's ddim_uniform/beta may give a different count than req.steps
-            step_times: list[float] = []
-            t_loop = last = time.perf_counter()
-
-            def callback(i, x_i, denoised, sigma, sigma_next):
-                nonlocal last
-                now = time.perf_counter()
-                step_times.append(now - last)
-                last = now
-                preview = None
-                if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
-                    preview = L.preview_rgb(L.unpack(denoised, lh, lw))
-                if on_progress is not None:
-                    if on_progress(Progress(i + 1, total, now - t0, preview)) is False:
-                        raise Cancelled(f"cancelled after step {i + 1} of {total}")
-
-            with self._stages.on_device("transformer"):
-                x = get_sampler(req.sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
-            timings["denoise"] = time.perf_counter() - t_loop
-            timings["steps"] = step_times
-
-            if not bool(torch.isfinite(x).all()):  # the one host sync of the run, after the loop
-                raise GenerationFailed(
-                    "the latents became NaN/inf (numerical overflow, usually fp16/bf16); retry with retry_fp32 or "
-                    "--dtype float32", code="non_finite",
-                )
+            x = self._sample(req, cond, uncond, x, sigmas, lh, lw, on_progress, preview_every, t0, timings)
             t_dec = time.perf_counter()
             with self._stages.on_device("vae"):
                 self._stages.set_vae_tiling(req.width * req.height)
@@ -200,6 +208,47 @@ class Engine:
         timings["total"] = time.perf_counter() - t0
         out = [GeneratedImage(img, self._metadata(req, i, timings)) for i, img in enumerate(images)]
         return GenerateResult(images=out, request=req, timings=timings, latents=L.unpack(x, lh, lw))
+
+    def _sample(self, req: GenerateRequest, cond, uncond, x, sigmas, lh: int, lw: int, on_progress,
+                preview_every: int, t0: float, timings: dict, hooks: DenoiseHooks | None = None):
+        """The denoise loop shared by every mode (text-to-image, img2img, inpaint, edit, ControlNet): ``x`` are
+        the packed start latents at ``sigmas[0]``; ``hooks`` add what a mode needs. Returns the final latents."""
+        import torch
+
+        from .sampling import STOCHASTIC_SAMPLERS, get_sampler
+
+        denoise = self._denoiser(cond, uncond, req, x.shape[0], lh, lw, sigmas, hooks)
+        noise_sampler = (
+            self._noise_sampler(req, lh, lw) if req.sampler in STOCHASTIC_SAMPLERS else None
+        )
+
+        total = len(sigmas) - 1  # ComfyUI's ddim_uniform/beta may give a different count than req.steps
+        step_times: list[float] = []
+        t_loop = last = time.perf_counter()
+
+        def callback(i, x_i, denoised, sigma, sigma_next):
+            nonlocal last
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+            preview = None
+            if preview_every and ((i + 1) % preview_every == 0 or i + 1 == total):
+                preview = L.preview_rgb(L.unpack(denoised, lh, lw))
+            if on_progress is not None:
+                if on_progress(Progress(i + 1, total, now - t0, preview)) is False:
+                    raise Cancelled(f"cancelled after step {i + 1} of {total}")
+
+        with self._stages.on_device("transformer"):
+            x = get_sampler(req.sampler)(denoise, x, sigmas, callback=callback, noise_sampler=noise_sampler)
+        timings["denoise"] = time.perf_counter() - t_loop
+        timings["steps"] = step_times
+
+        if not bool(torch.isfinite(x).all()):  # the one host sync of the run, after the loop
+            raise GenerationFailed(
+                "the latents became NaN/inf (numerical overflow, usually fp16/bf16); retry with retry_fp32 or "
+                "--dtype float32", code="non_finite",
+            )
+        return x
 
     # ---- LoRAs ---------------------------------------------------------------------------------------------
     def _load_loras(self, request: GenerateRequest) -> list:
@@ -247,36 +296,48 @@ class Engine:
             self._lora_manager = LoraManager(self.components.transformer)
         return self._lora_manager
 
-    def _denoiser(self, cond, uncond, req: GenerateRequest, batch: int, lh: int, lw: int, sigmas):
-        """The model as a k-diffusion denoiser: (x, step, sigma) -> predicted clean latents, with true CFG."""
+    def _denoiser(self, cond, uncond, req: GenerateRequest, batch: int, lh: int, lw: int, sigmas,
+                  hooks: DenoiseHooks | None = None):
+        """The model as a k-diffusion denoiser: (x, step, sigma) -> predicted clean latents, with true CFG.
+        ``hooks``: reference latents appended to the image sequence (edit), ControlNet residuals, and a blend of
+        the prediction with known latents (inpaint)."""
         import torch
 
         c = self.components
         model = c.transformer
-        img_shapes = [[(1, lh // 2, lw // 2)]] * batch
+        hooks = hooks or DenoiseHooks()
+        img_shapes = [[(1, lh // 2, lw // 2), *hooks.ref_shapes]] * batch
+        ref = hooks.ref_tokens.to(device=c.device, dtype=c.dtype) if hooks.ref_tokens is not None else None
         # The reference feeds timestep = (sigma * 1000) / 1000 in float32; do the same for bit-level parity.
         timesteps = ((sigmas[:-1].to(torch.float32) * 1000) / 1000).to(c.device)
         cond_e = cond.embeds.expand(batch, -1, -1)
         uncond_e = uncond.embeds.expand(batch, -1, -1) if uncond is not None else None
         cfg, cfg_norm = float(req.cfg), bool(req.cfg_norm)
 
-        def velocity(xin, t, embeds):
+        def velocity(xin, t, embeds, control=None):
+            n = xin.shape[1]
+            if ref is not None:
+                xin = torch.cat([xin, ref], dim=1)
+            extra = {"controlnet_block_samples": control} if control is not None else {}
             return model(
                 hidden_states=xin, timestep=t, encoder_hidden_states=embeds, encoder_hidden_states_mask=None,
-                img_shapes=img_shapes, return_dict=False,
-            )[0].float()
+                img_shapes=img_shapes, return_dict=False, **extra,
+            )[0][:, :n].float()
 
         def denoise(x, i, sigma):
             xin = x.to(c.dtype)
             t = timesteps[i].expand(batch)
-            v = velocity(xin, t, cond_e)
+            # ControlNet residuals are computed once per step from the conditional pass and reused (reference)
+            control = hooks.control(xin, t, cond_e, img_shapes, i, len(timesteps)) if hooks.control else None
+            v = velocity(xin, t, cond_e, control)
             if uncond_e is not None:
-                vu = velocity(xin, t, uncond_e)
+                vu = velocity(xin, t, uncond_e, control)
                 comb = vu + cfg * (v - vu)
                 if cfg_norm:  # reference: rescale to the conditional prediction's norm, per token
                     comb = comb * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
                 v = comb
-            return x - sigma * v
+            denoised = x - sigma * v
+            return hooks.blend(denoised, i) if hooks.blend is not None else denoised
 
         return denoise
 

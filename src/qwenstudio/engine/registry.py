@@ -129,7 +129,10 @@ def guess_variant(name: str) -> str:
         return "tiny"
     from .specs import SPECS
 
-    base = "qwen-image-2512" if "2512" in n else "qwen-image"
+    if "edit" in n:
+        base = next((f"qwen-image-edit-{v}" for v in ("2509", "2511") if v in n), "qwen-image-edit")
+    else:
+        base = "qwen-image-2512" if "2512" in n else "qwen-image"
     if "lightning" in n:
         steps = 4 if "4step" in n or "4-step" in n else 8
         return f"{base}-lightning-{steps}step" if f"{base}-lightning-{steps}step" in SPECS else base

@@ -150,6 +150,34 @@ def build_components(spec: TinySpec = TinySpec()) -> dict:
 
 
 
+def build_controlnet(spec: TinySpec = TinySpec(), seed: int = 7):
+    """A tiny union ``QwenImageControlNetModel`` matching the tiny DiT (random, non-zero residual projections)."""
+    import torch
+    from diffusers import QwenImageControlNetModel
+
+    torch.manual_seed(seed)
+    net = QwenImageControlNetModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=spec.num_layers,
+        attention_head_dim=spec.attention_head_dim,
+        num_attention_heads=spec.num_attention_heads,
+        joint_attention_dim=spec.text_hidden_size,
+        axes_dims_rope=spec.axes_dims_rope,
+    )
+    _randomize_zero_inits(net, seed=seed + 1)
+    return net.eval()
+
+
+def write_controlnet_folder(path: str | os.PathLike, spec: TinySpec = TinySpec(), seed: int = 7) -> Path:
+    """Write the tiny ControlNet as a diffusers model folder (config.json + safetensors)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        build_controlnet(spec, seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def _randomize_zero_inits(module, seed: int) -> None:
     """Diffusers zero-initialises some output projections (e.g. AdaLN, proj_out); a model whose outputs are all
     zero would make parity tests vacuous, so give every parameter small random values."""

@@ -1,0 +1,8 @@
+"""Image-conditioned generation: edit variants, img2img, inpaint, edit-inpaint, ControlNet (see ``run``)."""
+
+from ..images import ImageRef
+from .request import CONTROL_MODES, ControlRef, EditRequest
+from .run import Control, composite, load_controlnet, run_edit
+
+__all__ = ["CONTROL_MODES", "Control", "ControlRef", "EditRequest", "ImageRef", "composite", "load_controlnet",
+           "run_edit"]

@@ -1,0 +1,419 @@
+"""Image-conditioned generation on the engine's own denoise loop.
+
+One story for every mode, each step matching a diffusers reference pipeline on the same seed:
+
+* **edit** (Qwen-Image-Edit / 2509 / 2511, ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeline``): the text
+  encoder sees the images (``vision_text``), their VAE latents (mode of the posterior) are appended to the image
+  token sequence with their own RoPE grid (``img_shapes``), and only the noisy tokens' prediction is used.
+* **img2img** (``QwenImageImg2ImgPipeline``): start at ``sigmas[t_start]`` from ``s*noise + (1-s)*init``.
+* **inpaint** (``QwenImageInpaintPipeline``; with an edit variant ``QwenImageEditInpaintPipeline``): additionally the
+  prediction outside the (latent) mask is replaced by the init latents each step. For the reference's binary mask
+  this gives the reference's trajectory exactly for every sampler (outside the mask ``x`` stays on
+  ``s*noise + (1-s)*init``), and it is sampler-agnostic, unlike a post-step blend.
+* **ControlNet** (``QwenImageControlNetPipeline``, union model, several controls summed): residuals computed from the
+  conditional pass each step and added to the DiT blocks of both CFG passes.
+
+Seeds: under the ``diffusers`` convention each image's generator draws, in the reference's order, the VAE posterior
+samples (control images, then the init image) and then the noise; under ``comfy`` the VAE posterior mode is used
+and the noise is ComfyUI's one CPU stream.
+
+Pixel-aligned mode (``keep_size``): the input is padded (edge pixels, never stretched) to the 16-pixel grid, the
+model runs at that size, the result is cropped back to the input's exact size, and with a mask every pixel outside
+it is copied from the input, with a seam blended over ``feather`` pixels *inside* the mask.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import InvalidRequest
+from .. import images as I
+from .. import latents as L
+from ..requests import GeneratedImage, GenerateRequest, GenerateResult
+from .request import ControlRef, EditRequest
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control input for ``Engine.edit``: an image (path, bytes or PIL) plus how it acts."""
+
+    image: Any
+    mode: str = "other"
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+def _coerce_control(value) -> Control:
+    if isinstance(value, Control):
+        return value
+    if isinstance(value, dict) and "image" in value:
+        return Control(**value)
+    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 5:
+        return Control(*value)
+    return Control(value)
+
+
+def load_controlnet(engine, source) -> None:
+    """Attach a ControlNet: a ``QwenImageControlNetModel`` (or the multi wrapper), or a diffusers folder with one."""
+    from pathlib import Path
+
+    from diffusers import QwenImageControlNetModel, QwenImageMultiControlNetModel
+
+    from ...errors import IncompatibleWeights, ModelNotFound
+
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"no ControlNet folder (config.json + safetensors) at {path}")
+        try:
+            model = QwenImageControlNetModel.from_pretrained(str(path), use_safetensors=True)
+        except (OSError, ValueError) as e:
+            raise IncompatibleWeights(f"cannot load a Qwen-Image ControlNet from {path}: {e}") from None
+        name = path.name
+    else:
+        model, name = source, type(source).__name__
+    if isinstance(model, QwenImageMultiControlNetModel):
+        if len(model.nets) != 1:
+            raise IncompatibleWeights("only a single (union) ControlNet is supported")
+        model = model.nets[0]
+    if not isinstance(model, QwenImageControlNetModel):
+        raise IncompatibleWeights(f"expected a QwenImageControlNetModel, got {type(model).__name__}")
+    dit = engine.components.transformer.config
+    if model.config.joint_attention_dim != dit.joint_attention_dim or (
+        model.config.num_attention_heads * model.config.attention_head_dim
+        != dit.num_attention_heads * dit.attention_head_dim
+    ):
+        raise IncompatibleWeights("the ControlNet does not match the loaded DiT's dimensions")
+    c = engine.components
+    engine.controlnet = model.to(device=c.device, dtype=c.dtype).eval()
+    engine.controlnet_name = name
+
+
+def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_progress=None, preview_every=0,
+             **fields) -> GenerateResult:
+    spec = engine.spec
+    controls = [_coerce_control(c) for c in (controls or ())]
+    images = list(images or ())
+    if spec.is_edit and len(images) + len(controls) > spec.max_input_images:  # before decoding anything
+        raise InvalidRequest(f"'{spec.name}' takes at most {spec.max_input_images} input image(s); got "
+                             f"{len(images) + len(controls)}", code="too_many_images")
+    if len(images) + len(controls) > 8:
+        raise InvalidRequest("too many input images", code="too_many_images")
+    loaded = [I.load_image(x, what=f"image {i + 1}") for i, x in enumerate(images)]
+    lmask = I.load_image(mask, what="mask", mask=True) if mask is not None else None
+    lctrl = [I.load_image(c.image, what=f"control image {i + 1}") for i, c in enumerate(controls)]
+    refs = {
+        "images": tuple(x.ref for x in loaded),
+        "mask": lmask.ref if lmask else None,
+        "controls": tuple(ControlRef(x.ref, c.mode, c.scale, c.start, c.end) for x, c in zip(lctrl, controls)),
+    }
+    if request is None:
+        request = EditRequest(**fields, **refs)
+    else:
+        if fields:
+            raise InvalidRequest("pass either a request or keyword fields, not both")
+        if not isinstance(request, EditRequest):
+            data = request.to_dict() if isinstance(request, GenerateRequest) else dict(request)
+            request = EditRequest.from_dict(data)
+        request = _bind_inputs(request, refs)
+    stack = engine._load_loras(request)
+    req = engine._apply_lora_recipes(request, stack).resolve(spec)
+    engine._set_lora_stack(stack)
+    notes: list[str] = []
+    _apply_dit_config(engine, notes)
+    if req.controls and not spec.is_edit and getattr(engine, "controlnet", None) is None:
+        raise InvalidRequest("control images need a ControlNet: load one (--controlnet PATH / "
+                             "engine.load_controlnet(...)), or use qwen-image-edit-2509 which takes them as images",
+                             code="missing_controlnet")
+    mask_img = lmask.image if lmask else None
+    if mask_img is not None and mask_img.size != loaded[0].image.size:
+        msg = f"mask is {mask_img.size[0]}x{mask_img.size[1]}, image is " \
+              f"{loaded[0].image.size[0]}x{loaded[0].image.size[1]}: the mask was resized to the image"
+        warnings.warn(msg, stacklevel=2)
+        notes.append(msg)
+        mask_img = mask_img.resize(loaded[0].image.size, resample=_bilinear())
+    return _run(engine, req, [x.image for x in loaded], mask_img, [x.image for x in lctrl], notes,
+                on_progress, preview_every)
+
+
+def _bind_inputs(request: EditRequest, refs: dict) -> EditRequest:
+    """A stored request names its inputs by hash: the given files must be those (or the request names none)."""
+    from dataclasses import replace
+
+    out = {}
+    for key in ("images", "mask"):
+        stored, given = getattr(request, key), refs[key]
+        if stored and stored != given:
+            raise InvalidRequest(f"the given {key} are not the ones this request was made with (content hashes "
+                                 "differ)", code="image_mismatch")
+        out[key] = given
+    stored_c = request.controls
+    if stored_c:
+        if tuple(c.image for c in stored_c) != tuple(c.image for c in refs["controls"]):
+            raise InvalidRequest("the given control images are not the ones this request was made with",
+                                 code="image_mismatch")
+        out["controls"] = stored_c
+    else:
+        out["controls"] = refs["controls"]
+    return replace(request, **out)
+
+
+def _bilinear():
+    from PIL import Image
+
+    return Image.BILINEAR
+
+
+def _apply_dit_config(engine, notes: list) -> None:
+    """Edit-2511 needs ``zero_cond_t``; a DiT loaded from a file without that config gets it switched on (it is a
+    forward-time flag, no weights), and the metadata says so."""
+    want = engine.spec.dit_config.get("zero_cond_t")
+    model = engine.components.transformer
+    if want is None or bool(getattr(model, "zero_cond_t", False)) == bool(want):
+        return
+    model.zero_cond_t = bool(want)
+    for block in getattr(model, "transformer_blocks", ()):
+        block.zero_cond_t = bool(want)
+    model.register_to_config(zero_cond_t=bool(want))
+    notes.append(f"zero_cond_t set to {bool(want)} on the DiT for {engine.spec.name}")
+
+
+class _Inputs:
+    """The inputs placed on the model's grid (working size ``W`` x ``H``; output ``ow`` x ``oh``)."""
+
+    def __init__(self, req: EditRequest, imgs: list, mask, ctrls: list):
+        self.W, self.H = req.width, req.height
+        self.keep = bool(req.keep_size)
+        anchor = imgs[0] if imgs else ctrls[0]
+        self.anchor = anchor
+        self.ow, self.oh = anchor.size if self.keep else (self.W, self.H)
+
+    def fit(self, img):
+        """To the working grid: pixel-aligned (resize only to the anchor's size if needed, then pad), else resize."""
+        if self.keep:
+            if img.size != self.anchor.size:
+                img = I.resize(img, *self.anchor.size)
+            return I.pad_to(img, self.W, self.H)
+        return I.resize(img, self.W, self.H)
+
+
+def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes: list, on_progress,
+         preview_every: int) -> GenerateResult:
+    import torch
+
+    from ..sampling import build_sigmas
+
+    spec, c = engine.spec, engine.components
+    t0 = time.perf_counter()
+    timings: dict[str, Any] = {}
+    geo = _Inputs(req, imgs, mask_img, ctrl_imgs)
+    W, H = geo.W, geo.H
+    lh, lw = L.latent_hw(W, H)
+    batch = req.batch
+    diffusers_noise = req.noise == "diffusers"
+    gens = [torch.Generator().manual_seed(s) for s in req.image_seeds()] if diffusers_noise else None
+    use_init = bool(imgs) and (not spec.is_edit or mask_img is not None or req.strength < 1.0)
+
+    with torch.inference_mode():
+        # -- 1. prompts (edit variants: the text encoder sees the images) ------------------------------------------
+        use_cfg = req.cfg > 1.0
+        with engine._stages.on_device("text_encoder"):
+            if spec.is_edit:
+                vl_imgs = imgs + ctrl_imgs
+                vl_refs = tuple(r.sha256 for r in req.images) + tuple(x.image.sha256 for x in req.controls)
+                cond_imgs = [_condition_image(spec, im) for im in vl_imgs]
+                keys = tuple(zip(vl_refs, (im.size for im in cond_imgs)))
+                enc = _vision_prompts(engine)
+                cond = enc.encode(req.full_prompt(), cond_imgs, keys)
+                uncond = enc.encode(req.negative_prompt, cond_imgs, keys) if use_cfg else None
+            else:
+                cond = engine.prompts.encode(req.full_prompt())
+                uncond = engine.prompts.encode(req.negative_prompt) if use_cfg else None
+        timings["text_encode"] = time.perf_counter() - t0
+
+        # -- 2. VAE encodes, in the reference's generator order: controls, init image, then noise ------------------
+        t_enc = time.perf_counter()
+        with engine._stages.on_device("vae"):
+            engine._stages.set_vae_tiling(W * H)
+            control_lat = [_encode(c.vae, geo.fit(im), gens, batch, sample=diffusers_noise) for im in ctrl_imgs] \
+                if not spec.is_edit else []
+            init_lat = _encode(c.vae, geo.fit(imgs[0]), gens, batch, sample=diffusers_noise) if use_init else None
+            ref_tokens, ref_shapes = None, ()
+            if spec.is_edit:
+                refs, shapes = [], []
+                for k, im in enumerate(imgs + ctrl_imgs):
+                    if k == 0 and init_lat is not None:
+                        lat = init_lat  # edit-inpaint: the reference appends the (sampled) init latents
+                    else:
+                        px = geo.fit(im) if (k == 0 and geo.keep) else I.resize(
+                            im, *I.area_dimensions(spec.edit_area, im.size[0] / im.size[1]))
+                        lat = _encode(c.vae, px, None, batch, sample=False)
+                    refs.append(L.pack(lat))
+                    shapes.append((1, lat.shape[-2] // 2, lat.shape[-1] // 2))
+                ref_tokens, ref_shapes = torch.cat(refs, dim=1), tuple(shapes)
+        timings["vae_encode"] = time.perf_counter() - t_enc
+
+        # -- 3. noise, schedule, start point ---------------------------------------------------------------------
+        if diffusers_noise:
+            noise = torch.cat([torch.randn((1, L.LATENT_CHANNELS, lh, lw), generator=g) for g in gens])
+        else:
+            noise = L.make_noise(seeds=req.image_seeds(), convention="comfy", width=W, height=H, skip=req.noise_skip)
+        noise = L.pack(noise)
+        sigmas = build_sigmas(req.scheduler, req.steps, image_seq_len=noise.shape[1],
+                              scheduler_config=c.scheduler_config, shift=req.shift)
+        x = noise
+        init_packed = None
+        if init_lat is not None:
+            n = len(sigmas) - 1
+            t_start = int(max(n - min(n * req.strength, n), 0))  # the reference's get_timesteps
+            sigmas = sigmas[t_start:]
+            if len(sigmas) < 2:
+                raise InvalidRequest(f"strength {req.strength} leaves no steps out of {n}; raise strength or steps",
+                                     code="invalid_strength")
+            init_packed = L.pack(init_lat)
+            s0 = sigmas[0].to(torch.float32)
+            x = s0 * noise + (1.0 - s0) * init_packed
+        x = x.to(c.device)
+
+        hooks = _hooks(engine, req, geo, mask_img, init_packed, control_lat, ref_tokens, ref_shapes, lh, lw)
+        x = engine._sample(req, cond, uncond, x, sigmas, lh, lw, on_progress, preview_every, t0, timings, hooks)
+
+        # -- 4. decode, crop back to the input grid, composite outside the mask -----------------------------------
+        t_dec = time.perf_counter()
+        with engine._stages.on_device("vae"):
+            engine._stages.set_vae_tiling(W * H)
+            pixels = L.decode(c.vae, L.unpack(x, lh, lw).to(c.device))
+        out_imgs = [im.crop((0, 0, geo.ow, geo.oh)) if im.size != (geo.ow, geo.oh) else im
+                    for im in L.to_pil(pixels)]
+        if mask_img is not None:
+            base = imgs[0] if geo.keep else I.resize(imgs[0], W, H)
+            m = mask_img if geo.keep else I.resize(mask_img, W, H)
+            out_imgs = [composite(base, im, m, req.feather) for im in out_imgs]
+        timings["vae_decode"] = time.perf_counter() - t_dec
+    timings["total"] = time.perf_counter() - t0
+
+    mode = _mode(spec, req, mask_img)
+    out = []
+    for i, img in enumerate(out_imgs):
+        meta = engine._metadata(req, i, timings)
+        meta["mode"] = mode
+        meta["size"] = {"width": geo.ow, "height": geo.oh, "model_width": W, "model_height": H}
+        if req.controls and not spec.is_edit:
+            meta["controlnet"] = getattr(engine, "controlnet_name", None)
+        if notes:
+            meta["notes"] = list(notes)
+        out.append(GeneratedImage(img, meta))
+    return GenerateResult(images=out, request=req, timings=timings, latents=L.unpack(x, lh, lw))
+
+
+def _mode(spec, req, mask_img) -> str:
+    if spec.is_edit:
+        return "edit-inpaint" if mask_img is not None else "edit"
+    if mask_img is not None:
+        return "inpaint"
+    if req.images:
+        return "img2img+controlnet" if req.controls else "img2img"
+    return "controlnet"
+
+
+def _vision_prompts(engine):
+    enc = getattr(engine, "_vision_prompts", None)
+    if enc is None:
+        from ..vision_text import VisionPromptEncoder, build_image_processor
+
+        c, spec = engine.components, engine.spec
+        enc = VisionPromptEncoder(
+            c.tokenizer, c.text_encoder, build_image_processor(c.text_encoder, c.identity.get("folder")),
+            template=spec.template, image_template=spec.image_template, drop_tokens=spec.drop_tokens,
+            max_tokens=spec.max_prompt_tokens,
+        )
+        engine._vision_prompts = enc
+    return enc
+
+
+def _condition_image(spec, img):
+    """What the VL path sees: ~``condition_area`` pixels (2509/2511), or the VAE-sized image (Edit)."""
+    area = spec.condition_area or spec.edit_area
+    return I.resize(img, *I.area_dimensions(area, img.size[0] / img.size[1]))
+
+
+def _encode(vae, img, gens, batch: int, *, sample: bool):
+    """PIL RGB -> normalised latents [B, 16, h, w]. ``sample``: draw the posterior sample from each image's
+    generator (the reference's ``retrieve_latents`` in sample mode); else its mode (mean)."""
+    import torch
+
+    px = I.to_tensor(img).unsqueeze(2).to(device=vae.device, dtype=vae.dtype)
+    dist = vae.encode(px).latent_dist
+    mean, std = dist.mean.float(), dist.std.float()
+    if sample:
+        eps = torch.cat([torch.randn(mean.shape, generator=g) for g in gens]).to(mean.device)
+        lat = mean + std * eps
+    else:
+        lat = mean.expand(batch, -1, -1, -1, -1)
+    cfg = vae.config
+    lmean = torch.tensor(cfg.latents_mean, device=lat.device).view(1, cfg.z_dim, 1, 1, 1)
+    lstd = torch.tensor(cfg.latents_std, device=lat.device).view(1, cfg.z_dim, 1, 1, 1)
+    return ((lat - lmean) / lstd)[:, :, 0].cpu()
+
+
+def _hooks(engine, req, geo: _Inputs, mask_img, init_packed, control_lat, ref_tokens, ref_shapes, lh, lw):
+    import torch
+
+    from ..engine import DenoiseHooks
+
+    device = engine.components.device
+    blend = None
+    if mask_img is not None:
+        m = I.mask_to_array(geo.fit(mask_img.convert("L")))
+        mt = (torch.from_numpy(m) >= 0.5).float()[None, None]  # binarised, as the reference mask processor
+        mt = torch.nn.functional.interpolate(mt, size=(lh, lw))  # nearest, as the reference
+        mpacked = L.pack(mt.repeat(1, L.LATENT_CHANNELS, 1, 1)).to(device)
+        known = init_packed.to(device)
+
+        def blend(denoised, i):
+            return (1 - mpacked) * known + mpacked * denoised
+
+    control = None
+    if control_lat:
+        net = engine.controlnet
+        dtype = engine.components.dtype
+        conds = [L.pack(cl).to(device=device, dtype=dtype) for cl in control_lat]
+        specs = list(req.controls)
+
+        def control(xin, t, embeds, img_shapes, i, total):
+            out = None
+            for cond, cr in zip(conds, specs):
+                keep = 1.0 - float(i / total < cr.start or (i + 1) / total > cr.end)
+                scale = float(cr.scale) * keep
+                if scale == 0.0:
+                    continue
+                res = net(hidden_states=xin, controlnet_cond=cond, conditioning_scale=scale, timestep=t,
+                          encoder_hidden_states=embeds, encoder_hidden_states_mask=None, img_shapes=img_shapes,
+                          return_dict=False)
+                out = list(res) if out is None else [a + b for a, b in zip(out, res)]
+            return out
+
+    return DenoiseHooks(ref_tokens=ref_tokens, ref_shapes=ref_shapes, control=control, blend=blend)
+
+
+def composite(base, generated, mask, feather: int):
+    """Pixels where the mask is < 0.5 come from ``base`` exactly; inside it the generated image, blended in over
+    ``feather`` pixels from the mask's edge (the seam lies inside the mask, never outside)."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    b = (np.asarray(mask.convert("L"), dtype=np.float32) >= 127.5).astype(np.float32)
+    alpha = b
+    if feather > 0 and b.any():
+        blurred = np.asarray(Image.fromarray((b * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(feather)),
+                             dtype=np.float32) / 255.0
+        alpha = b * np.clip(2.0 * blurred - 1.0, 0.0, 1.0) ** 0.5
+    src = np.asarray(base.convert("RGB"), dtype=np.float32)
+    gen = np.asarray(generated.convert("RGB"), dtype=np.float32)
+    outv = src * (1.0 - alpha[..., None]) + gen * alpha[..., None]
+    outv = np.where(alpha[..., None] == 0.0, src, outv)  # exact copy outside the mask
+    return Image.fromarray(np.clip(outv.round(), 0, 255).astype(np.uint8), "RGB")
