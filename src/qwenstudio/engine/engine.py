@@ -60,6 +60,9 @@ class Engine:
         self.registry = None  # set by Engine.load: where LoRA names are looked up
         self.allow_paths = True  # False in the server: LoRAs by registry name only
         self._lora_manager = None
+        self.controlnet = None  # attached by load_controlnet (editing/ControlNet mode)
+        self.controlnet_name = None
+        self._vision_prompts = None  # built on the first edit: the VL prompt encoder (editing/run.py)
         self.prompts = PromptEncoder(
             components.tokenizer,
             components.text_encoder,
@@ -143,15 +146,24 @@ class Engine:
             request = GenerateRequest(**fields)
         elif fields:
             raise InvalidRequest("pass either a GenerateRequest or keyword fields, not both")
-        stack = self._load_loras(request)
-        req = self._apply_lora_recipes(request, stack).resolve(self.spec)
-        self._set_lora_stack(stack)
+        req = self.prepare(request)
+        self._set_lora_stack(self._load_loras(req))
         try:
             return self._generate(req, on_progress, preview_every)
         except GenerationFailed as e:
             if not (retry_fp32 and e.code == "non_finite" and self.components.dtype != _fp32()):
                 raise
             return self._retry_in_fp32(req, on_progress, preview_every)
+
+    def prepare(self, request: GenerateRequest) -> GenerateRequest:
+        """Everything checkable before any GPU work, so a server can refuse a job before queueing it: LoRA names
+        resolve, a Lightning LoRA's recipe fills the defaults the user left open, every bound is checked, and the
+        prompts fit the model's token limit. Cheap: reads LoRA file headers and runs the tokenizer only."""
+        req = self._apply_lora_recipes(request).resolve(self.spec)
+        self.prompts.check(req.full_prompt())
+        if req.cfg > 1.0:
+            self.prompts.check(req.negative_prompt)
+        return req
 
     def edit(
         self,
@@ -270,19 +282,22 @@ class Engine:
             return path
         raise ModelNotFound(f"no LoRA named '{name}' (put it in <models>/loras/ or give its path)", code="lora_not_found")
 
-    def _apply_lora_recipes(self, request: GenerateRequest, stack: list) -> GenerateRequest:
+    def _apply_lora_recipes(self, request: GenerateRequest) -> GenerateRequest:
         """A Lightning LoRA switches the defaults to its recipe (steps, CFG 1, shift 3) unless the user set them."""
         from dataclasses import replace
 
+        from .loading import read_safetensors_header
         from .lora import apply_recipe, detect_lightning
 
-        for lora_file, weight in stack:
-            recipe = detect_lightning(lora_file.path, lora_file.metadata) if weight else None
+        for ref in request.loras:
+            path = self._lora_path(ref.name)
+            metadata = read_safetensors_header(path).get("__metadata__") or {}
+            recipe = detect_lightning(path, metadata) if ref.weight else None
             if recipe is not None:
                 fields = request.to_dict()
-                user_set = {k for k in ("steps", "cfg", "shift", "scheduler") if fields.get(k) is not None}
-                changed = apply_recipe({k: fields[k] for k in ("steps", "cfg", "shift", "scheduler")}, recipe, user_set)
-                request = replace(request, **changed)
+                keys = ("steps", "cfg", "shift", "scheduler")
+                user_set = {k for k in keys if fields.get(k) is not None}
+                request = replace(request, **apply_recipe({k: fields[k] for k in keys}, recipe, user_set))
         return request
 
     def _set_lora_stack(self, stack: list) -> None:

@@ -41,8 +41,27 @@ class ModelRegistry:
     def __init__(self, dirs: Iterable[Path]):
         self.dirs = [Path(d).expanduser() for d in dirs]
         self.problems: list[tuple[Path, str]] = []  # files that were skipped, with the reason (pickle, corrupt ...)
+        self._cached: tuple[tuple, list[ModelEntry]] | None = None
+
+    def _signature(self) -> tuple:
+        """Folder mtimes down to the files' parents: adding, removing or renaming a file changes it."""
+        sig = []
+        for root in self.dirs:
+            for p in (root, *root.glob("*"), *root.glob("*/*")):
+                if p.is_dir():
+                    sig.append((str(p), p.stat().st_mtime_ns))
+        return tuple(sig)
 
     def scan(self) -> list[ModelEntry]:
+        """Every usable entry; re-read only when a models folder changed (LoRA lookups happen per request)."""
+        sig = self._signature()
+        if self._cached is not None and self._cached[0] == sig:
+            return self._cached[1]
+        entries = self._scan()
+        self._cached = (sig, entries)
+        return entries
+
+    def _scan(self) -> list[ModelEntry]:
         from .formats.detect import detect
 
         entries: dict[tuple[str, str], ModelEntry] = {}
@@ -71,9 +90,10 @@ class ModelRegistry:
         found = [e for e in self.scan() if e.kind in kinds and e.name == name]
         if not found:
             known = sorted({e.name for e in self.scan() if e.kind in kinds})
-            where = ", ".join(str(d) for d in self.dirs) or "no models dirs configured"
+            # No directory names in the message: it may reach remote clients (they are in ``detail``).
             raise ModelNotFound(
-                f"no {'/'.join(kinds)} named '{name}' in {where}; known: {', '.join(known) or 'none'}"
+                f"no {'/'.join(kinds)} named '{name}' in the models dirs; known: {', '.join(known) or 'none'}",
+                detail={"dirs": [str(d) for d in self.dirs]},
             )
         return found[0]
 
@@ -84,9 +104,9 @@ class ModelRegistry:
         candidates = [e for e in self.scan() if e.kind == kind]
         if not candidates:
             raise ModelNotFound(
-                f"no {kind.replace('_', ' ')} file found in the models dirs "
-                f"({', '.join(str(d) for d in self.dirs) or 'none configured'}); put one in "
-                f"<models>/{'text_encoders' if kind == 'text_encoder' else kind}/"
+                f"no {kind.replace('_', ' ')} file found in the models dirs (see `qwenstudio models`); put one in "
+                f"<models>/{'text_encoders' if kind == 'text_encoder' else kind}/",
+                detail={"dirs": [str(d) for d in self.dirs]},
             )
         prefs = _PREFERRED.get(kind, ())
         return sorted(candidates, key=lambda e: (not e.name.lower().startswith(prefs), e.quant is not None, e.name))[0]

@@ -8,6 +8,7 @@ model — is never computed. Prompts over the model's token limit are refused ra
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,11 +30,15 @@ class PromptEncoder:
         self.max_tokens = max_tokens
         self.cache_size = cache_size
         self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
+        # Fast tokenizers are not safe to call from two threads at once ("Already borrowed"): the server checks
+        # prompts on request threads while the worker encodes.
+        self.tokenizer_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
     def count_tokens(self, prompt: str) -> int:
-        ids = self.tokenizer(self.template.format(prompt)).input_ids
+        with self.tokenizer_lock:
+            ids = self.tokenizer(self.template.format(prompt)).input_ids
         return len(ids) - self.drop_tokens
 
     def check(self, prompt: str) -> None:
@@ -62,7 +67,8 @@ class PromptEncoder:
 
         self.check(prompt)
         device = self.text_encoder.device
-        tokens = self.tokenizer([self.template.format(prompt)], return_tensors="pt")
+        with self.tokenizer_lock:
+            tokens = self.tokenizer([self.template.format(prompt)], return_tensors="pt")
         with torch.inference_mode():
             out = self.text_encoder.model.language_model(
                 input_ids=tokens.input_ids.to(device),

@@ -50,8 +50,12 @@ class VisionPromptEncoder:
     """Encodes (prompt, images) pairs; a small LRU keyed by the prompt and the images' content hashes."""
 
     def __init__(self, tokenizer, text_encoder, image_processor, *, template: str, image_template: str,
-                 drop_tokens: int, max_tokens: int, cache_size: int = 16):
+                 drop_tokens: int, max_tokens: int, cache_size: int = 16, tokenizer_lock=None):
+        import threading
+
         self.tokenizer = tokenizer
+        # shared with the engine's PromptEncoder: one tokenizer must not be called from two threads at once
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.text_encoder = text_encoder
         self.image_processor = image_processor
         self.template = template
@@ -70,7 +74,8 @@ class VisionPromptEncoder:
         return self.template.format(prefix + prompt)
 
     def check(self, prompt: str) -> None:
-        n = len(self.tokenizer(prompt).input_ids)
+        with self.tokenizer_lock:
+            n = len(self.tokenizer(prompt).input_ids)
         if n > self.max_tokens:
             raise InvalidRequest(f"prompt is {n} tokens; the model's limit is {self.max_tokens} — shorten it",
                                  code="prompt_too_long")
@@ -105,7 +110,8 @@ class VisionPromptEncoder:
         expanded = parts[0]
         for i, part in enumerate(parts[1:]):
             expanded += IMAGE_PAD * int(grid[i].prod().item() // merge) + part
-        tokens = self.tokenizer([expanded], return_tensors="pt")
+        with self.tokenizer_lock:
+            tokens = self.tokenizer([expanded], return_tensors="pt")
         with torch.inference_mode():
             out = te.model(
                 input_ids=tokens.input_ids.to(device),

@@ -43,6 +43,9 @@ class EngineClient(Protocol):
     def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0) -> Any:
         """Run ``request`` (a resolved GenerateRequest) on ``model``; block; return the GenerateResult."""
 
+    def prepare(self, model: str, request: Any) -> Any:
+        """Validate and resolve a request before queueing; raise the typed error a client should see."""
+
     def cancel(self, job_id: str) -> None:
         """Ask the running job to stop at its next step (no-op when it is not running)."""
 
@@ -115,6 +118,17 @@ class InProcessEngineClient:
             with self._lock:
                 self._cancelled.discard(job_id)
                 self._running = None
+
+    def prepare(self, model: str, request: Any) -> Any:
+        """Validate and resolve a request before it is queued (bounds, LoRA names and recipes, token limits).
+        Until the model is loaded only the spec-level checks can run; the rest happen when the job starts."""
+        if model != self._model_id:
+            raise ModelNotFound(f"model '{model}' is not served here; available: {self._model_id}")
+        if self._engine is not None:
+            return self._engine.prepare(request)
+        from ..engine.specs import get_spec
+
+        return request.resolve(get_spec(self._variant))
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

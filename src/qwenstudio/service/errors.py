@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..errors import QwenStudioError
 
 
@@ -62,3 +64,12 @@ class OutputWriteFailed(QwenStudioError):
 class UnsafeBind(QwenStudioError):
     code = "unsafe_bind"
     status = 500
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^\s'\":,;/\\]+[/\\])+([^\s'\":,;]*)")
+
+
+def redact_paths(message: str) -> str:
+    """Keep only the file name of any absolute path in a message: errors from loaders name their files, and the
+    server's directory layout is nobody's business (SECURITY 6)."""
+    return _PATH.sub(lambda m: m.group(1) or "<path>", message)

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import Cancelled, QwenStudioError
 from .config import ServiceConfig
 from .engine_client import EngineClient, StepEvent
-from .errors import Conflict, NotFound, OutputWriteFailed, QueueFull, ServiceUnavailable
+from .errors import Conflict, NotFound, OutputWriteFailed, QueueFull, ServiceUnavailable, redact_paths
 from .metrics import Metrics
 from .store import Store
 
@@ -244,7 +244,7 @@ class JobManager:
                 self._finish_cancelled(job, reason, started)
             return
         except QwenStudioError as e:
-            self._finish_failed(job, e.code, e.message, started)
+            self._finish_failed(job, e.code, redact_paths(e.message), started)
             return
         except Exception:
             log.exception("job %s failed", job.id)

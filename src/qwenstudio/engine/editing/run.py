@@ -120,9 +120,8 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
             data = request.to_dict() if isinstance(request, GenerateRequest) else dict(request)
             request = EditRequest.from_dict(data)
         request = _bind_inputs(request, refs)
-    stack = engine._load_loras(request)
-    req = engine._apply_lora_recipes(request, stack).resolve(spec)
-    engine._set_lora_stack(stack)
+    req = engine.prepare(request)
+    engine._set_lora_stack(engine._load_loras(req))
     notes: list[str] = []
     _apply_dit_config(engine, notes)
     if req.controls and not spec.is_edit and getattr(engine, "controlnet", None) is None:
@@ -329,7 +328,7 @@ def _vision_prompts(engine):
         enc = VisionPromptEncoder(
             c.tokenizer, c.text_encoder, build_image_processor(c.text_encoder, c.identity.get("folder")),
             template=spec.template, image_template=spec.image_template, drop_tokens=spec.drop_tokens,
-            max_tokens=spec.max_prompt_tokens,
+            max_tokens=spec.max_prompt_tokens, tokenizer_lock=engine.prompts.tokenizer_lock,
         )
         engine._vision_prompts = enc
     return enc

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ...errors import InvalidRequest, QwenStudioError
-from ..errors import QueueFull
+from ..errors import QueueFull, redact_paths
 
 log = logging.getLogger("qwenstudio.service")
 
@@ -24,6 +24,7 @@ def is_openai_path(path: str) -> bool:
 
 
 def error_body(path: str, status: int, code: str, message: str, param: str | None = None) -> dict:
+    message = redact_paths(message)
     if is_openai_path(path):
         kind = ("authentication_error" if status == 401 else "rate_limit_error" if status == 429
                 else "server_error" if status >= 500 else "invalid_request_error")

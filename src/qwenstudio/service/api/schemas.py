@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import Request
 
 from ...engine.requests import GenerateRequest
-from ...engine.specs import get_spec
 from ...errors import InvalidRequest, ModelNotFound
 from ..engine_client import EngineClient
 from ..errors import UnsupportedMediaType
@@ -62,8 +61,7 @@ def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any
     if not isinstance(model, str) or model not in served:
         raise ModelNotFound(f"model '{model}' is not served here; available: {', '.join(served)}")
     check_field_types(data)
-    request = GenerateRequest.from_dict(data)
-    return model, request.resolve(get_spec(served[model].variant))
+    return model, client.prepare(model, GenerateRequest.from_dict(data))
 
 
 def parse_job_body(client: EngineClient, body: Any, default_preview_every: int) -> tuple[str, GenerateRequest, int]:

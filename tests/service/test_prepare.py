@@ -1,0 +1,55 @@
+"""Checks that need the model run before queueing: token limits, LoRA names, Lightning recipes (SECURITY 2, 11)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def lora_engine(tiny_folder, tmp_path):
+    """An engine whose registry has a Lightning LoRA, served with registry names only."""
+    from qwenstudio import Engine
+    from qwenstudio.config import Settings
+    from qwenstudio.testing.loras import write_lora
+
+    home = tmp_path / "engine-home"
+    engine = Engine.load(tiny_folder, variant="tiny", device="cpu", settings=Settings(home=home))
+    write_lora(home / "models" / "loras" / "Qwen-Image-Lightning-4steps-V1.0.safetensors",
+               engine.components.transformer, "comfy", seed=1)
+    engine.allow_paths = False
+    return engine
+
+
+def test_prompt_over_token_limit_is_refused_before_queueing(serve):
+    with serve() as s, s.client() as http:
+        r = http.post("/api/jobs", json={"prompt": "word " * 1100, "steps": 1})
+        assert r.status_code == 422
+        assert r.json()["error"]["code"] == "prompt_too_long" and "1024" in r.json()["error"]["message"]
+        assert http.get("/api/jobs").json()["total"] == 0
+        r = http.post("/v1/images/generations", json={"prompt": "word " * 1100, "size": "64x64"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+
+
+def test_lightning_lora_recipe_applies_through_the_api(lora_engine, tmp_path):
+    import httpx
+    from svc_helpers import run_app
+
+    from qwenstudio.config import Settings
+    from qwenstudio.service.app import create_app
+    from qwenstudio.service.config import ServiceConfig
+    from qwenstudio.service.engine_client import InProcessEngineClient
+
+    client = InProcessEngineClient.from_engine(lora_engine)
+    client.wait_ready(30)
+    app = create_app(Settings(home=tmp_path / "svc"), client, ServiceConfig.with_keys(()))
+    try:
+        with run_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+            body = {"prompt": "x", "seed": 1, "loras": [{"name": "Qwen-Image-Lightning-4steps-V1.0", "weight": 1}]}
+            job = http.post("/api/jobs?wait=true", json=body).json()
+            assert job["status"] == "done", job
+            assert (job["request"]["steps"], job["request"]["cfg"], job["request"]["shift"]) == (4, 1.0, 3.0)
+            r = http.post("/api/jobs", json={"prompt": "x", "loras": [{"name": "/etc/passwd", "weight": 1}]})
+            assert r.status_code == 404 and r.json()["error"]["code"] in ("model_not_found", "lora_not_found")
+            assert str(tmp_path) not in r.text  # server paths never reach the client
+    finally:
+        client.close()
