@@ -40,8 +40,10 @@ EventCallback = Callable[[StepEvent], Any]  # return False to cancel
 
 
 class EngineClient(Protocol):
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0) -> Any:
-        """Run ``request`` (a resolved GenerateRequest) on ``model``; block; return the GenerateResult."""
+    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
+               inputs: dict | None = None) -> Any:
+        """Run ``request`` (a resolved GenerateRequest; with ``inputs``, an EditRequest and its image files) on
+        ``model``; block; return the GenerateResult."""
 
     def prepare(self, model: str, request: Any) -> Any:
         """Validate and resolve a request before queueing; raise the typed error a client should see."""
@@ -93,12 +95,14 @@ class InProcessEngineClient:
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(self._model_id, self._variant, self.ready, self._description)]
 
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0) -> Any:
+    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
+               inputs: dict | None = None) -> Any:
         if model != self._model_id:
             raise ModelNotFound(f"model '{model}' is not served here; available: {self._model_id}")
-        return self._pool.submit(self._run, job_id, request, on_event, preview_every).result()
+        return self._pool.submit(self._run, job_id, request, on_event, preview_every, inputs).result()
 
-    def _run(self, job_id: str, request: Any, on_event: EventCallback, preview_every: int) -> Any:
+    def _run(self, job_id: str, request: Any, on_event: EventCallback, preview_every: int,
+             inputs: dict | None = None) -> Any:
         if self._engine is None:
             if isinstance(self._load_error, QwenStudioError):
                 raise self._load_error
@@ -113,6 +117,10 @@ class InProcessEngineClient:
         with self._lock:
             self._running = job_id
         try:
+            if inputs is not None:
+                return self._engine.edit(request, images=inputs["images"], mask=inputs["mask"],
+                                         controls=inputs["controls"], on_progress=on_progress,
+                                         preview_every=preview_every)
             return self._engine.generate(request, on_progress=on_progress, preview_every=preview_every)
         finally:
             with self._lock:

@@ -40,8 +40,9 @@ class Job:
 
     id: str
     model: str
-    request: Any  # resolved GenerateRequest
+    request: Any  # resolved GenerateRequest (an EditRequest for edits)
     preview_every: int
+    inputs: dict | None = None  # edits: upload paths for Engine.edit (images, mask, controls)
     events: list[dict] = field(default_factory=list)
     cancel_reason: str | None = None  # user | disconnect | shutdown | deadline
     finished: threading.Event = field(default_factory=threading.Event)
@@ -123,9 +124,9 @@ class JobManager:
         return 1 if self._running is not None else 0
 
     # ---- API -----------------------------------------------------------------------------------------------
-    def submit(self, model: str, request: Any, preview_every: int = 0) -> Job:
+    def submit(self, model: str, request: Any, preview_every: int = 0, inputs: dict | None = None) -> Job:
         """Queue a validated, resolved request; raise QueueFull (429) at the bound."""
-        job = Job(uuid.uuid4().hex, model, request, preview_every)
+        job = Job(uuid.uuid4().hex, model, request, preview_every, inputs)
         with self._cond:
             if not self.accepting:
                 raise ServiceUnavailable("the server is shutting down; retry on another instance")
@@ -232,7 +233,7 @@ class JobManager:
             return True
 
         try:
-            result = self.client.submit(job.id, job.model, job.request, on_event, job.preview_every)
+            result = self.client.submit(job.id, job.model, job.request, on_event, job.preview_every, job.inputs)
             outputs = self._write_outputs(result)
         except Cancelled:
             reason = job.cancel_reason or "user"

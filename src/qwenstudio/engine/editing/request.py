@@ -78,10 +78,12 @@ class EditRequest(GenerateRequest):
         width, height = self.width, self.height
         anchor = self.anchor
         if keep:
-            if width is not None or height is not None:
+            grid = ceil_to(anchor.width), ceil_to(anchor.height)
+            # resolve() is idempotent: an already resolved request carries exactly the grid size
+            if (width is not None or height is not None) and (width, height) != grid:
                 raise InvalidRequest("width/height cannot be set with keep_size (the output is the input's size)",
                                      code="invalid_size")
-            width, height = ceil_to(anchor.width), ceil_to(anchor.height)
+            width, height = grid
         elif width is None or height is None:
             if spec.is_edit:
                 # reference: the output follows the last image (the first when it is the one being inpainted)

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ...errors import InvalidRequest, QwenStudioError
-from ..errors import NotImplementedYet
 from .files import output_bytes
 from .jobs import _cancel_quietly, wait_finished
 from .schemas import json_body, resolve_request
+from .uploads import read_form, save_upload
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
@@ -54,8 +54,60 @@ def to_request_fields(body: Any) -> tuple[str | None, dict[str, Any], str]:
 async def generations(request: Request):
     state = request.app.state
     model, fields, fmt = to_request_fields(await json_body(request))
-    model, req = resolve_request(state.client, model, fields)
+    model, req, _ = await asyncio.to_thread(resolve_request, state.client, model, fields)
     job = await asyncio.to_thread(state.jobs.submit, model, req, 0)
+    return await _respond(request, job, fmt)
+
+
+EDIT_EXTRA = {"strength": float, "keep_size": bool, "feather": int}
+
+
+@router.post("/images/edits", summary="OpenAI-compatible image edit (multipart: image or image[], optional mask)")
+async def edits(request: Request):
+    state = request.app.state
+    form = await read_form(request)
+    images = form.getlist("image[]") + form.getlist("image")
+    if not images:
+        raise InvalidRequest("give at least one 'image' (or 'image[]') file", code="missing_image", )
+    body: dict[str, Any] = {}
+    for key, value in form.multi_items():
+        if key in ("image", "image[]", "mask"):
+            continue
+        if not isinstance(value, str):
+            raise InvalidRequest(f"'{key}' must be a text field", code="invalid_multipart")
+        body[key] = _form_value(key, value)
+    model, fields, fmt = to_request_fields({k: v for k, v in body.items() if k not in EDIT_EXTRA})
+    fields.update({k: v for k, v in body.items() if k in EDIT_EXTRA})
+    fields["images"] = [(await save_upload(state, part, "image"))["id"] for part in images]
+    mask = form.get("mask")
+    if mask is not None:
+        fields["mask"] = (await save_upload(state, mask, "mask"))["id"]
+    model, req, inputs = await asyncio.to_thread(resolve_request, state.client, model, fields, state.uploads)
+    job = await asyncio.to_thread(state.jobs.submit, model, req, 0, inputs)
+    return await _respond(request, job, fmt)
+
+
+_FORM_NUMBERS = {"n": int, "steps": int, "seed": int, "feather": int, "cfg": float, "shift": float, "strength": float}
+
+
+def _form_value(key: str, value: str):
+    """Multipart fields arrive as text: convert the numeric/boolean ones, with a typed error when they are not."""
+    if key == "keep_size":
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise InvalidRequest("keep_size must be true or false", code="invalid_type")
+        return value.lower() in ("true", "1")
+    conv = _FORM_NUMBERS.get(key)
+    if conv is None:
+        return value
+    try:
+        return conv(value)
+    except ValueError:
+        raise InvalidRequest(f"'{key}' must be a number, got {value!r}", code="invalid_type") from None
+
+
+async def _respond(request: Request, job, fmt: str) -> dict:
+    """Wait for the job (a client that goes away cancels it) and answer in OpenAI's image-response shape."""
+    state = request.app.state
     if not await wait_finished(job, request):
         await asyncio.to_thread(_cancel_quietly, state, job.id)
         raise QwenStudioError("client disconnected", code="cancelled")
@@ -73,11 +125,6 @@ async def generations(request: Request):
             raw = await output_bytes(state, out["id"])
             data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": None})
     return {"created": int(time.time()), "data": data}
-
-
-@router.post("/images/edits", summary="OpenAI-compatible image edit (not yet available)")
-async def edits(request: Request):
-    raise NotImplementedYet("image editing arrives with the editing engine; only /v1/images/generations works now")
 
 
 @router.get("/models", summary="OpenAI-compatible model list")

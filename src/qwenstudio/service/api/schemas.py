@@ -13,11 +13,13 @@ from ...engine.requests import GenerateRequest
 from ...errors import InvalidRequest, ModelNotFound
 from ..engine_client import EngineClient
 from ..errors import UnsupportedMediaType
+from ..uploads import UploadStore
 
 _STR = {"prompt", "negative_prompt", "aspect", "sampler", "scheduler", "noise", "magic"}
-_INT = {"width", "height", "steps", "seed", "batch", "noise_skip"}
-_FLOAT = {"cfg", "shift"}
-_BOOL = {"cfg_norm"}
+_INT = {"width", "height", "steps", "seed", "batch", "noise_skip", "feather"}
+_FLOAT = {"cfg", "shift", "strength"}
+_BOOL = {"cfg_norm", "keep_size"}
+EDIT_INPUTS = ("images", "mask", "controls")  # upload ids; their presence makes a job an edit
 REQUEST_FIELDS = frozenset(f.name for f in fields(GenerateRequest))
 MAX_PREVIEW_EVERY = 1000
 
@@ -54,18 +56,67 @@ def default_model(client: EngineClient) -> str:
     return client.models()[0].id
 
 
-def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any]) -> tuple[str, GenerateRequest]:
-    """Find the served model (404 model_not_found otherwise) and resolve the request against its spec."""
+def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any],
+                    uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, dict | None]:
+    """Find the served model (404 model_not_found otherwise) and prepare the request against it. A body naming
+    uploaded images (``images``, ``mask``, ``controls``) becomes an edit; the third value is then the inputs the
+    worker hands to ``Engine.edit`` (file paths from the upload store, found by id only)."""
     served = {m.id: m for m in client.models()}
     model = model or default_model(client)
     if not isinstance(model, str) or model not in served:
         raise ModelNotFound(f"model '{model}' is not served here; available: {', '.join(served)}")
+    data = dict(data)
+    edit = any(data.get(k) for k in EDIT_INPUTS)
+    inputs = None
+    if edit:
+        if uploads is None:
+            raise InvalidRequest("editing needs uploaded images", code="missing_image")
+        data, inputs = _bind_uploads(uploads, data)
+    else:
+        for k in EDIT_INPUTS:
+            data.pop(k, None)
     check_field_types(data)
-    return model, client.prepare(model, GenerateRequest.from_dict(data))
+    if edit:
+        from ...engine.editing import EditRequest
+
+        request = EditRequest.from_dict(data)
+    else:
+        request = GenerateRequest.from_dict(data)
+    return model, client.prepare(model, request), inputs
 
 
-def parse_job_body(client: EngineClient, body: Any, default_preview_every: int) -> tuple[str, GenerateRequest, int]:
-    """Native create-job body: the GenerateRequest fields plus ``model`` and ``preview_every``."""
+def _bind_uploads(uploads: UploadStore, data: dict[str, Any]) -> tuple[dict, dict]:
+    from ...engine.editing import Control
+
+    images = data.pop("images", None) or []
+    mask = data.pop("mask", None)
+    controls = data.pop("controls", None) or []
+    if not isinstance(images, list) or not isinstance(controls, list):
+        raise InvalidRequest("'images' and 'controls' must be lists of upload ids / control objects",
+                             code="invalid_type")
+    if len(images) + len(controls) > 8:
+        raise InvalidRequest("too many input images", code="too_many_images")
+    data["images"] = [uploads.ref(i) for i in images]
+    inputs: dict[str, Any] = {"images": [uploads.path(i) for i in images], "mask": None, "controls": []}
+    if mask is not None:
+        data["mask"] = uploads.ref(mask)
+        inputs["mask"] = uploads.path(mask)
+    refs = []
+    for c in controls:
+        if not isinstance(c, dict) or "image" not in c:
+            raise InvalidRequest("a control is {'image': upload id, 'mode', 'scale', 'start', 'end'}",
+                                 code="invalid_control")
+        opts = {k: c[k] for k in ("mode", "scale", "start", "end") if k in c}
+        refs.append({"image": uploads.ref(c["image"]), **opts})
+        inputs["controls"].append(Control(image=uploads.path(c["image"]), **opts))
+    data["controls"] = refs
+    return data, inputs
+
+
+def parse_job_body(client: EngineClient, body: Any, default_preview_every: int,
+                   uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, int, dict | None]:
+    """Native create-job body: the GenerateRequest fields plus ``model`` and ``preview_every``; for an edit also
+    ``images``/``mask``/``controls`` (upload ids) and ``strength``/``feather``/``keep_size``."""
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     data = dict(body)
@@ -73,5 +124,5 @@ def parse_job_body(client: EngineClient, body: Any, default_preview_every: int) 
     preview_every = data.pop("preview_every", default_preview_every)
     if isinstance(preview_every, bool) or not isinstance(preview_every, int) or not 0 <= preview_every <= MAX_PREVIEW_EVERY:
         raise InvalidRequest(f"preview_every must be an integer in [0, {MAX_PREVIEW_EVERY}]", code="invalid_preview_every")
-    model, request = resolve_request(client, model, data)
-    return model, request, preview_every
+    model, request, inputs = resolve_request(client, model, data, uploads)
+    return model, request, preview_every, inputs
