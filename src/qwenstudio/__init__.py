@@ -5,6 +5,7 @@ The public API is ``__all__``. Heavy modules (torch, diffusers) load on first us
 
 from __future__ import annotations
 
+from . import errors
 from .errors import (
     Cancelled,
     CorruptFile,
@@ -35,19 +36,7 @@ _LAZY = {
     "read_png_metadata": ("qwenstudio.outputs", "read_png_metadata"),
 }
 
-__all__ = [
-    "__version__",
-    *_LAZY,
-    "QwenStudioError",
-    "InvalidRequest",
-    "ModelNotFound",
-    "UnsupportedFormat",
-    "CorruptFile",
-    "IncompatibleWeights",
-    "InsufficientMemory",
-    "Cancelled",
-    "GenerationFailed",
-]
+__all__ = ["__version__", *_LAZY, *errors.__all__]
 
 
 def __getattr__(name: str):

@@ -19,24 +19,10 @@ import torch
 
 from qwenstudio.engine.sampling import COMFY_SCHEDULERS, SCHEDULERS, build_sigmas, comfy_sigmas, reference_sigmas
 from qwenstudio.engine.sampling.schedules import _beta_ppf
+from qwenstudio.engine.specs import QWEN_IMAGE_SCHEDULER_CONFIG
 from qwenstudio.errors import InvalidRequest
 
-QWEN_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
+QWEN_SCHEDULER_CONFIG = dict(QWEN_IMAGE_SCHEDULER_CONFIG)  # the real Qwen/Qwen-Image scheduler config
 
 
 # ------------------------------------------------------------------ independent float64 ComfyUI formulas

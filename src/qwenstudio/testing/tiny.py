@@ -80,6 +80,13 @@ def build_tokenizer(spec: TinySpec = TinySpec()):
     return tok
 
 
+def _dit_kwargs(spec: TinySpec) -> dict:
+    """The DiT shape shared by the transformer and a ControlNet that must match it (real latent layout)."""
+    return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=spec.num_layers,
+                attention_head_dim=spec.attention_head_dim, num_attention_heads=spec.num_attention_heads,
+                joint_attention_dim=spec.text_hidden_size, axes_dims_rope=spec.axes_dims_rope)
+
+
 def build_components(spec: TinySpec = TinySpec()) -> dict:
     """Instantiate transformer, VAE, text encoder, tokenizer and scheduler with random weights (fp32, CPU)."""
     import torch
@@ -90,17 +97,7 @@ def build_components(spec: TinySpec = TinySpec()) -> dict:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
 
     torch.manual_seed(spec.seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=spec.num_layers,
-        attention_head_dim=spec.attention_head_dim,
-        num_attention_heads=spec.num_attention_heads,
-        joint_attention_dim=spec.text_hidden_size,
-        axes_dims_rope=spec.axes_dims_rope,
-        zero_cond_t=spec.zero_cond_t,
-    )
+    transformer = QwenImageTransformer2DModel(**_dit_kwargs(spec), zero_cond_t=spec.zero_cond_t)
     _randomize_zero_inits(transformer, seed=spec.seed + 1)
 
     torch.manual_seed(spec.seed + 2)
@@ -156,16 +153,7 @@ def build_controlnet(spec: TinySpec = TinySpec(), seed: int = 7):
     from diffusers import QwenImageControlNetModel
 
     torch.manual_seed(seed)
-    net = QwenImageControlNetModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=spec.num_layers,
-        attention_head_dim=spec.attention_head_dim,
-        num_attention_heads=spec.num_attention_heads,
-        joint_attention_dim=spec.text_hidden_size,
-        axes_dims_rope=spec.axes_dims_rope,
-    )
+    net = QwenImageControlNetModel(**_dit_kwargs(spec))
     _randomize_zero_inits(net, seed=seed + 1)
     return net.eval()
 
