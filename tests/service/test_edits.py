@@ -105,3 +105,18 @@ def test_upload_limits_and_ids(serve):
             assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_upload_id", bad
         r = http.post("/api/jobs", json={"prompt": "x", "images": ["0" * 64]})
         assert r.status_code == 404 and r.json()["error"]["code"] == "upload_not_found"
+
+
+def test_upload_cap_is_separate_from_the_json_cap(serve):
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 255, (800, 800, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    noisy.save(buf, format="PNG")
+    assert 1 << 20 < len(buf.getvalue()) < 4 << 20  # over the JSON cap, under the upload cap
+    with serve(max_upload_bytes=4 << 20) as s, s.client() as http:
+        assert http.post("/api/uploads", files={"file": ("n.png", buf.getvalue(), "image/png")}).status_code == 201
+        r = http.post("/api/jobs", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
+                      headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        big = buf.getvalue() * 2
+        assert http.post("/api/uploads", files={"file": ("n.png", big, "image/png")}).status_code == 413

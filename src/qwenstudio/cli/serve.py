@@ -14,21 +14,26 @@ import typer
 
 
 def build_client(model: str, variant: str | None = None, device: str | None = None,
-                 settings=None):
-    """An in-process engine client whose worker thread loads ``model`` (``/readyz`` is false until it has)."""
+                 settings=None, *, models_dirs: tuple = (), text_encoder: str | None = None, vae: str | None = None,
+                 offload: str | None = None):
+    """An in-process engine client whose worker thread loads ``model`` (``/readyz`` is false until it has).
+    The operator names the model (a path is fine here); clients then name LoRAs by registry name only."""
     from ..config import Settings
+    from ..engine.registry import guess_variant
     from ..service.engine_client import InProcessEngineClient
 
     settings = settings or Settings.from_env()
-    if model == "tiny":
-        model_id, spec_name = "tiny", variant or "tiny"
-    else:
-        model_id, spec_name = Path(model).name, variant or "qwen-image"
+    path = Path(model)
+    model_id = "tiny" if model == "tiny" else (path.stem if path.suffix in (".safetensors", ".gguf") else path.name)
+    spec_name = variant or guess_variant(model_id)
 
     def load():
         from ..engine.engine import Engine
 
-        return Engine.load(model, variant=spec_name, device=device, settings=settings)
+        engine = Engine.load(model, variant=spec_name, device=device, settings=settings, models_dirs=models_dirs,
+                             text_encoder=text_encoder, vae=vae, offload=offload)
+        engine.allow_paths = False  # LoRA (and ControlNet) names from clients resolve in the models dirs only
+        return engine
 
     return InProcessEngineClient(model_id, spec_name, load)
 
@@ -47,6 +52,11 @@ def serve(
     max_body_bytes: int = 1 << 20,
     preview_every: int = 0,
     log_level: str = "info",
+    models_dirs: tuple = (),
+    text_encoder: str | None = None,
+    vae: str | None = None,
+    offload: str | None = None,
+    max_upload_bytes: int = 32 << 20,
 ) -> None:
     """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key."""
     import uvicorn
@@ -58,10 +68,12 @@ def serve(
     keys = [k.strip() for k in (api_key or os.environ.get("QWENSTUDIO_API_KEY", "")).split(",") if k.strip()]
     config = ServiceConfig.with_keys(keys, host=host, port=port, cors_origins=tuple(cors_origins),
                                      queue_size=queue_size, job_deadline_s=job_deadline_s,
-                                     max_body_bytes=max_body_bytes, preview_every=preview_every)
+                                     max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
+                                     preview_every=preview_every)
     config.check_bind()  # before loading anything
     settings = Settings.from_env()
-    client = build_client(model, variant, device, settings)
+    client = build_client(model, variant, device, settings, models_dirs=models_dirs, text_encoder=text_encoder,
+                          vae=vae, offload=offload)
     try:
         app = create_app(settings, client, config)
         server = _graceful_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
@@ -104,7 +116,12 @@ def _graceful_server(config):
 def serve_command(
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback requires --api-key."),
     port: int = typer.Option(8000, help="TCP port."),
-    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' or a diffusers folder path."),
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny', a name from `qwenstudio models`, a diffusers "
+                              "folder or a DiT file."),
+    models_dir: list[Path] = typer.Option([], "--models-dir", help="Extra models dir (repeatable)."),
+    text_encoder: str | None = typer.Option(None, "--text-encoder", help="Text encoder name (single-file DiTs)."),
+    vae: str | None = typer.Option(None, "--vae", help="VAE name (single-file DiTs)."),
+    offload: str | None = typer.Option(None, help="auto, resident, model_offload, group_offload, cpu."),
     api_key: str | None = typer.Option(None, "--api-key", envvar="QWENSTUDIO_API_KEY",
                                           help="Require this key (comma-separated for several).", show_default=False),
     variant: str | None = typer.Option(None, help="Recipe (spec) to use for the model."),
@@ -112,7 +129,8 @@ def serve_command(
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (repeatable)."),
     queue_size: int = typer.Option(16, help="Jobs that may wait; beyond it 429."),
     job_deadline: float = typer.Option(600.0, help="Seconds a job may run before it is cancelled."),
-    max_body: int = typer.Option(1 << 20, help="Request body cap in bytes (413 beyond)."),
+    max_body: int = typer.Option(1 << 20, help="JSON request body cap in bytes (413 beyond)."),
+    max_upload: int = typer.Option(32 << 20, help="Multipart upload body cap in bytes (image uploads, edits)."),
     preview_every: int = typer.Option(0, help="Default preview interval in steps for SSE (0: off)."),
 ) -> None:
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
@@ -121,7 +139,8 @@ def serve_command(
     try:
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
               queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
-              preview_every=preview_every)
+              preview_every=preview_every, models_dirs=tuple(models_dir), text_encoder=text_encoder, vae=vae,
+              offload=offload, max_upload_bytes=max_upload)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

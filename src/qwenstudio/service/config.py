@@ -28,7 +28,8 @@ class ServiceConfig:
     port: int = 8000
     api_key_hashes: tuple[str, ...] = field(default=(), repr=False)
     cors_origins: tuple[str, ...] = ()  # empty: CORS closed
-    max_body_bytes: int = 1 << 20  # requests carry JSON only (uploads arrive with editing)
+    max_body_bytes: int = 1 << 20  # JSON requests
+    max_upload_bytes: int = 32 << 20  # multipart image uploads (/api/uploads, /v1/images/edits): up to 3 images + mask
     queue_size: int = 16  # queued jobs (not counting the running one); beyond it 429
     retry_after_s: int = 5
     job_deadline_s: float = 600.0  # per running job; over it the job is cancelled and failed "deadline_exceeded"
