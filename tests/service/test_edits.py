@@ -118,5 +118,5 @@ def test_upload_cap_is_separate_from_the_json_cap(serve):
         r = http.post("/api/jobs", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
                       headers={"content-type": "application/json"})
         assert r.status_code == 413
-        big = buf.getvalue() * 2
+        big = buf.getvalue() * 3  # over 4 MiB
         assert http.post("/api/uploads", files={"file": ("n.png", big, "image/png")}).status_code == 413
