@@ -53,3 +53,36 @@ def test_lightning_lora_recipe_applies_through_the_api(lora_engine, tmp_path):
             assert str(tmp_path) not in r.text  # server paths never reach the client
     finally:
         client.close()
+
+
+def test_openai_routes_take_loras_in_extra_body(lora_engine, tmp_path):
+    import io
+
+    import httpx
+    import openai
+    from PIL import Image
+    from svc_helpers import run_app
+
+    from qwenstudio.config import Settings
+    from qwenstudio.service.app import create_app
+    from qwenstudio.service.config import ServiceConfig
+    from qwenstudio.service.engine_client import InProcessEngineClient
+
+    client = InProcessEngineClient.from_engine(lora_engine)
+    client.wait_ready(30)
+    app = create_app(Settings(home=tmp_path / "svc"), client, ServiceConfig.with_keys(()))
+    lora = [{"name": "Qwen-Image-Lightning-4steps-V1.0", "weight": 1.0}]
+    try:
+        with run_app(app) as url:
+            oa = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+            oa.images.generate(model="tiny", prompt="x", size="64x64", extra_body={"loras": lora, "seed": 2})
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 64), (9, 9, 9)).save(buf, format="PNG")
+            oa.images.edit(model="tiny", image=("a.png", buf.getvalue(), "image/png"), prompt="x",
+                           extra_body={"loras": __import__("json").dumps(lora)})
+            jobs = httpx.get(url + "/api/jobs").json()["jobs"]
+            assert len(jobs) == 2
+            for job in jobs:
+                assert job["request"]["loras"] == lora and job["request"]["steps"] == 4  # Lightning recipe
+    finally:
+        client.close()

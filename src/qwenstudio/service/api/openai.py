@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import time
 from typing import Any
@@ -21,7 +22,8 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 IGNORED = {"user", "quality", "style", "background", "moderation", "output_format", "output_compression"}
 EXTRA = {"negative_prompt": "negative_prompt", "steps": "steps", "cfg": "cfg", "seed": "seed",
-         "sampler": "sampler", "scheduler": "scheduler", "shift": "shift"}
+         "sampler": "sampler", "scheduler": "scheduler", "shift": "shift", "loras": "loras", "cfg_norm": "cfg_norm",
+         "noise": "noise", "magic": "magic"}
 
 
 def to_request_fields(body: Any) -> tuple[str | None, dict[str, Any], str]:
@@ -92,10 +94,15 @@ _FORM_NUMBERS = {"n": int, "steps": int, "seed": int, "feather": int, "cfg": flo
 
 def _form_value(key: str, value: str):
     """Multipart fields arrive as text: convert the numeric/boolean ones, with a typed error when they are not."""
-    if key == "keep_size":
+    if key in ("keep_size", "cfg_norm"):
         if value.lower() not in ("true", "false", "1", "0"):
-            raise InvalidRequest("keep_size must be true or false", code="invalid_type")
+            raise InvalidRequest(f"{key} must be true or false", code="invalid_type")
         return value.lower() in ("true", "1")
+    if key == "loras":  # JSON text in a multipart field: [{"name": ..., "weight": ...}]
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise InvalidRequest("loras must be a JSON list of {name, weight}", code="invalid_lora") from None
     conv = _FORM_NUMBERS.get(key)
     if conv is None:
         return value
