@@ -31,25 +31,25 @@ def _full_size_components(device, dtype):
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from .engine.loading import Components, build_empty
+    from .engine.formats.comfy import QWEN25_VL_7B_CONFIG, QWEN_IMAGE_VAE_CONFIG
+    from .engine.loading import Components, assign_tensor, build_empty
     from .engine.specs import QWEN_IMAGE_SCHEDULER_CONFIG
     from .testing.tiny import build_tokenizer
 
     def materialize(module):
-        module.to_empty(device=device)
+        """Random weights for the meta parameters, made on the device; the real buffers (RoPE tables) just move."""
         g = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.data = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
+        for name, p in list(module.named_parameters()):
+            assign_tensor(module, name, torch.randn(p.shape, generator=g, device=device).mul_(0.02).to(dtype))
+        for mod in module.modules():
+            for bname, buf in list(mod._buffers.items()):
+                if buf is not None:
+                    mod._buffers[bname] = buf.to(device)
         return module.eval()
 
-    transformer = materialize(build_empty(lambda: QwenImageTransformer2DModel()))
-    vae = materialize(build_empty(lambda: AutoencoderKLQwenImage()))
-    te_cfg = Qwen2_5_VLConfig(text_config={"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                                           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                                           "rope_scaling": {"mrope_section": [16, 24, 24], "rope_type": "default",
-                                                            "type": "default"}},
-                              vocab_size=152064)
+    transformer = materialize(build_empty(lambda: QwenImageTransformer2DModel()))  # defaults = Qwen-Image's
+    vae = materialize(build_empty(lambda: AutoencoderKLQwenImage.from_config(QWEN_IMAGE_VAE_CONFIG)))
+    te_cfg = Qwen2_5_VLConfig.from_dict(QWEN25_VL_7B_CONFIG)
     text_encoder = materialize(build_empty(lambda: Qwen2_5_VLForConditionalGeneration(te_cfg)))
     return Components(transformer, vae, text_encoder, build_tokenizer(), dict(QWEN_IMAGE_SCHEDULER_CONFIG),
                       torch.device(device), dtype, {"name": "random-full", "format": "random"})

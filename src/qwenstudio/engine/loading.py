@@ -184,7 +184,7 @@ def fill_module(
         cast = dtype if tensor.is_floating_point() and target.is_floating_point() else tensor.dtype
         # copy=True: never keep zero-copy views into the mmapped file — they pin the file and their alignment
         # differs between layouts, which changes CPU kernel rounding (bit-exactness across formats needs a copy).
-        _assign(module, mkey, tensor.to(device=device, dtype=cast, copy=True))
+        assign_tensor(module, mkey, tensor.to(device=device, dtype=cast, copy=True))
         seen.add(mkey)
     missing = [k for k, v in expected.items() if k not in seen and v.device.type == "meta"]
     required = [k for k in missing if not k.startswith(optional)]
@@ -192,7 +192,7 @@ def fill_module(
         shown = ", ".join(required[:5]) + (" ..." if len(required) > 5 else "")
         raise IncompatibleWeights(f"{name}: {len(required)} tensor(s) missing from the weights: {shown}")
     for k in missing:  # optional and absent: drop the parameter rather than leave a meta tensor behind
-        _assign(module, k, torch.empty(0, device=device, dtype=dtype))
+        assign_tensor(module, k, torch.empty(0, device=device, dtype=dtype))
     # Buffers built at init (RoPE tables) live on CPU: move them with the module, keeping their dtype.
     for mod in module.modules():
         for bname, buf in list(mod._buffers.items()):
@@ -200,7 +200,7 @@ def fill_module(
                 mod._buffers[bname] = buf.to(device)
 
 
-def _assign(module, key: str, value) -> None:
+def assign_tensor(module, key: str, value) -> None:
     import torch
 
     *path, leaf = key.split(".")
