@@ -14,7 +14,8 @@ import typer
 
 
 def edit(
-    prompt: str = typer.Argument(..., help="What to change (edit models) or draw (img2img/inpaint/ControlNet)."),
+    prompt: str | None = typer.Argument(None, help="What to change (edit models) or draw (img2img/inpaint/"
+                                        "ControlNet); optional with --from-image."),
     image: list[Path] = typer.Option([], "--image", "-i", help="Input image (PNG/JPEG/WebP; repeatable: up to 3 "
                                      "for qwen-image-edit-2509/2511)."),
     mask: Path | None = typer.Option(None, "--mask", help="Inpaint mask: white (or transparent) = change."),
@@ -26,7 +27,9 @@ def edit(
                                            "soft_edge, ...); one value applies to all."),
     control_scale: list[float] = typer.Option([], "--control-scale", help="ControlNet scale per --control "
                                               "(default 1.0; one value applies to all)."),
-    controlnet: Path | None = typer.Option(None, "--controlnet", help="ControlNet folder (diffusers layout)."),
+    controlnet: str | None = typer.Option(None, "--controlnet", help="ControlNet: a name from the models dirs "
+                                          "(`qwenstudio models`; a diffusers folder or one safetensors file) or a "
+                                          "path to one."),
     keep_size: bool | None = typer.Option(None, "--keep-size/--no-keep-size", help="Output at the input's exact "
                                              "size, pixel-aligned (default: on with --mask)."),
     feather: int = typer.Option(4, help="Seam blend inside the mask, in pixels."),
@@ -48,6 +51,9 @@ def edit(
     noise: str = typer.Option("diffusers", help="Seed convention: diffusers or comfy."),
     magic: str | None = typer.Option(None, help="Append the official positive-magic suffix: en or zh."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output .png file or folder (default ./outputs)."),
+    from_image: Path | None = typer.Option(None, "--from-image", help="Re-create a PNG from its metadata (give the "
+                                           "same --image/--mask/--control files; its ControlNet is loaded by name)."),
+    retry_fp32: bool = typer.Option(False, "--retry-fp32", help="If latents go NaN/inf, retry once in fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     device: str | None = typer.Option(None, help="cuda, cuda:1, cpu."),
     dtype: str | None = typer.Option(None, help="bfloat16, float16, float32."),
@@ -58,21 +64,33 @@ def edit(
     from ..outputs import save_png
 
     try:
-        spec = _spec(model, variant)
         controls = _controls(control, control_mode, control_scale)
-        fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps, cfg=cfg,
-                      sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch=batch, noise=noise,
-                      magic=magic, strength=strength, keep_size=keep_size, feather=feather)
-        if not spec.is_edit and controls and controlnet is None:
-            raise InvalidRequest("--control on a base model needs --controlnet PATH (or use an edit-2509/2511 "
+        request = None
+        if from_image is not None:
+            request, variant = _stored_request(from_image, prompt, model, variant, controlnet)
+            fields = {}
+        else:
+            if prompt is None:
+                raise InvalidRequest("give a prompt (or --from-image PNG)")
+            fields = dict(prompt=prompt, negative_prompt=negative, width=width, height=height, steps=steps,
+                          cfg=cfg, sampler=sampler, scheduler=scheduler, shift=shift, seed=seed, batch=batch,
+                          noise=noise, magic=magic, strength=strength, keep_size=keep_size, feather=feather)
+        spec = _spec(model, variant)
+        named = controlnet if request is None else request.controlnet
+        if not spec.is_edit and controls and named is None:
+            raise InvalidRequest("--control on a base model needs --controlnet NAME (or use an edit-2509/2511 "
                                  "variant, which takes control images as input images)", code="missing_controlnet")
+        if controlnet is not None and request is None and not spec.is_edit:
+            fields["controlnet"] = controlnet  # loaded by run_edit and recorded in the metadata
+        elif controlnet is not None and spec.is_edit:
+            raise InvalidRequest(f"'{spec.name}' takes control images as input images; --controlnet is for base "
+                                 "models", code="invalid_control")
         from ..engine.engine import Engine
 
         engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload,
                              text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir))
-        if controlnet is not None:
-            engine.load_controlnet(controlnet)
-        result = engine.edit(images=list(image), mask=mask, controls=controls, **fields)
+        result = engine.edit(request, images=list(image), mask=mask, controls=controls, retry_fp32=retry_fp32,
+                             **fields)
         if spec.builtin and not as_json:
             typer.echo("note: the 'tiny' model has random weights; its images are noise (smoke test only).", err=True)
     except QwenStudioError as e:
@@ -89,6 +107,26 @@ def edit(
         for im, path in zip(result.images, paths):
             typer.echo(f"saved {path}  ({im.metadata['mode']}, seed {im.metadata['seed']}, "
                        f"{result.timings['total']:.2f}s)")
+
+
+def _stored_request(path: Path, prompt: str | None, model: str, variant: str | None, controlnet: str | None):
+    """The ``EditRequest`` stored in a PNG made by ``edit`` (the prompt and ControlNet may be overridden)."""
+    from dataclasses import replace
+
+    from ..engine.editing import EditRequest
+    from ..errors import InvalidRequest
+    from ..outputs import read_png_metadata
+
+    meta = read_png_metadata(path)
+    request = EditRequest.from_dict(dict(meta["request"]))
+    if prompt is not None:
+        request = replace(request, prompt=prompt)
+    if controlnet is not None:
+        request = replace(request, controlnet=controlnet)
+    made_with = meta.get("model", {}).get("variant")
+    if model == "tiny" and made_with not in (None, "tiny", "tiny-edit", "tiny-edit-plus", "tiny-edit-2511"):
+        raise InvalidRequest(f"{path} was made with '{meta['model'].get('name')}'; pass --model with that model")
+    return request, variant or made_with
 
 
 def _spec(model: str, variant: str | None):

@@ -64,8 +64,16 @@ def generate(
     dtype: Optional[str] = typer.Option(None, help="bfloat16, float16, float32 (default: bf16 on CUDA, fp32 on CPU)."),
     retry_fp32: bool = typer.Option(False, "--retry-fp32", help="If latents go NaN/inf, retry once in fp32."),
     offload: str = typer.Option("auto", help="auto, resident, model_offload, group_offload, cpu."),
+    control: list[Path] = typer.Option([], "--control", help="Control image for --controlnet (repeatable)."),
+    control_mode: list[str] = typer.Option([], "--control-mode", help="Kind of each --control (canny, depth, "
+                                           "pose, soft_edge, ...); one value applies to all."),
+    control_scale: list[float] = typer.Option([], "--control-scale", help="ControlNet scale per --control "
+                                              "(default 1.0; one value applies to all)."),
+    controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet name from the models dirs "
+                                             "(or a path) that --control images drive."),
 ) -> None:
     """Text-to-image. Example: qwenstudio generate "a red fox" --model tiny --seed 1"""
+    from ..engine.editing import EditRequest
     from ..engine.requests import GenerateRequest
     from ..engine.specs import get_spec
 
@@ -77,7 +85,12 @@ def generate(
             data = dict(meta["request"])
             if prompt is not None:
                 data["prompt"] = prompt
-            request = GenerateRequest.from_dict(data)
+            controlled = any(data.get(k) for k in ("images", "mask", "controls"))
+            request = (EditRequest if controlled else GenerateRequest).from_dict(data)
+            if controlnet is not None and controlled:
+                from dataclasses import replace
+
+                request = replace(request, controlnet=controlnet)
             if model == "tiny" and meta.get("model", {}).get("variant") not in (None, "tiny"):
                 raise InvalidRequest(
                     f"{from_image} was made with '{meta['model'].get('name')}'; pass --model with that model"
@@ -89,23 +102,33 @@ def generate(
             from ..engine.lora import parse_lora_arg, parse_stack_spec
 
             stack = [parse_lora_arg(x) for x in lora] + (parse_stack_spec(loras_text) if loras_text else [])
-            request = GenerateRequest(
+            if (control or controlnet) and not (control and controlnet):
+                raise InvalidRequest("--control and --controlnet go together", code="missing_controlnet")
+            request = (EditRequest if control else GenerateRequest)(
                 prompt=prompt, negative_prompt=negative, width=width, height=height, aspect=aspect, steps=steps,
                 cfg=cfg, cfg_norm=cfg_norm, sampler=sampler, scheduler=scheduler, shift=shift, seed=seed,
                 batch=batch, noise=noise, magic=magic, loras=stack,
+                **({"controlnet": controlnet} if control else {}),
             )
         from ..engine.registry import guess_variant
 
         spec = get_spec(variant or guess_variant(Path(model).stem if model.endswith((".safetensors", ".gguf"))
                                                  else Path(model).name))
-        request = request.resolve(spec)  # validate before spending time on loading
+        if not isinstance(request, EditRequest):  # (an edit is validated once its control images are read)
+            request = request.resolve(spec)  # validate before spending time on loading
         from ..engine.engine import Engine
 
         engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload,
                              text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir))
         if spec.builtin and not as_json:
             typer.echo("note: the 'tiny' model has random weights; its images are noise (smoke test only).", err=True)
-        result = _run_with_progress(engine, request, as_json, retry_fp32)
+        if isinstance(request, EditRequest):  # ControlNet text-to-image runs on the image-conditioned path
+            from .edit import _controls
+
+            result = engine.edit(request, controls=_controls(control, control_mode, control_scale),
+                                 retry_fp32=retry_fp32)
+        else:
+            result = _run_with_progress(engine, request, as_json, retry_fp32)
     except QwenStudioError as e:
         _fail(e)
         return

@@ -62,6 +62,7 @@ class Engine:
         self._lora_manager = None
         self.controlnet = None  # attached by load_controlnet (editing/ControlNet mode)
         self.controlnet_name = None
+        self._controlnet_path = None  # the file/folder it came from (None: attached as a module)
         self._vision_prompts = None  # built on the first edit: the VL prompt encoder (editing/run.py)
         self.prompts = PromptEncoder(
             components.tokenizer,
@@ -160,6 +161,10 @@ class Engine:
         resolve, a Lightning LoRA's recipe fills the defaults the user left open, every bound is checked, and the
         prompts fit the model's token limit. Cheap: reads LoRA file headers and runs the tokenizer only."""
         req = self._apply_lora_recipes(request).resolve(self.spec)
+        if getattr(req, "controlnet", None):  # an edit naming a ControlNet: it must resolve (404 otherwise)
+            from .editing.controlnet import resolve_controlnet
+
+            resolve_controlnet(self, req.controlnet)
         self.prompts.check(req.full_prompt())
         if req.cfg > 1.0:
             self.prompts.check(req.negative_prompt)
@@ -174,17 +179,20 @@ class Engine:
         controls=(),
         on_progress: ProgressCallback | None = None,
         preview_every: int = 0,
+        retry_fp32: bool = False,
         **fields,
     ) -> GenerateResult:
         """Image-conditioned generation: edit (edit variants), img2img (``strength``), inpaint (``mask``),
-        edit-inpaint, ControlNet (``controls``). Images are paths, bytes or PIL images; see ``engine/editing/``."""
+        edit-inpaint, ControlNet (``controls``; ``controlnet=NAME`` loads one from the models home). Images are
+        paths, bytes or PIL images; see ``engine/editing/``. ``retry_fp32``: as in ``generate``."""
         from .editing import run_edit
 
         return run_edit(self, request, images=images, mask=mask, controls=controls, on_progress=on_progress,
-                        preview_every=preview_every, **fields)
+                        preview_every=preview_every, retry_fp32=retry_fp32, **fields)
 
     def load_controlnet(self, source) -> None:
-        """Attach a ``QwenImageControlNetModel`` (a module, or a diffusers folder holding one) for ``controls``."""
+        """Attach a ControlNet for ``controls``: a name from the models home (role ``controlnet``: a diffusers
+        folder or one safetensors file; names only when ``allow_paths`` is False), a path, or a module."""
         from .editing import load_controlnet
 
         load_controlnet(self, source)
@@ -375,14 +383,18 @@ class Engine:
 
         return sample
 
-    def _retry_in_fp32(self, req, on_progress, preview_every) -> GenerateResult:
-        model, dtype = self.components.transformer, self.components.dtype
-        model.to(_fp32())
+    def _retry_in_fp32(self, req, on_progress, preview_every, run: Callable | None = None) -> GenerateResult:
+        """Run again with the DiT (and an attached ControlNet) in fp32; ``run()`` defaults to ``_generate``."""
+        models = [m for m in (self.components.transformer, self.controlnet) if m is not None]
+        dtype = self.components.dtype
+        for m in models:
+            m.to(_fp32())
         self.components.dtype = _fp32()
         try:
-            result = self._generate(req, on_progress, preview_every)
+            result = run() if run is not None else self._generate(req, on_progress, preview_every)
         finally:
-            model.to(dtype)
+            for m in models:
+                m.to(dtype)
             self.components.dtype = dtype
         for img in result.images:
             img.metadata["retried_fp32"] = True

@@ -73,7 +73,11 @@ class ModelRegistry:
             for folder in folders:
                 e = ModelEntry(folder.name, "diffusers", folder, "diffusers", "", None, _tree_size(folder))
                 entries.setdefault((e.kind, e.name), e)
-            for path in _candidate_files(root, exclude=folders):
+            nets = _controlnet_folders(root, exclude=folders)
+            for folder in nets:  # a ControlNet as a diffusers model folder: named after the folder
+                e = ModelEntry(folder.name, "controlnet", folder, "diffusers", "", None, _tree_size(folder))
+                entries.setdefault((e.kind, e.name), e)
+            for path in _candidate_files(root, exclude=folders + nets):
                 try:
                     info = detect(path)
                 except QwenStudioError as err:
@@ -119,6 +123,21 @@ def _diffusers_folders(root: Path) -> list[Path]:
     for sub in (root, root / "diffusers"):
         if sub.is_dir():
             out += [p for p in sorted(sub.iterdir()) if p.is_dir() and (p / "model_index.json").is_file()]
+    return out
+
+
+def _controlnet_folders(root: Path, exclude: list[Path]) -> list[Path]:
+    """Diffusers model folders (``config.json`` naming a Qwen-Image ControlNet class) up to three levels down."""
+    from .editing.controlnet import is_controlnet_folder
+
+    out = []
+    for depth_glob in ("*/config.json", "*/*/config.json", "*/*/*/config.json"):
+        for cfg in sorted(root.glob(depth_glob)):
+            folder = cfg.parent
+            if any(d == folder or d in folder.parents for d in exclude) or folder.name.startswith("."):
+                continue
+            if is_controlnet_folder(folder):
+                out.append(folder)
     return out
 
 

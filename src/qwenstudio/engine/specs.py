@@ -157,6 +157,10 @@ _TINY_EDIT_PLUS = replace(
     defaults=_TINY.defaults, resolutions=_TINY.resolutions, builtin=True, edit_area=64 * 64,
     condition_area=32 * 32,
 )
+_TINY_EDIT_2511 = replace(
+    _TINY_EDIT_PLUS, name="tiny-edit-2511", dit_config={"zero_cond_t": True},
+    description="tiny random model driven as Qwen-Image-Edit-2511 (zero_cond_t DiT; smoke tests)",
+)
 
 SPECS: dict[str, ModelSpec] = {
     s.name: s
@@ -178,6 +182,7 @@ SPECS: dict[str, ModelSpec] = {
         _lightning(_EDIT_2511, 8, "Qwen-Image-Edit-2511-Lightning-8steps-V1.0"),
         _TINY_EDIT,
         _TINY_EDIT_PLUS,
+        _TINY_EDIT_2511,
     )
 }
 

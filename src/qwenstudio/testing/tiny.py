@@ -166,6 +166,20 @@ def write_controlnet_folder(path: str | os.PathLike, spec: TinySpec = TinySpec()
     return path
 
 
+def write_controlnet_file(path: str | os.PathLike, spec: TinySpec = TinySpec(), seed: int = 7, prefix: str = "",
+                          dtype=None) -> Path:
+    """Write the tiny ControlNet as one safetensors file with the published (diffusers) key names, as the
+    InstantX union file is distributed (and as ComfyUI's ``controlnet/`` folder holds it); no config inside."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"{prefix}{k}": (v if dtype is None else v.to(dtype)).contiguous()
+             for k, v in build_controlnet(spec, seed).state_dict().items()}
+    save_file(state, str(path))
+    return path
+
+
 def _randomize_zero_inits(module, seed: int) -> None:
     """Diffusers zero-initialises some output projections (e.g. AdaLN, proj_out); a model whose outputs are all
     zero would make parity tests vacuous, so give every parameter small random values."""

@@ -54,6 +54,7 @@ class EditRequest(GenerateRequest):
     feather: int = 4  # pixels of blended seam inside the mask when compositing onto the input
     keep_size: bool | None = None  # None: on when there is a mask
     controls: tuple[ControlRef, ...] = ()
+    controlnet: str | None = None  # a ControlNet's name in the models home (base models with controls)
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,6 +122,14 @@ class EditRequest(GenerateRequest):
                 raise InvalidRequest("strength must be > 0 (0 would return the input unchanged)",
                                      code="invalid_strength")
         _check_int("feather", self.feather, 0, MAX_FEATHER)
+        if self.controlnet is not None:
+            if not isinstance(self.controlnet, str) or not self.controlnet.strip():
+                raise InvalidRequest("'controlnet' must be a ControlNet name", code="invalid_control")
+            if spec.is_edit:
+                raise InvalidRequest(f"'{spec.name}' takes control images as input images, not through a ControlNet",
+                                     code="invalid_control")
+            if not self.controls:
+                raise InvalidRequest("a ControlNet needs control images (--control)", code="missing_control")
         for c in self.controls:
             if c.mode not in CONTROL_MODES:
                 raise InvalidRequest(f"unknown control mode '{c.mode}'; valid: {', '.join(CONTROL_MODES)}",

@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import InvalidRequest
+from ...errors import GenerationFailed, InvalidRequest
 from .. import images as I
 from .. import latents as L
 from ..requests import GeneratedImage, GenerateRequest, GenerateResult
@@ -58,24 +58,24 @@ def _coerce_control(value) -> Control:
 
 
 def load_controlnet(engine, source) -> None:
-    """Attach a ControlNet: a ``QwenImageControlNetModel`` (or the multi wrapper), or a diffusers folder with one."""
+    """Attach a ControlNet: a name from the models home (``engine.registry``, role ``controlnet``: a diffusers
+    folder or a single safetensors file), a path to one (only when ``engine.allow_paths``), or a
+    ``QwenImageControlNetModel`` (or the multi wrapper with one net). Loading the one already attached is a no-op."""
     from pathlib import Path
 
     from diffusers import QwenImageControlNetModel, QwenImageMultiControlNetModel
 
-    from ...errors import IncompatibleWeights, ModelNotFound
+    from ...errors import IncompatibleWeights
+    from .controlnet import load_controlnet_source, resolve_controlnet
 
     if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelNotFound(f"no ControlNet folder (config.json + safetensors) at {path}")
-        try:
-            model = QwenImageControlNetModel.from_pretrained(str(path), use_safetensors=True)
-        except (OSError, ValueError) as e:
-            raise IncompatibleWeights(f"cannot load a Qwen-Image ControlNet from {path}: {e}") from None
-        name = path.name
+        path, name = resolve_controlnet(engine, str(source))
+        if engine.controlnet is not None and getattr(engine, "_controlnet_path", None) == path:
+            engine.controlnet_name = name
+            return
+        model = load_controlnet_source(path, engine.components.transformer.config)
     else:
-        model, name = source, type(source).__name__
+        model, name, path = source, type(source).__name__, None
     if isinstance(model, QwenImageMultiControlNetModel):
         if len(model.nets) != 1:
             raise IncompatibleWeights("only a single (union) ControlNet is supported")
@@ -91,10 +91,11 @@ def load_controlnet(engine, source) -> None:
     c = engine.components
     engine.controlnet = model.to(device=c.device, dtype=c.dtype).eval()
     engine.controlnet_name = name
+    engine._controlnet_path = path
 
 
 def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_progress=None, preview_every=0,
-             **fields) -> GenerateResult:
+             retry_fp32: bool = False, **fields) -> GenerateResult:
     spec = engine.spec
     controls = [_coerce_control(c) for c in (controls or ())]
     images = list(images or ())
@@ -124,8 +125,14 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
     engine._set_lora_stack(engine._load_loras(req))
     notes: list[str] = []
     _apply_dit_config(engine, notes)
+    if req.controlnet:  # named in the request (CLI --controlnet, a server job, a stored request): load it
+        engine.load_controlnet(req.controlnet)
+    elif req.controls and not spec.is_edit and getattr(engine, "_controlnet_path", None) is not None:
+        from dataclasses import replace
+
+        req = replace(req, controlnet=engine.controlnet_name)  # attached by name: record it for re-creation
     if req.controls and not spec.is_edit and getattr(engine, "controlnet", None) is None:
-        raise InvalidRequest("control images need a ControlNet: load one (--controlnet PATH / "
+        raise InvalidRequest("control images need a ControlNet: load one (--controlnet NAME / "
                              "engine.load_controlnet(...)), or use qwen-image-edit-2509 which takes them as images",
                              code="missing_controlnet")
     mask_img = lmask.image if lmask else None
@@ -135,8 +142,16 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
         mask_img = mask_img.resize(loaded[0].image.size, resample=_bilinear())
-    return _run(engine, req, [x.image for x in loaded], mask_img, [x.image for x in lctrl], notes,
-                on_progress, preview_every)
+    args = (engine, req, [x.image for x in loaded], mask_img, [x.image for x in lctrl], notes, on_progress,
+            preview_every)
+    try:
+        return _run(*args)
+    except GenerationFailed as e:
+        import torch
+
+        if not (retry_fp32 and e.code == "non_finite" and engine.components.dtype != torch.float32):
+            raise
+        return engine._retry_in_fp32(req, on_progress, preview_every, run=lambda: _run(*args))
 
 
 def _bind_inputs(request: EditRequest, refs: dict) -> EditRequest:
