@@ -14,7 +14,7 @@ import typer
 
 
 def build_client(model: str, variant: str | None = None, device: str | None = None,
-                 settings=None, *, models_dirs: tuple = (), text_encoder: str | None = None, vae: str | None = None,
+                 settings=None, *, text_encoder: str | None = None, vae: str | None = None,
                  offload: str | None = None):
     """An in-process engine client whose worker thread loads ``model`` (``/readyz`` is false until it has).
     The operator names the model (a path is fine here); clients then name LoRAs by registry name only."""
@@ -30,7 +30,7 @@ def build_client(model: str, variant: str | None = None, device: str | None = No
     def load():
         from ..engine.engine import Engine
 
-        engine = Engine.load(model, variant=spec_name, device=device, settings=settings, models_dirs=models_dirs,
+        engine = Engine.load(model, variant=spec_name, device=device, settings=settings,
                              text_encoder=text_encoder, vae=vae, offload=offload)
         engine.allow_paths = False  # LoRA (and ControlNet) names from clients resolve in the models dirs only
         return engine
@@ -71,9 +71,12 @@ def serve(
                                      max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
                                      preview_every=preview_every)
     config.check_bind()  # before loading anything
+    from dataclasses import replace
+
     settings = Settings.from_env()
-    client = build_client(model, variant, device, settings, models_dirs=models_dirs, text_encoder=text_encoder,
-                          vae=vae, offload=offload)
+    # --models-dir joins QWENSTUDIO_MODELS_DIR for the engine *and* the service's listings (/api/models loras)
+    settings = replace(settings, models_dirs=(*map(Path, models_dirs), *settings.models_dirs))
+    client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload)
     try:
         app = create_app(settings, client, config)
         server = _graceful_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,

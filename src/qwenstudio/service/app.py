@@ -10,14 +10,16 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..config import Settings
-from .api import files, jobs, openai, presets, system
+from .api import files, jobs, openai, openapi_bodies, presets, system, ui, uploads
 from .api.errors import install_error_handlers
 from .auth import GuardMiddleware
 from .config import ServiceConfig
 from .engine_client import EngineClient
 from .jobs import JobManager
 from .metrics import Metrics
+from .ratelimit import RateLimitMiddleware
 from .store import Store
+from .uploads import UploadStore
 
 log = logging.getLogger("qwenstudio.service")
 DB_NAME = "service.db"
@@ -28,11 +30,13 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     app's lifespan and stops, cancelling what runs, when the server shuts down."""
     config = config or ServiceConfig()
     store = Store(settings.home / DB_NAME)
-    recovered = store.recover()
-    if recovered:
-        log.warning("marked %d job(s) left queued/running by a previous run as failed (interrupted)", recovered)
     metrics = Metrics()
-    manager = JobManager(store, engine_client, settings.outputs_dir, config, metrics)
+    upload_store = UploadStore(settings.home / "uploads")
+    manager = JobManager(store, engine_client, settings.outputs_dir, config, metrics, upload_store,
+                         worker=config.run_worker)
+    recovered = manager.register()  # several processes may share this store; see JobManager / SECURITY 26
+    if recovered:
+        log.warning("marked %d job(s) left queued/running by a stopped server as failed (interrupted)", recovered)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,10 +55,15 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     app.state.jobs = manager
     app.state.metrics = metrics
     app.state.outputs_dir = settings.outputs_dir
+    app.state.uploads = upload_store
 
     install_error_handlers(app)
-    for module in (system, jobs, files, presets, openai):
+    openapi_bodies.install(app)
+    for module in (system, jobs, uploads, files, presets, openai, ui):
         app.include_router(module.router)
+    if config.rate_limit_per_min:  # added first = runs after the guard: only valid keys get a bucket
+        app.add_middleware(RateLimitMiddleware, per_min=config.rate_limit_per_min, auth_enabled=config.auth_enabled,
+                           metrics=metrics)
     app.add_middleware(GuardMiddleware, config=config)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

@@ -13,7 +13,9 @@ from urllib.parse import urlsplit
 from .api.errors import error_response
 from .config import ServiceConfig
 
-OPEN_PATHS = frozenset({"/healthz"})
+# "/" and /ui/*: the web studio's page and static files (no data in them; the page asks for the key itself).
+OPEN_PATHS = frozenset({"/healthz", "/"})
+OPEN_PREFIXES = ("/ui/",)
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -33,6 +35,9 @@ def presented_key(headers: dict[str, str]) -> str | None:
     return headers.get("x-api-key")
 
 
+UPLOAD_PATHS = frozenset({"/api/uploads", "/v1/images/edits"})  # multipart routes: the larger body cap
+
+
 class GuardMiddleware:
     def __init__(self, app, config: ServiceConfig):
         self.app, self.config = app, config
@@ -46,7 +51,8 @@ class GuardMiddleware:
         async def deny(status: int, code: str, message: str, extra: dict | None = None):
             await error_response(path, status, code, message, extra)(scope, receive, send)
 
-        if self.config.auth_enabled and path not in OPEN_PATHS and scope.get("method") != "OPTIONS":
+        open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+        if self.config.auth_enabled and not open_path and scope.get("method") != "OPTIONS":
             key = presented_key(headers)
             if not key or not key_matches(key, self.config.api_key_hashes):
                 return await deny(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer KEY)",
@@ -55,7 +61,7 @@ class GuardMiddleware:
         if scope.get("method") in STATE_CHANGING and not self._origin_allowed(headers):
             return await deny(403, "cross_origin_forbidden", "cross-site requests are not allowed")
 
-        limit = self.config.max_body_bytes
+        limit = self.config.max_upload_bytes if path in UPLOAD_PATHS else self.config.max_body_bytes
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             return await deny(413, "payload_too_large", f"request body over the {limit}-byte limit")

@@ -35,6 +35,12 @@ class ServiceConfig:
     job_deadline_s: float = 600.0  # per running job; over it the job is cancelled and failed "deadline_exceeded"
     preview_every: int = 0  # default for jobs that do not ask; 0 = no previews
     shutdown_grace_s: float = 10.0
+    run_worker: bool = True  # False: an API-only process (workers sharing the store run its jobs)
+    rate_limit_per_min: int = 0  # per API key (per client address without keys), state-changing requests; 0 = off
+    # Operator caps, tighter than the engine's own bounds (None: the engine's): over them a request is a 422.
+    max_steps: int | None = None
+    max_pixels: int | None = None  # width * height
+    max_batch: int | None = None
 
     @classmethod
     def with_keys(cls, keys: tuple[str, ...] | list[str] = (), **kw) -> ServiceConfig:

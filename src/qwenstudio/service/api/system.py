@@ -30,14 +30,38 @@ async def metrics(request: Request):
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/api/models", tags=["models"], summary="Models this server runs")
+@router.get("/api/models", tags=["models"], summary="Models this server runs, their spec defaults, and LoRAs")
 async def models(request: Request):
+    """Each served model with the defaults and recommended sizes of its spec (so a client can show and reset them),
+    the valid samplers/schedulers and request bounds, and the LoRAs found in the models dirs (by name, no paths)."""
+    from ...engine.requests import LIMITS
+    from ...engine.sampling import SAMPLERS, SCHEDULERS
+
+    state = request.app.state
+    served = await asyncio.to_thread(state.client.models)
+    loras = await asyncio.to_thread(_loras, state.settings)
+    return {"models": [_model_view(m) for m in served], "loras": loras, "samplers": list(SAMPLERS),
+            "schedulers": list(SCHEDULERS), "limits": {k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in LIMITS.items()}}
+
+
+def _model_view(m) -> dict:
     from ...engine.specs import get_spec
 
-    out = []
-    for m in await asyncio.to_thread(request.app.state.client.models):
-        d = get_spec(m.variant).defaults
-        out.append({"id": m.id, "variant": m.variant, "ready": m.ready, "description": m.description,
-                    "defaults": {"steps": d.steps, "cfg": d.cfg, "sampler": d.sampler, "scheduler": d.scheduler,
-                                 "shift": d.shift}})
-    return {"models": out}
+    spec = get_spec(m.variant)
+    d = spec.defaults
+    width, height = spec.default_size
+    return {"id": m.id, "kind": "model", "variant": m.variant, "ready": m.ready, "description": m.description,
+            "defaults": {"steps": d.steps, "cfg": d.cfg, "sampler": d.sampler, "scheduler": d.scheduler,
+                         "shift": d.shift, "negative_prompt": d.negative, "cfg_norm": d.cfg_norm,
+                         "aspect": spec.default_aspect, "width": width, "height": height},
+            "resolutions": {name: list(size) for name, size in spec.resolutions.items()},
+            "max_input_images": spec.max_input_images}
+
+
+def _loras(settings) -> list[dict]:
+    """LoRA files in the models dirs the engine looks in (settings' dirs and ~/.qwenstudio/models), as the registry
+    names them (public fields only, no paths)."""
+    from ...engine.sources import registry_for
+
+    return [{**e.public(), "id": e.name} for e in registry_for(settings).scan() if e.kind == "lora"]
