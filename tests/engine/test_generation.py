@@ -134,3 +134,21 @@ def test_stochastic_sampler_is_reproducible(tiny_engine):
     a = tiny_engine.generate(prompt="p", steps=3, seed=4, sampler="euler_ancestral", scheduler="simple")
     b = tiny_engine.generate(prompt="p", steps=3, seed=4, sampler="euler_ancestral", scheduler="simple")
     assert torch.equal(a.latents, b.latents)
+
+
+def test_out_of_memory_is_a_typed_error_and_the_engine_recovers(tiny_engine):
+    calls = []
+
+    def oom_once(module, args, kwargs):
+        if not calls:
+            calls.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    hook = tiny_engine.components.transformer.register_forward_pre_hook(oom_once, with_kwargs=True)
+    try:
+        with pytest.raises(GenerationFailed) as err:
+            tiny_engine.generate(prompt="p", steps=2, seed=0)
+        assert err.value.code == "out_of_memory" and "--offload" in str(err.value)
+        assert tiny_engine.generate(prompt="p", steps=2, seed=0).images  # the next request runs
+    finally:
+        hook.remove()

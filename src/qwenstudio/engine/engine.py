@@ -9,6 +9,7 @@ each image carries the exact request that re-creates it. The loop never syncs wi
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -149,22 +150,24 @@ class Engine:
             raise InvalidRequest("pass either a GenerateRequest or keyword fields, not both")
         req = self.prepare(request)
         self._set_lora_stack(self._load_loras(req))
-        try:
-            return self._generate(req, on_progress, preview_every)
-        except GenerationFailed as e:
-            if not (retry_fp32 and e.code == "non_finite" and self.components.dtype != _fp32()):
-                raise
-            return self._retry_in_fp32(req, on_progress, preview_every)
+        with out_of_memory_as_typed_error():
+            try:
+                return self._generate(req, on_progress, preview_every)
+            except GenerationFailed as e:
+                if not (retry_fp32 and e.code == "non_finite" and self.components.dtype != _fp32()):
+                    raise
+                return self._retry_in_fp32(req, on_progress, preview_every)
 
     def prepare(self, request: GenerateRequest) -> GenerateRequest:
         """Everything checkable before any GPU work, so a server can refuse a job before queueing it: LoRA names
         resolve, a Lightning LoRA's recipe fills the defaults the user left open, every bound is checked, and the
         prompts fit the model's token limit. Cheap: reads LoRA file headers and runs the tokenizer only."""
         req = self._apply_lora_recipes(request).resolve(self.spec)
-        if getattr(req, "controlnet", None):  # an edit naming a ControlNet: it must resolve (404 otherwise)
-            from .editing.controlnet import resolve_controlnet
+        if hasattr(req, "controls"):  # an edit: a named ControlNet must resolve (404 otherwise), and an inpainting
+            # ControlNet's request is checked and gets strength 1 (editing/controlnet.py)
+            from .editing.controlnet import check_controlnet_request
 
-            resolve_controlnet(self, req.controlnet)
+            req = check_controlnet_request(self, request, req)
         self.prompts.check(req.full_prompt())
         if req.cfg > 1.0:
             self.prompts.check(req.negative_prompt)
@@ -187,8 +190,9 @@ class Engine:
         paths, bytes or PIL images; see ``engine/editing/``. ``retry_fp32``: as in ``generate``."""
         from .editing import run_edit
 
-        return run_edit(self, request, images=images, mask=mask, controls=controls, on_progress=on_progress,
-                        preview_every=preview_every, retry_fp32=retry_fp32, **fields)
+        with out_of_memory_as_typed_error():
+            return run_edit(self, request, images=images, mask=mask, controls=controls, on_progress=on_progress,
+                            preview_every=preview_every, retry_fp32=retry_fp32, **fields)
 
     def load_controlnet(self, source) -> None:
         """Attach a ControlNet for ``controls``: a name from the models home (role ``controlnet``: a diffusers
@@ -412,6 +416,23 @@ class Engine:
                       (self._lora_manager.stack if self._lora_manager else [])],
             "timings": {k: round(v, 4) for k, v in timings.items() if isinstance(v, float)},
         }
+
+
+@contextmanager
+def out_of_memory_as_typed_error():
+    """A CUDA (or CPU allocator) OOM fails this run with a typed error and gives the cached blocks back, so the
+    next request starts from a clean allocator instead of inheriting a fragmented one (SECURITY 21)."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise GenerationFailed(
+            "out of memory during this run; use a smaller size or batch, or load with --offload model_offload / "
+            "group_offload", code="out_of_memory",
+        ) from None
 
 
 def _fp32():
