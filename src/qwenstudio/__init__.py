@@ -6,7 +6,7 @@ The public API is ``__all__``. Heavy modules (torch, diffusers) load on first us
 from __future__ import annotations
 
 from . import errors
-from .errors import (
+from .errors import (  # noqa: F401  (re-exported: __all__ includes errors.__all__)
     Cancelled,
     CorruptFile,
     GenerationFailed,

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from qwenstudio.errors import IncompatibleWeights, InvalidRequest, UnsupportedFormat
 from qwenstudio.engine.engine import Engine
 from qwenstudio.engine.loading import load_diffusers_folder
 from qwenstudio.engine.lora import (
@@ -25,6 +24,7 @@ from qwenstudio.engine.lora import (
     parse_stack_spec,
 )
 from qwenstudio.engine.specs import get_spec
+from qwenstudio.errors import IncompatibleWeights, InvalidRequest, UnsupportedFormat
 from qwenstudio.testing.loras import STYLES, make_lora, merge_deltas, write_lora
 
 TOL = 1e-5

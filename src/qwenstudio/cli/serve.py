@@ -57,6 +57,7 @@ def serve(
     vae: str | None = None,
     offload: str | None = None,
     max_upload_bytes: int = 32 << 20,
+    rate_limit: str | None = None,
 ) -> None:
     """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key."""
     import uvicorn
@@ -64,12 +65,14 @@ def serve(
     from ..config import Settings
     from ..service.app import create_app
     from ..service.config import ServiceConfig
+    from ..service.ratelimit import parse_rate
 
     keys = [k.strip() for k in (api_key or os.environ.get("QWENSTUDIO_API_KEY", "")).split(",") if k.strip()]
     config = ServiceConfig.with_keys(keys, host=host, port=port, cors_origins=tuple(cors_origins),
                                      queue_size=queue_size, job_deadline_s=job_deadline_s,
                                      max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
-                                     preview_every=preview_every)
+                                     preview_every=preview_every,
+                                     rate_limit_per_min=parse_rate(rate_limit) if rate_limit else 0)
     config.check_bind()  # before loading anything
     from dataclasses import replace
 
@@ -134,6 +137,8 @@ def serve_command(
     job_deadline: float = typer.Option(600.0, help="Seconds a job may run before it is cancelled."),
     max_body: int = typer.Option(1 << 20, help="JSON request body cap in bytes (413 beyond)."),
     max_upload: int = typer.Option(32 << 20, help="Multipart upload body cap in bytes (image uploads, edits)."),
+    rate_limit: str | None = typer.Option(None, "--rate-limit", help="Per API key (or client address) limit on "
+                                          "state-changing requests, e.g. 30/min, 2/s; 429 + Retry-After beyond."),
     preview_every: int = typer.Option(0, help="Default preview interval in steps for SSE (0: off)."),
 ) -> None:
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
@@ -143,7 +148,7 @@ def serve_command(
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
               queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
               preview_every=preview_every, models_dirs=tuple(models_dir), text_encoder=text_encoder, vae=vae,
-              offload=offload, max_upload_bytes=max_upload)
+              offload=offload, max_upload_bytes=max_upload, rate_limit=rate_limit)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -1,9 +1,12 @@
-"""Bounded job queue and the one worker that feeds the engine client.
+"""The job queue (rows in the store) and the worker that feeds the engine client.
 
-Why a hand-made queue (deque + condition) and not ``queue.Queue``: a queued job must be removable on cancel, and the
-queue bound must be checked and the job inserted atomically so concurrent submitters can neither overfill it nor
-lose a job. Events (queued position, progress, previews, terminal state) are appended to a per-job log that SSE
-readers and waiting callers follow from asyncio through ``subscribe``.
+The queue lives in the SQLite store: ``submit`` inserts a queued row (bound checked in the same transaction) and
+the worker ``claim_next``-s the oldest one with ``BEGIN IMMEDIATE``, so several JobManagers (threads of one process,
+or processes on one home) share the queue and run each job exactly once (SECURITY 26). A job submitted here is also
+kept in memory with a per-job event log (queued position, progress, previews, terminal state) that SSE readers and
+waiting callers follow from asyncio through ``subscribe``: in one process the worker publishes straight into it (no
+polling on the fast path); a job another worker runs is followed from the store by a watcher thread, which also
+heartbeats this worker and marks running jobs of dead workers failed "interrupted".
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,11 @@ log = logging.getLogger("qwenstudio.service")
 
 TERMINAL_EVENTS = ("done", "failed", "cancelled")
 KEEP_FINISHED = 256  # finished jobs whose event log stays in memory for late SSE readers
+POLL_S = 0.25  # idle worker: how often it looks for jobs other processes queued; watcher tick
+HEARTBEAT_S = 1.0
+STALE_S = 10.0  # a worker silent this long (or whose pid is gone, same host) is dead
+REAP_EVERY_S = 5.0
+CANCEL_CHECK_S = 0.25  # running job: how often the store's cross-process cancel flag is read
 
 
 @dataclass
@@ -40,17 +50,23 @@ class Job:
 
     id: str
     model: str
-    request: Any  # resolved GenerateRequest (an EditRequest for edits)
+    request: Any  # resolved GenerateRequest (an EditRequest for edits); None for a job followed from the store
     preview_every: int
     inputs: dict | None = None  # edits: upload paths for Engine.edit (images, mask, controls)
     events: list[dict] = field(default_factory=list)
     cancel_reason: str | None = None  # user | disconnect | shutdown | deadline
     finished: threading.Event = field(default_factory=threading.Event)
+    position: int | None = None  # last published queue position
+    seen: tuple = ()  # (status, step) last published by the watcher for a job another worker runs
     _subscribers: set = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def publish(self, event: str, data: dict) -> None:
+    def publish(self, event: str, data: dict) -> bool:
+        """Append an event and wake readers. Nothing is appended after a terminal event (the worker and the
+        watcher may both report an outcome; the first one wins)."""
         with self._lock:
+            if self.events and self.events[-1]["event"] in TERMINAL_EVENTS:
+                return False
             self.events.append({"event": event, "data": data})
             subs = list(self._subscribers)
         for loop, flag in subs:
@@ -58,6 +74,7 @@ class Job:
                 loop.call_soon_threadsafe(flag.set)
             except RuntimeError:  # that event loop is gone
                 pass
+        return True
 
     def subscribe(self) -> asyncio.Event:
         flag = asyncio.Event()
@@ -75,41 +92,80 @@ class Job:
             return self.events[-1] if self.events and self.events[-1]["event"] in TERMINAL_EVENTS else None
 
 
+def terminal_event(row: dict) -> tuple[str, dict]:
+    """The outcome event of a finished job, from its store row (same shapes the worker publishes)."""
+    status, job_id = row["status"], row["id"]
+    if status == "done":
+        return "done", {"job_id": job_id, "outputs": [
+            {"id": o["id"], "url": f"/api/outputs/{o['id']}", "metadata": o["metadata"]} for o in row["outputs"]]}
+    if status == "cancelled":
+        msg = row.get("error_message") or ""
+        reason = msg[len("cancelled ("):-1] if msg.startswith("cancelled (") and msg.endswith(")") else msg
+        return "cancelled", {"job_id": job_id, "reason": reason or "user"}
+    return "failed", {"job_id": job_id, "error": {"code": row.get("error_code") or "unknown",
+                                                  "message": row.get("error_message") or f"job is {status}"}}
+
+
 class JobManager:
-    def __init__(self, store: Store, client: EngineClient, outputs_dir: Path, config: ServiceConfig, metrics: Metrics):
+    """One per app. ``worker=False`` makes an API-only manager (it queues and follows jobs; workers elsewhere run
+    them). Several managers may share one store; each job is claimed by exactly one of them."""
+
+    def __init__(self, store: Store, client: EngineClient, outputs_dir: Path, config: ServiceConfig, metrics: Metrics,
+                 uploads: Any = None, *, worker: bool = True, worker_id: str | None = None):
         self.store, self.client, self.outputs_dir, self.config, self.metrics = (
             store, client, outputs_dir, config, metrics)
-        self._queue: deque[Job] = deque()
+        self.uploads = uploads
+        self.host = socket.gethostname()
+        self.worker_id = (worker_id or f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}") if worker else None
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._running: Job | None = None
         self._cond = threading.Condition()
+        self._wake = False
         self._accepting = True
         self._stopping = False
-        self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True)
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True) if worker else None
+        self._watcher = threading.Thread(target=self._watch, name="qwenstudio-jobs-watch", daemon=True)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
+    def register(self) -> int:
+        """Join the store (as a worker unless API-only) and mark jobs that dead workers left active failed
+        "interrupted"; returns how many. Called once, before serving."""
+        return self.store.register_worker(self.worker_id, self.host, os.getpid(), STALE_S)
+
     def start(self) -> None:
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
-        self._thread.start()
+        if self._thread is not None:
+            self._thread.start()
+        self._watcher.start()
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Stop taking jobs, cancel queued and running ones, wait for the worker (bounded), leave the store
-        consistent. Called on SIGTERM through the app's lifespan."""
+        """Stop taking jobs, cancel the queued ones submitted here and the running one, wait for the worker
+        (bounded), leave the store consistent. Called on SIGTERM through the app's lifespan."""
         with self._cond:
             self._accepting = False
-            queued = list(self._queue)
-            self._queue.clear()
+            mine = [j for j in self._jobs.values() if j.terminal is None]
             running = self._running
-        for job in queued:
-            self._finish_cancelled(job, "shutdown")
+        for job in mine:
+            if job is not running and self.store.cancel_queued(job.id, "shutdown"):
+                self.metrics.job_finished("cancelled", 0.0)
+                self._publish_cancelled(job, "shutdown")
         if running is not None:
             running.cancel_reason = "shutdown"
             self.client.cancel(running.id)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        self._halt.set()
+        if self._watcher.is_alive():
+            self._watcher.join(5)
+        if self.worker_id is not None:
+            try:
+                self.store.unregister_worker(self.worker_id)
+            except Exception:  # noqa: BLE001 (the store may already be closed by a failed start)
+                log.warning("could not unregister worker %s", self.worker_id)
 
     @property
     def accepting(self) -> bool:
@@ -117,7 +173,8 @@ class JobManager:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Jobs waiting in the (shared) store queue."""
+        return self.store.count_queued()
 
     @property
     def running_count(self) -> int:
@@ -126,40 +183,76 @@ class JobManager:
     # ---- API -----------------------------------------------------------------------------------------------
     def submit(self, model: str, request: Any, preview_every: int = 0, inputs: dict | None = None) -> Job:
         """Queue a validated, resolved request; raise QueueFull (429) at the bound."""
+        self._check_caps(request)
         job = Job(uuid.uuid4().hex, model, request, preview_every, inputs)
+        options = {"preview_every": preview_every, "inputs": _inputs_spec(inputs)}
         with self._cond:
             if not self.accepting:
                 raise ServiceUnavailable("the server is shutting down; retry on another instance")
-            if len(self._queue) >= self.config.queue_size:
+            position = self.store.insert_job(job.id, model, request.to_dict(), options=options,
+                                             max_queued=self.config.queue_size)
+            if position is None:
                 self.metrics.job_rejected(QueueFull.code)
                 raise QueueFull(
                     f"the queue is full ({self.config.queue_size} jobs waiting); retry later",
                     retry_after=self.config.retry_after_s,
                 )
-            self.store.insert_job(job.id, model, request.to_dict())
-            self._queue.append(job)
             self._remember(job)
-            position = len(self._queue)
             self.metrics.job_submitted()
+            job.position = position
+            job.publish("queued", {"job_id": job.id, "position": position})  # before any worker can claim it
+            self._wake = True
             self._cond.notify_all()
-        job.publish("queued", {"job_id": job.id, "position": position})
         return job
+
+    def _check_caps(self, request: Any) -> None:
+        """The operator's caps (ServiceConfig.max_steps/max_pixels/max_batch), on the resolved request."""
+        from ..errors import InvalidRequest
+
+        c = self.config
+        if c.max_steps is not None and (request.steps or 0) > c.max_steps:
+            raise InvalidRequest(f"steps {request.steps} is over this server's limit of {c.max_steps}",
+                                 code="invalid_steps")
+        if c.max_batch is not None and (request.batch or 1) > c.max_batch:
+            raise InvalidRequest(f"batch {request.batch} is over this server's limit of {c.max_batch}",
+                                 code="invalid_batch")
+        if c.max_pixels is not None and (request.width or 0) * (request.height or 0) > c.max_pixels:
+            raise InvalidRequest(f"{request.width}x{request.height} is over this server's limit of {c.max_pixels} "
+                                 "pixels", code="invalid_size")
 
     def get(self, job_id: str) -> Job | None:
         with self._cond:
             return self._jobs.get(job_id)
 
-    def cancel(self, job_id: str, reason: str = "user") -> str:
-        """Cancel a queued job now, or ask the running one to stop at its next step. Returns the status after."""
+    def follow(self, job_id: str) -> Job | None:
+        """The in-memory job to stream events from: a job of this process, or one queued/run by another process
+        (followed from the store from now on). None when the job is unknown or finished and not in memory."""
+        job = self.get(job_id)
+        if job is not None:
+            return job
+        row = self.store.get_job(job_id)
+        if row is None or row["status"] not in ("queued", "running"):
+            return None
         with self._cond:
-            queued = next((j for j in self._queue if j.id == job_id), None)
-            if queued is not None:
-                self._queue.remove(queued)
-            running = self._running if self._running is not None and self._running.id == job_id else None
-        if queued is not None:
-            self._finish_cancelled(queued, reason)
+            job = self._jobs.get(job_id)
+            if job is None:
+                job = Job(job_id, row["model"], None, 0)
+                self._remember(job)
+        self._follow_foreign([job])
+        return job
+
+    def cancel(self, job_id: str, reason: str = "user") -> str:
+        """Cancel a queued job now, or ask the running one (here or in another worker process) to stop at its next
+        step. Returns the status after."""
+        if self.store.cancel_queued(job_id, reason):
+            job = self.get(job_id)
+            self.metrics.job_finished("cancelled", 0.0)
+            if job is not None:
+                self._publish_cancelled(job, reason)
             self._publish_positions()
             return "cancelled"
+        with self._cond:
+            running = self._running if self._running is not None and self._running.id == job_id else None
         if running is not None:
             running.cancel_reason = running.cancel_reason or reason
             self.client.cancel(job_id)
@@ -167,6 +260,8 @@ class JobManager:
         row = self.store.get_job(job_id)
         if row is None:
             raise NotFound(f"no job '{job_id}'", code="job_not_found")
+        if row["status"] == "running" and self.store.request_cancel(job_id):
+            return "cancelling"
         raise Conflict(f"job '{job_id}' already finished ({row['status']})", code="job_finished")
 
     def delete(self, job_id: str) -> None:
@@ -179,7 +274,8 @@ class JobManager:
                 self.cancel(job_id)
             except Conflict:
                 pass
-        elif row["status"] == "running":
+            row = self.store.get_job(job_id)
+        if row is not None and row["status"] == "running":
             raise Conflict("the job is running; cancel it first", code="job_active")
         for name in self.store.delete_job(job_id):
             (self.outputs_dir / name).unlink(missing_ok=True)
@@ -190,31 +286,68 @@ class JobManager:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
                 if self._stopping:
                     return
-                job = self._queue.popleft()
+                self._wake = False
+                accepting = self._accepting
+            row = None
+            if accepting:
+                try:
+                    row = self.store.claim_next(self.worker_id, [m.id for m in self.client.models()])
+                except Exception:
+                    log.exception("claiming a job failed")
+            if row is None:
+                with self._cond:
+                    if not self._wake and not self._stopping:
+                        self._cond.wait(POLL_S)
+                continue
+            with self._cond:
+                job = self._jobs.get(row["id"])
+                if job is None or job.request is None:  # queued by another process: rebuild it from the row
+                    job = self._adopt(row, job)
                 self._running = job
+                if not self._accepting:  # stop() began between the claim and now
+                    job.cancel_reason = "shutdown"
             try:
                 self._publish_positions()
-                if self.store.mark_running(job.id):
-                    self._run(job)
+                self._run(job)
             except BaseException:  # the worker must survive anything one job does
                 log.exception("job %s: unexpected error in the worker", job.id)
             finally:
                 with self._cond:
                     self._running = None
 
+    def _adopt(self, row: dict, job: Job | None) -> Job:
+        """A Job for a row another process queued (call with the lock held). A request that cannot be rebuilt
+        (an upload deleted meanwhile) fails the job when it runs, with the typed error."""
+        options = row.get("options") or {}
+        if job is None:
+            job = Job(row["id"], row["model"], None, 0)
+            self._remember(job)
+        job.preview_every = int(options.get("preview_every") or 0)
+        try:
+            job.request, job.inputs = _rebuild(row, options.get("inputs"), self.uploads)
+        except QwenStudioError as e:
+            job.request, job.inputs = e, None
+        return job
+
     def _run(self, job: Job) -> None:
         started = time.monotonic()
         deadline = started + self.config.job_deadline_s
         job.publish("started", {"job_id": job.id})
+        if isinstance(job.request, QwenStudioError):
+            self._finish_failed(job, job.request.code, redact_paths(job.request.message), started)
+            return
         last_write = [0.0]
+        last_cancel_check = [0.0]
         steps_seen = [0, 0.0]  # steps, seconds between first and last step
 
         def on_event(ev: StepEvent) -> bool:
             now = time.monotonic()
+            if now - last_cancel_check[0] >= CANCEL_CHECK_S:  # a cancel asked through another process
+                last_cancel_check[0] = now
+                if job.cancel_reason is None and self.store.cancel_requested(job.id):
+                    job.cancel_reason = "user"
             if job.cancel_reason is not None:
                 return False
             if now > deadline:
@@ -277,10 +410,69 @@ class JobManager:
             raise OutputWriteFailed("could not write the output image (disk full or outputs dir not writable)")
         return written
 
+    # ---- watcher: heartbeat, dead workers, jobs other workers run ------------------------------------------
+    def _watch(self) -> None:
+        last_beat = last_reap = 0.0
+        while not self._halt.wait(POLL_S):
+            try:
+                now = time.monotonic()
+                if self.worker_id is not None and now - last_beat >= HEARTBEAT_S:
+                    last_beat = now
+                    self.store.heartbeat(self.worker_id)
+                if now - last_reap >= REAP_EVERY_S:
+                    last_reap = now
+                    if n := self.store.reap_dead(self.host, STALE_S):
+                        log.warning("marked %d job(s) of dead workers failed (interrupted)", n)
+                with self._cond:
+                    pending = [j for j in self._jobs.values() if j.terminal is None and j is not self._running]
+                if pending:
+                    self._follow_foreign(pending)
+            except Exception:  # keep watching; a closed store at shutdown ends the loop through _halt
+                if not self._halt.is_set():
+                    log.exception("job watcher")
+
+    def _follow_foreign(self, jobs: list[Job]) -> None:
+        """Publish what the store says about jobs this process is not running: queue positions, start and progress
+        in another worker, outcomes (including cancels and crash recovery done elsewhere)."""
+        states = self.store.job_states([j.id for j in jobs])
+        positions = {jid: i for i, jid in enumerate(self.store.queued_ids(), 1)}
+        for job in jobs:
+            st = states.get(job.id)
+            if st is None:
+                job.publish("failed", {"job_id": job.id, "error": {"code": "job_not_found",
+                                                                   "message": "the job was deleted"}})
+                self._retire(job)
+                continue
+            status = st["status"]
+            if status == "queued":
+                pos = positions.get(job.id)
+                if pos is not None and pos != job.position:
+                    job.position = pos
+                    job.publish("queued", {"job_id": job.id, "position": pos})
+            elif status == "running":
+                if st["worker_id"] == self.worker_id and self.worker_id is not None:
+                    continue  # ours: the worker publishes
+                if job.seen[:1] != ("running",):
+                    job.publish("started", {"job_id": job.id})
+                if st["step"] and job.seen != ("running", st["step"]):
+                    job.publish("progress", {"step": st["step"], "total": st["total"], "elapsed": None, "eta": None})
+                job.seen = ("running", st["step"])
+            else:
+                with self._cond:
+                    if job is self._running:
+                        continue
+                row = self.store.get_job(job.id)
+                if row is not None:
+                    job.publish(*terminal_event(row))
+                    self._retire(job)
+
     # ---- helpers -------------------------------------------------------------------------------------------
     def _finish_cancelled(self, job: Job, reason: str, started: float | None = None) -> None:
         self.store.finish_job(job.id, "cancelled", error=("cancelled", f"cancelled ({reason})"))
         self.metrics.job_finished("cancelled", time.monotonic() - started if started else 0.0)
+        self._publish_cancelled(job, reason)
+
+    def _publish_cancelled(self, job: Job, reason: str) -> None:
         job.publish("cancelled", {"job_id": job.id, "reason": reason})
         self._retire(job)
 
@@ -291,10 +483,13 @@ class JobManager:
         self._retire(job)
 
     def _publish_positions(self) -> None:
+        ids = self.store.queued_ids()
         with self._cond:
-            queued = list(self._queue)
-        for pos, j in enumerate(queued, 1):
-            j.publish("queued", {"job_id": j.id, "position": pos})
+            local = [(pos, self._jobs.get(jid)) for pos, jid in enumerate(ids, 1)]
+        for pos, j in local:
+            if j is not None and j.position != pos:
+                j.position = pos
+                j.publish("queued", {"job_id": j.id, "position": pos})
 
     def _remember(self, job: Job) -> None:
         self._jobs[job.id] = job
@@ -311,6 +506,41 @@ class JobManager:
                 if e["event"] == "preview":
                     e["data"] = {"step": e["data"]["step"], "images": []}
         job.finished.set()
+
+
+def _inputs_spec(inputs: dict | None) -> dict | None:
+    """Edit inputs as upload ids (JSON, for the store): enough for a worker in another process to find the files."""
+    if inputs is None:
+        return None
+    from dataclasses import asdict, is_dataclass
+
+    def uid(p: Any) -> str:
+        return Path(p).stem
+
+    controls = []
+    for c in inputs.get("controls") or []:
+        d = asdict(c) if is_dataclass(c) else dict(c)
+        d["image"] = uid(d["image"])
+        controls.append(d)
+    return {"images": [uid(p) for p in inputs.get("images") or []],
+            "mask": uid(inputs["mask"]) if inputs.get("mask") is not None else None, "controls": controls}
+
+
+def _rebuild(row: dict, spec: dict | None, uploads: Any) -> tuple[Any, dict | None]:
+    """(request, inputs) from a stored row: the resolved request as stored; edit inputs found by upload id."""
+    from ..engine.requests import GenerateRequest
+
+    if spec is None:
+        return GenerateRequest.from_dict(row["request"]), None
+    from ..engine.editing import EditRequest
+    from ..engine.editing.run import Control
+
+    if uploads is None:
+        raise QwenStudioError("this worker has no upload store for edit jobs", code="missing_image")
+    inputs = {"images": [uploads.path(i) for i in spec["images"]],
+              "mask": uploads.path(spec["mask"]) if spec.get("mask") else None,
+              "controls": [Control(**{**c, "image": uploads.path(c["image"])}) for c in spec.get("controls") or []]}
+    return EditRequest.from_dict(row["request"]), inputs
 
 
 def _png_b64(array: Any) -> str:

@@ -1,8 +1,11 @@
-"""SQLite store (WAL) for jobs, their outputs (the history: full reproducible metadata) and presets.
+"""SQLite store (WAL) for jobs, their outputs (the history: full reproducible metadata) and presets. It is also the
+job queue: ``insert_job`` (bounded) and ``claim_next`` (``BEGIN IMMEDIATE``) let any number of worker threads or
+processes share one store and run each job exactly once (SECURITY 26).
 
 One connection guarded by a lock: the service writes from a handful of threads and SQLite serialises writers
-anyway; WAL lets readers of other processes (a CLI, a second replica) read while we write. ``recover`` runs at open:
-jobs a crash left "queued"/"running" become "failed"/"interrupted", finished rows and files are untouched.
+anyway; WAL lets readers of other processes (a CLI, a second replica) read while we write. ``register_worker`` runs at
+start: jobs a crash left "queued"/"running" become "failed"/"interrupted" (only those of dead workers when other
+workers are alive), finished rows and files are untouched.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     total INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status);
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outputs (
     id TEXT PRIMARY KEY,
     job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -54,6 +64,11 @@ CREATE TABLE IF NOT EXISTS presets (
 );
 """
 
+# Added for several workers on one store: who claimed a running job, a cross-process cancel request, and what a
+# worker in another process needs to run a job (preview interval, edit inputs by upload id).
+_JOB_COLUMNS = (("worker_id", "TEXT"), ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"), ("options", "TEXT"))
+INTERRUPTED = "the server stopped before this job finished; submit it again"
+
 
 class Store:
     def __init__(self, path: Path):
@@ -67,6 +82,15 @@ class Store:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            for column, decl in _JOB_COLUMNS:  # stores written before these columns existed
+                if column not in have:
+                    try:
+                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {decl}")
+                    except sqlite3.OperationalError as e:  # another process added it first
+                        if "duplicate column" not in str(e):
+                            raise
+            self._db.execute("CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(status, seq)")
 
     def close(self) -> None:
         with self._lock:
@@ -84,26 +108,153 @@ class Store:
     def recover(self) -> int:
         """Mark jobs a previous process left active as failed ("interrupted"); return how many."""
         cur = self._exec(
-            "UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, "
-            "error_message='the server stopped before this job finished; submit it again' "
+            "UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, error_message=? "
             "WHERE status IN ('queued','running')",
-            (time.time(),),
+            (time.time(), INTERRUPTED),
         )
         return cur.rowcount
 
-    def insert_job(self, job_id: str, model: str, request: dict[str, Any]) -> None:
+    def insert_job(self, job_id: str, model: str, request: dict[str, Any], *, options: dict | None = None,
+                   max_queued: int | None = None) -> int | None:
+        """Insert a queued job; return its queue position (1 = next), or None when ``max_queued`` jobs already wait.
+        The count and the insert are one ``BEGIN IMMEDIATE`` transaction, so concurrent submitters in any process
+        can neither overfill the queue nor lose a job."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE status='queued'").fetchone()[0]
+                if max_queued is not None and queued >= max_queued:
+                    self._db.execute("ROLLBACK")
+                    return None
                 seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
                 self._db.execute(
-                    "INSERT INTO jobs (id, seq, status, model, prompt, request, created_at) VALUES (?,?,?,?,?,?,?)",
-                    (job_id, seq, "queued", model, request.get("prompt", ""), json.dumps(request), time.time()),
+                    "INSERT INTO jobs (id, seq, status, model, prompt, request, created_at, options) "
+                    "VALUES (?,?,?,?,?,?,?,?)",
+                    (job_id, seq, "queued", model, request.get("prompt", ""), json.dumps(request), time.time(),
+                     None if options is None else json.dumps(options)),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+        return queued + 1
+
+    def claim_next(self, worker_id: str, models: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+        """Atomically move the oldest queued job for one of ``models`` to running, owned by ``worker_id``; None when
+        nothing waits. ``BEGIN IMMEDIATE`` takes the write lock before the read, so two workers (threads or
+        processes) can never claim the same row: each job runs exactly once."""
+        if not models:
+            return None
+        marks = ",".join("?" * len(models))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    f"SELECT id FROM jobs WHERE status='queued' AND model IN ({marks}) ORDER BY seq LIMIT 1",
+                    tuple(models)).fetchone()
+                if row is not None:
+                    self._db.execute("UPDATE jobs SET status='running', started_at=?, worker_id=? WHERE id=?",
+                                     (time.time(), worker_id, row[0]))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return None if row is None else self.get_job(row[0])
+
+    def cancel_queued(self, job_id: str, reason: str) -> bool:
+        """queued -> cancelled, atomically (a worker's claim and a cancel never both win)."""
+        cur = self._exec(
+            "UPDATE jobs SET status='cancelled', finished_at=?, error_code='cancelled', error_message=? "
+            "WHERE id=? AND status='queued'", (time.time(), f"cancelled ({reason})", job_id))
+        return cur.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Flag a running job for its worker (in any process); it stops at its next step."""
+        return self._exec("UPDATE jobs SET cancel_requested=1 WHERE id=? AND status='running'", (job_id,)).rowcount == 1
+
+    def cancel_requested(self, job_id: str) -> bool:
+        rows = self._all("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,))
+        return bool(rows and rows[0][0])
+
+    def queued_ids(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT id FROM jobs WHERE status='queued' ORDER BY seq")]
+
+    def count_queued(self) -> int:
+        return self._all("SELECT COUNT(*) FROM jobs WHERE status='queued'")[0][0]
+
+    def job_states(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Status, progress and owner of some jobs in one query (for following jobs other workers run)."""
+        out: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(job_ids), 500):
+            chunk = job_ids[i:i + 500]
+            rows = self._all(f"SELECT id, status, step, total, worker_id FROM jobs WHERE id IN "
+                             f"({','.join('?' * len(chunk))})", tuple(chunk))
+            out.update({r["id"]: dict(r) for r in rows})
+        return out
+
+    # ---- workers (several processes on one store) ----------------------------------------------------------------
+    def register_worker(self, worker_id: str | None, host: str, pid: int, stale_s: float) -> int:
+        """Register a worker (None: an API-only process) and recover what dead workers left, in one transaction.
+
+        A worker is alive when its heartbeat is fresh and, on this host, its pid still exists (so a restart right
+        after kill -9 sees the old process as dead at once). With no other live worker, every queued/running job is
+        left over from a stopped server and is marked failed "interrupted"; with live workers, only running jobs of
+        dead workers are (queued ones stay for the live workers to run). Returns how many jobs were marked."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                live = self._live_workers(host, now, stale_s)
+                if worker_id is not None:
+                    self._db.execute("INSERT OR REPLACE INTO workers (id, host, pid, started_at, heartbeat_at) "
+                                     "VALUES (?,?,?,?,?)", (worker_id, host, pid, now, now))
+                if live:
+                    n = self._interrupt_running_not_of(live, now)
+                else:
+                    n = self._db.execute(
+                        "UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, error_message=? "
+                        "WHERE status IN ('queued','running')", (now, INTERRUPTED)).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    def heartbeat(self, worker_id: str) -> None:
+        self._exec("UPDATE workers SET heartbeat_at=? WHERE id=?", (time.time(), worker_id))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        self._exec("DELETE FROM workers WHERE id=?", (worker_id,))
+
+    def reap_dead(self, host: str, stale_s: float) -> int:
+        """Mark running jobs whose worker died (kill -9, lost host) failed "interrupted"; return how many."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._interrupt_running_not_of(self._live_workers(host, now, stale_s), now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n
+
+    def _live_workers(self, host: str, now: float, stale_s: float) -> list[str]:
+        """Forget dead workers; return the live ones (call with the lock held, inside a transaction)."""
+        live, dead = [], []
+        for r in self._db.execute("SELECT id, host, pid, heartbeat_at FROM workers").fetchall():
+            alive = r["heartbeat_at"] >= now - stale_s and (r["host"] != host or _pid_alive(r["pid"]))
+            (live if alive else dead).append(r["id"])
+        for wid in dead:
+            self._db.execute("DELETE FROM workers WHERE id=?", (wid,))
+        return live
+
+    def _interrupt_running_not_of(self, live: list[str], now: float) -> int:
+        marks = ",".join("?" * len(live))
+        owned = f"worker_id IS NOT NULL AND worker_id IN ({marks})" if live else "0"
+        return self._db.execute(
+            "UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, error_message=? "
+            f"WHERE status='running' AND NOT ({owned})", (now, INTERRUPTED, *live)).rowcount
 
     def mark_running(self, job_id: str) -> bool:
         """queued -> running, atomically; False if the job is no longer queued (cancelled meanwhile)."""
@@ -180,6 +331,7 @@ class Store:
     def _job_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         d = dict(row)
         d["request"] = json.loads(d["request"])
+        d["options"] = json.loads(d["options"]) if d.get("options") else None
         d["outputs"] = self.outputs_of(d["id"])
         return d
 
@@ -237,3 +389,15 @@ class Store:
         d = dict(row)
         d["params"] = json.loads(d["params"])
         return d
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

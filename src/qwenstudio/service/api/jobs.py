@@ -115,7 +115,7 @@ async def delete_job(request: Request, job_id: str):
 @router.get("/jobs/{job_id}/events", summary="Server-Sent Events: queued, started, progress, preview, outcome")
 async def job_events(request: Request, job_id: str):
     state = request.app.state
-    job = state.jobs.get(job_id)
+    job = await asyncio.to_thread(state.jobs.follow, job_id)  # this process's job, or one another worker runs
     if job is None:
         view = job_view(state, job_id)  # 404 when unknown
         return StreamingResponse(_replay_finished(view), media_type="text/event-stream", headers=_SSE_HEADERS)

@@ -15,7 +15,7 @@ from ..engine_client import EngineClient
 from ..errors import UnsupportedMediaType
 from ..uploads import UploadStore
 
-_STR = {"prompt", "negative_prompt", "aspect", "sampler", "scheduler", "noise", "magic"}
+_STR = {"prompt", "negative_prompt", "aspect", "sampler", "scheduler", "noise", "magic", "controlnet"}
 _INT = {"width", "height", "steps", "seed", "batch", "noise_skip", "feather"}
 _FLOAT = {"cfg", "shift", "strength"}
 _BOOL = {"cfg_norm", "keep_size"}
@@ -116,7 +116,8 @@ def _bind_uploads(uploads: UploadStore, data: dict[str, Any]) -> tuple[dict, dic
 def parse_job_body(client: EngineClient, body: Any, default_preview_every: int,
                    uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, int, dict | None]:
     """Native create-job body: the GenerateRequest fields plus ``model`` and ``preview_every``; for an edit also
-    ``images``/``mask``/``controls`` (upload ids) and ``strength``/``feather``/``keep_size``."""
+    ``images``/``mask``/``controls`` (upload ids), ``strength``/``feather``/``keep_size`` and ``controlnet`` (a
+    ControlNet name from the models home)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     data = dict(body)
