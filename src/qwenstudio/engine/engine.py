@@ -20,7 +20,7 @@ from ..errors import Cancelled, GenerationFailed, InvalidRequest, ModelNotFound
 from . import latents as L
 from .loading import Components, default_device, default_dtype
 from .memory import Plan, StagePlacement
-from .requests import GenerateRequest, GenerateResult, GeneratedImage
+from .requests import GeneratedImage, GenerateRequest, GenerateResult
 from .specs import ModelSpec, get_spec
 from .text import PromptEncoder
 

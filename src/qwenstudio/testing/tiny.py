@@ -158,6 +158,36 @@ def build_controlnet(spec: TinySpec = TinySpec(), seed: int = 7):
     return net.eval()
 
 
+def build_inpaint_controlnet(spec: TinySpec = TinySpec(), seed: int = 9):
+    """A tiny *inpainting* ``QwenImageControlNetModel`` (``extra_condition_channels=4``: masked-image latents plus
+    one mask channel in 2x2 patches, as InstantX's Qwen-Image-ControlNet-Inpainting) matching the tiny DiT."""
+    import torch
+    from diffusers import QwenImageControlNetModel
+
+    torch.manual_seed(seed)
+    net = QwenImageControlNetModel(**_dit_kwargs(spec), extra_condition_channels=4)
+    _randomize_zero_inits(net, seed=seed + 1)
+    return net.eval()
+
+
+def write_inpaint_controlnet_folder(path: str | os.PathLike, spec: TinySpec = TinySpec(), seed: int = 9) -> Path:
+    """Write the tiny inpainting ControlNet as a diffusers model folder (config.json + safetensors)."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        build_inpaint_controlnet(spec, seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def write_inpaint_controlnet_file(path: str | os.PathLike, spec: TinySpec = TinySpec(), seed: int = 9) -> Path:
+    """Write the tiny inpainting ControlNet as one safetensors file (diffusers key names, no config inside)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in build_inpaint_controlnet(spec, seed).state_dict().items()}, str(path))
+    return path
+
+
 def write_controlnet_folder(path: str | os.PathLike, spec: TinySpec = TinySpec(), seed: int = 7) -> Path:
     """Write the tiny ControlNet as a diffusers model folder (config.json + safetensors)."""
     path = Path(path)

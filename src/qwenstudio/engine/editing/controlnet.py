@@ -14,10 +14,14 @@ import json
 import re
 from pathlib import Path
 
-from ...errors import IncompatibleWeights, ModelNotFound
+from ...errors import IncompatibleWeights, InvalidRequest, ModelNotFound
 
 _CONTROLNET_CLASSES = ("QwenImageControlNetModel",)
 REAL_AXES_DIMS_ROPE = (16, 56, 56)  # Qwen-Image's split of its 128-dim heads
+# An inpainting ControlNet (InstantX Qwen-Image-ControlNet-Inpainting) takes, per token, the masked image's packed
+# latents (64) plus one (1 - mask) channel in 2x2 patches (4): ``extra_condition_channels=4``, the only layout the
+# reference (``QwenImageControlNetInpaintPipeline.prepare_image_with_mask``) builds.
+INPAINT_EXTRA_CHANNELS = 4
 
 
 def is_controlnet_folder(path: Path) -> bool:
@@ -131,3 +135,78 @@ def resolve_controlnet(engine, name: str) -> tuple[Path, str]:
         return path, (path.name if path.is_dir() else path.stem)
     raise ModelNotFound(f"no ControlNet named '{name}' (put it in <models>/controlnet/"
                         f"{' or give its path' if engine.allow_paths else ''})", code="controlnet_not_found")
+
+
+def controlnet_extra_channels(path: Path) -> int:
+    """``extra_condition_channels`` of a ControlNet folder or file, read cheaply (config.json, or the safetensors
+    header: its ``config`` metadata, else the embedder's input width minus the image input's)."""
+    if path.is_dir():
+        try:
+            return int(json.loads((path / "config.json").read_text()).get("extra_condition_channels") or 0)
+        except (OSError, ValueError, AttributeError, TypeError):
+            return 0  # loading reports the broken folder
+    from ..loading import read_safetensors_header
+
+    header = read_safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    if metadata.get("config"):
+        try:
+            return int(json.loads(metadata["config"]).get("extra_condition_channels") or 0)
+        except (ValueError, AttributeError, TypeError):
+            pass
+    prefix = _prefix(header)
+    emb, img = header.get(prefix + "controlnet_x_embedder.weight"), header.get(prefix + "img_in.weight")
+    if emb is None or img is None:
+        return 0
+    return int(emb["shape"][1]) - int(img["shape"][1])
+
+
+def uses_inpaint_controlnet(req, extra: int, name: str | None) -> bool:
+    """Whether ``req`` (an ``EditRequest`` on a base model that uses a ControlNet with ``extra`` extra condition
+    channels) runs the ControlNet-inpaint mode; raises for combinations that cannot run.
+
+    The mode: an image + a mask + an inpainting ControlNet (``extra > 0``). The net's control input is the image
+    itself (masked) and the mask, so ``controls`` may be empty (scale 1, whole schedule) or hold one entry with the
+    same image, whose scale/start/end apply. A ControlNet without extra channels keeps needing control images."""
+    label = f"'{name}'" if name else "the attached ControlNet"
+    if extra <= 0:
+        if not req.controls:
+            raise InvalidRequest(f"{label} needs control images (--control); only an inpainting ControlNet "
+                                 "works from --image + --mask alone", code="missing_control")
+        return False
+    if extra != INPAINT_EXTRA_CHANNELS:
+        raise IncompatibleWeights(f"{label} has {extra} extra condition channels; inpainting ControlNets with "
+                                  f"{INPAINT_EXTRA_CHANNELS} (masked-image latents + one mask channel) are supported")
+    if not req.images or req.mask is None:
+        raise InvalidRequest(f"{label} is an inpainting ControlNet: give the --image to inpaint and a --mask",
+                             code="missing_image")
+    if len(req.controls) > 1:
+        raise InvalidRequest(f"{label} is an inpainting ControlNet: it takes one control (the image itself)",
+                             code="invalid_control")
+    if req.controls and req.controls[0].image.sha256 != req.images[0].sha256:
+        raise InvalidRequest(f"{label} is an inpainting ControlNet: its control image is the image being inpainted "
+                             "(give the same file, or no --control)", code="invalid_control")
+    return True
+
+
+def check_controlnet_request(engine, original, req):
+    """``Engine.prepare``'s ControlNet check (before any GPU work): a named net must resolve, and a request that
+    runs the ControlNet-inpaint mode (named net, or ``controls`` with an attached one) gets ``strength`` 1.0 (it
+    starts from pure noise, as the reference; another explicit strength is refused). Returns the request."""
+    from dataclasses import replace
+
+    if engine.spec.is_edit or not hasattr(req, "controls"):
+        return req
+    if req.controlnet:
+        path, name = resolve_controlnet(engine, req.controlnet)
+        extra = controlnet_extra_channels(path)
+    elif req.controls and getattr(engine, "controlnet", None) is not None:
+        name, extra = engine.controlnet_name, int(engine.controlnet.config.extra_condition_channels or 0)
+    else:
+        return req
+    if not uses_inpaint_controlnet(req, extra, name):
+        return req
+    if getattr(original, "strength", None) not in (None, 1.0):
+        raise InvalidRequest("strength does not apply with an inpainting ControlNet: it starts from pure noise",
+                             code="invalid_strength")
+    return replace(req, strength=1.0)

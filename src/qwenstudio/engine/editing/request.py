@@ -54,7 +54,7 @@ class EditRequest(GenerateRequest):
     feather: int = 4  # pixels of blended seam inside the mask when compositing onto the input
     keep_size: bool | None = None  # None: on when there is a mask
     controls: tuple[ControlRef, ...] = ()
-    controlnet: str | None = None  # a ControlNet's name in the models home (base models with controls)
+    controlnet: str | None = None  # a ControlNet's name in the models home (base models: controls, or inpainting)
 
     def __post_init__(self):
         super().__post_init__()
@@ -128,8 +128,10 @@ class EditRequest(GenerateRequest):
             if spec.is_edit:
                 raise InvalidRequest(f"'{spec.name}' takes control images as input images, not through a ControlNet",
                                      code="invalid_control")
-            if not self.controls:
-                raise InvalidRequest("a ControlNet needs control images (--control)", code="missing_control")
+            if not self.controls and not (self.images and self.mask is not None):
+                # an image + a mask alone suit an inpainting ControlNet (checked against its config in prepare)
+                raise InvalidRequest("a ControlNet needs control images (--control), or an --image and a --mask "
+                                     "for an inpainting ControlNet", code="missing_control")
         for c in self.controls:
             if c.mode not in CONTROL_MODES:
                 raise InvalidRequest(f"unknown control mode '{c.mode}'; valid: {', '.join(CONTROL_MODES)}",

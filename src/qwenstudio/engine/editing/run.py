@@ -12,10 +12,21 @@ One story for every mode, each step matching a diffusers reference pipeline on t
   ``s*noise + (1-s)*init``), and it is sampler-agnostic, unlike a post-step blend.
 * **ControlNet** (``QwenImageControlNetPipeline``, union model, several controls summed): residuals computed from the
   conditional pass each step and added to the DiT blocks of both CFG passes.
+* **ControlNet-inpaint** (``QwenImageControlNetInpaintPipeline``): selected by an image + a mask + an *inpainting*
+  ControlNet (``extra_condition_channels > 0``, e.g. InstantX Qwen-Image-ControlNet-Inpainting) that the request uses
+  (named by ``controlnet=``, or attached with one ``controls`` entry holding the same image, for its scale/start/
+  end); an attached net the request does not use is ignored (plain inpaint). The control input is the VAE latents of
+  the image with the (binarised) mask painted black (-1), concatenated with the (1 - mask) channel at latent size
+  (nearest), packed to 68 channels per token. It starts from pure noise: no init latents, no strength, no blend;
+  the output is composited onto the input like the other masked modes.
 
 Seeds: under the ``diffusers`` convention each image's generator draws, in the reference's order, the VAE posterior
 samples (control images, then the init image) and then the noise; under ``comfy`` the VAE posterior mode is used
-and the noise is ComfyUI's one CPU stream.
+and the noise is ComfyUI's one CPU stream. ControlNet-inpaint, ``diffusers``: the reference draws the masked
+image's posterior sample with ``latent_dist.sample()`` from torch's *global* RNG (its generator draws only the
+noise); we draw it from a separate CPU generator seeded with the image's seed, i.e. what the reference draws when
+the global RNG is seeded with that seed (``torch.manual_seed(seed)``) right before it runs (batch 1, CPU VAE). The
+run stays a pure function of the request, and image ``i`` of a batch equals the single run with seed ``seed + i``.
 
 Pixel-aligned mode (``keep_size``): the input is padded (edge pixels, never stretched) to the 16-pixel grid, the
 model runs at that size, the result is cropped back to the input's exact size, and with a mask every pixel outside
@@ -230,7 +241,8 @@ def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes:
     batch = req.batch
     diffusers_noise = req.noise == "diffusers"
     gens = [torch.Generator().manual_seed(s) for s in req.image_seeds()] if diffusers_noise else None
-    use_init = bool(imgs) and (not spec.is_edit or mask_img is not None or req.strength < 1.0)
+    cn_inpaint = _controlnet_inpaint(engine, req)  # the image + mask are the ControlNet's input, not init latents
+    use_init = bool(imgs) and not cn_inpaint and (not spec.is_edit or mask_img is not None or req.strength < 1.0)
 
     with torch.inference_mode():
         # -- 1. prompts (edit variants: the text encoder sees the images) ------------------------------------------
@@ -253,8 +265,11 @@ def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes:
         t_enc = time.perf_counter()
         with engine._stages.on_device("vae"):
             engine._stages.set_vae_tiling(W * H)
-            control_lat = [_encode(c.vae, geo.fit(im), gens, batch, sample=diffusers_noise) for im in ctrl_imgs] \
-                if not spec.is_edit else []
+            if cn_inpaint:
+                control_lat = [_masked_control(c.vae, geo, imgs[0], mask_img, req, batch, sample=diffusers_noise)]
+            else:
+                control_lat = [_encode(c.vae, geo.fit(im), gens, batch, sample=diffusers_noise)
+                               for im in ctrl_imgs] if not spec.is_edit else []
             init_lat = _encode(c.vae, geo.fit(imgs[0]), gens, batch, sample=diffusers_noise) if use_init else None
             ref_tokens, ref_shapes = None, ()
             if spec.is_edit:
@@ -293,7 +308,9 @@ def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes:
             x = s0 * noise + (1.0 - s0) * init_packed
         x = x.to(c.device)
 
-        hooks = _hooks(engine, req, geo, mask_img, init_packed, control_lat, ref_tokens, ref_shapes, lh, lw)
+        control_specs = (list(req.controls) or [ControlRef(req.images[0])]) if cn_inpaint else list(req.controls)
+        hooks = _hooks(engine, geo, None if cn_inpaint else mask_img, init_packed, control_lat, control_specs,
+                       ref_tokens, ref_shapes, lh, lw)
         x = engine._sample(req, cond, uncond, x, sigmas, lh, lw, on_progress, preview_every, t0, timings, hooks)
 
         # -- 4. decode, crop back to the input grid, composite outside the mask -----------------------------------
@@ -310,13 +327,13 @@ def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes:
         timings["vae_decode"] = time.perf_counter() - t_dec
     timings["total"] = time.perf_counter() - t0
 
-    mode = _mode(spec, req, mask_img)
+    mode = "controlnet-inpaint" if cn_inpaint else _mode(spec, req, mask_img)
     out = []
     for i, img in enumerate(out_imgs):
         meta = engine._metadata(req, i, timings)
         meta["mode"] = mode
         meta["size"] = {"width": geo.ow, "height": geo.oh, "model_width": W, "model_height": H}
-        if req.controls and not spec.is_edit:
+        if (req.controls or cn_inpaint) and not spec.is_edit:
             meta["controlnet"] = getattr(engine, "controlnet_name", None)
         if notes:
             meta["notes"] = list(notes)
@@ -332,6 +349,17 @@ def _mode(spec, req, mask_img) -> str:
     if req.images:
         return "img2img+controlnet" if req.controls else "img2img"
     return "controlnet"
+
+
+def _controlnet_inpaint(engine, req) -> bool:
+    """ControlNet-inpaint mode: a base model, an image + mask, and an inpainting ControlNet the request uses (named,
+    or given ``controls``). An attached ControlNet the request does not ask for is not used (plain inpaint)."""
+    net = getattr(engine, "controlnet", None)
+    if engine.spec.is_edit or net is None or req.mask is None or not (req.controlnet or req.controls):
+        return False
+    from .controlnet import uses_inpaint_controlnet
+
+    return uses_inpaint_controlnet(req, int(net.config.extra_condition_channels or 0), engine.controlnet_name)
 
 
 def _vision_prompts(engine):
@@ -358,9 +386,30 @@ def _condition_image(spec, img):
 def _encode(vae, img, gens, batch: int, *, sample: bool):
     """PIL RGB -> normalised latents [B, 16, h, w]. ``sample``: draw the posterior sample from each image's
     generator (the reference's ``retrieve_latents`` in sample mode); else its mode (mean)."""
+    return _encode_pixels(vae, I.to_tensor(img), gens, batch, sample=sample)
+
+
+def _masked_control(vae, geo: _Inputs, img, mask_img, req, batch: int, *, sample: bool):
+    """The inpainting ControlNet's input [B, 17, h, w], as the reference's ``prepare_image_with_mask``: the image
+    with the binarised mask (>= 0.5) painted -1, VAE-encoded and normalised, then ``1 - mask`` at latent size
+    (nearest). ``sample``: the posterior sample, drawn per image from a fresh generator seeded with the image's
+    seed (the reference draws it from the global RNG; see the module docstring); else the posterior mode."""
     import torch
 
-    px = I.to_tensor(img).unsqueeze(2).to(device=vae.device, dtype=vae.dtype)
+    px = I.to_tensor(geo.fit(img))
+    m = torch.from_numpy(I.mask_to_array(geo.fit(mask_img.convert("L")))) >= 0.5
+    px = px.masked_fill(m[None, None], -1.0)
+    gens = [torch.Generator().manual_seed(s) for s in req.image_seeds()] if sample else None
+    lat = _encode_pixels(vae, px, gens, batch, sample=sample)
+    keep = 1.0 - torch.nn.functional.interpolate(m.float()[None, None], size=tuple(lat.shape[-2:]))
+    return torch.cat([lat, keep.expand(lat.shape[0], -1, -1, -1)], dim=1)
+
+
+def _encode_pixels(vae, px, gens, batch: int, *, sample: bool):
+    """[1, 3, H, W] pixels in [-1, 1] -> normalised latents [B, 16, h, w] (see ``_encode``)."""
+    import torch
+
+    px = px.unsqueeze(2).to(device=vae.device, dtype=vae.dtype)
     dist = vae.encode(px).latent_dist
     mean, std = dist.mean.float(), dist.std.float()
     if sample:
@@ -374,7 +423,7 @@ def _encode(vae, img, gens, batch: int, *, sample: bool):
     return ((lat - lmean) / lstd)[:, :, 0].cpu()
 
 
-def _hooks(engine, req, geo: _Inputs, mask_img, init_packed, control_lat, ref_tokens, ref_shapes, lh, lw):
+def _hooks(engine, geo: _Inputs, mask_img, init_packed, control_lat, control_specs, ref_tokens, ref_shapes, lh, lw):
     import torch
 
     from ..engine import DenoiseHooks
@@ -396,7 +445,7 @@ def _hooks(engine, req, geo: _Inputs, mask_img, init_packed, control_lat, ref_to
         net = engine.controlnet
         dtype = engine.components.dtype
         conds = [L.pack(cl).to(device=device, dtype=dtype) for cl in control_lat]
-        specs = list(req.controls)
+        specs = list(control_specs)
 
         def control(xin, t, embeds, img_shapes, i, total):
             out = None
