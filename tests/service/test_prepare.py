@@ -86,3 +86,26 @@ def test_openai_routes_take_loras_in_extra_body(lora_engine, tmp_path):
                 assert job["request"]["loras"] == lora and job["request"]["steps"] == 4  # Lightning recipe
     finally:
         client.close()
+
+
+def test_nan_or_oom_in_one_job_fails_only_that_job(serve, tiny_engine):
+    """SECURITY 21: a numerical blow-up or an out-of-memory in one job is that job's typed failure; the worker
+    goes on with the next job."""
+    import torch
+
+    with serve() as s, s.client() as http:
+        for make_error, code in (
+            (lambda out: torch.full_like(out[0], float("nan")), "non_finite"),
+            (lambda out: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")), "out_of_memory"),
+        ):
+            hook = tiny_engine.components.transformer.register_forward_hook(
+                lambda m, a, out, f=make_error: (f(out),))
+            try:
+                job = http.post("/api/jobs?wait=true", json={"prompt": "x", "steps": 2, "seed": 1}).json()
+            finally:
+                hook.remove()
+            assert job["status"] == "failed" and job["error"]["code"] == code, job
+            ok = http.post("/api/jobs?wait=true", json={"prompt": "x", "steps": 2, "seed": 1}).json()
+            assert ok["status"] == "done"
+        metrics = http.get("/metrics").text
+        assert 'code="non_finite"' in metrics and 'code="out_of_memory"' in metrics

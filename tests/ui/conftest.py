@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Screenshots go to a temp folder unless QWENSTUDIO_SCREENSHOTS names one (refresh the README's with
+# QWENSTUDIO_SCREENSHOTS=docs/screenshots python -m pytest tests/ui): a test run never rewrites tracked files.
+SCREENSHOTS = Path(os.environ.get("QWENSTUDIO_SCREENSHOTS") or tempfile.gettempdir() + "/qwenstudio-screenshots")
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"UI tests need Debian's Chromium at {CHROMIUM} (apt-get install -y chromium)", allow_module_level=True)

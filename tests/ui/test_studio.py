@@ -167,49 +167,131 @@ def test_presets_save_load_and_swarmui_import(page, server, tmp_path):
     expect(page.locator("#gen-cfg")).to_have_value("3.5")
 
 
-def test_edit_with_image_and_painted_mask(page, server, tmp_path):
-    img = tmp_path / "input.png"
-    img.write_bytes(png_bytes())
-    open_view(page, server, "edit")
-    page.set_input_files("#edit-files", str(img))
-    expect(page.locator("#edit-thumbs li")).to_have_count(1)
+def paint_mask(page):
     canvas = page.locator("#mask-canvas")
     expect(canvas).to_be_visible()
+    page.wait_for_function("() => document.getElementById('mask-canvas').width > 300")  # sized to the image
     box = canvas.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=8)
     page.mouse.up()
-    painted = page.evaluate("""() => { const c = document.getElementById('mask-canvas');
+    return page.evaluate("""() => { const c = document.getElementById('mask-canvas');
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return [c.width, c.height, n]; }""")
-    assert painted[:2] == [64, 48] and painted[2] > 50
-    page.fill("#edit-prompt", "make it blue")
-    # record the multipart fields the page sends (Playwright does not expose multipart bodies with files)
-    page.evaluate("""() => { const orig = window.fetch; window.__sent = [];
-        window.fetch = (url, init) => { if (init && init.body instanceof FormData)
-            window.__sent.push([url, [...init.body.entries()].map(([k, v]) => [k, v instanceof Blob ? v.size : v])]);
-          return orig(url, init); }; }""")
-    with page.expect_request("**/v1/images/edits"):
+
+
+def set_range(page, selector: str, value: str):
+    page.eval_on_selector(selector, "(e, v) => { e.value = v; e.dispatchEvent(new Event('input', {bubbles: true})); }",
+                          value)
+
+
+def test_edit_uploads_runs_a_job_with_progress_and_reuse_restores_it(page, server, tmp_path):
+    img = tmp_path / "input.png"
+    img.write_bytes(png_bytes(310, 230))  # not a multiple of 16: pixel-aligned keeps it exactly
+    open_view(page, server)
+    page.fill("#gen-steps", "6")
+    page.click("button[data-view=edit]")
+    with page.expect_response("**/api/uploads") as up:
+        page.set_input_files("#edit-files", str(img))
+    assert up.value.status == 201
+    upload_id = up.value.json()["id"]
+    expect(page.locator("#edit-thumbs li")).to_have_count(1)
+    expect(page.locator("#edit-thumbs li")).to_contain_text("310×230 png")
+    assert paint_mask(page)[:2] == [310, 230]
+    page.fill("#edit-prompt", "make it blue, edit test")
+    set_range(page, "#edit-strength", "0.8")
+    expect(page.locator("#edit-strength-out")).to_have_text("0.80")
+    with page.expect_request(lambda r: r.url.endswith("/api/jobs") and r.method == "POST") as req:
         page.click("#edit-run")
-    url, fields = page.evaluate("window.__sent[0]")
-    sent = dict(fields)
-    assert url == "/v1/images/edits" and sent["prompt"] == "make it blue" and sent["image[]"] > 0
-    assert sent["mask"] > 0 and sent["strength"] == "1" and sent["keep_size"] == "true" and sent["model"] == "tiny"
-    page.wait_for_function("() => document.querySelector('#edit-images img') || !document.getElementById('edit-error').hidden",
-                           timeout=60_000)
-    err = page.locator("#edit-error")
-    if err.is_visible():  # editing not available on this server: the server's own message, inline
-        with server.http() as http:
-            r = http.post("/v1/images/edits", files={"image[]": ("a.png", png_bytes())}, data={"prompt": "x"})
-        assert r.status_code >= 400, "the API edits but the page showed an error: " + err.inner_text()
-        expect(err).to_contain_text(r.json()["error"]["message"])
-    else:  # a real edit: the result image, at the input's size (pixel-aligned)
-        result = page.locator("#edit-images img").first
-        expect(result).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
-        size = result.evaluate("img => img.complete ? [img.naturalWidth, img.naturalHeight] : null")
-        assert size in (None, [64, 48])
+    body = req.value.post_data_json
+    assert body["images"] == [upload_id] and re.fullmatch(r"[0-9a-f]{64}", body["mask"]) and body["mask"] != upload_id
+    assert body["strength"] == 0.8 and body["keep_size"] is True and body["model"] == "tiny" and body["steps"] == 6
+    assert "width" not in body and body["prompt"] == "make it blue, edit test"
+    expect(page.locator("#edit-live")).to_be_visible()
+    expect(page.locator("#edit-live-status")).to_contain_text("Done", timeout=60_000)
+    expect(page.locator("#edit-live-steps")).to_have_text(re.compile(r"^step (\d+) / \1$"))  # strength 0.8: fewer
+    result = page.locator("#edit-images img").first
+    expect(result).to_have_attribute("src", re.compile(r"^blob:"))
+    page.wait_for_function("() => { const i = document.querySelector('#edit-images img'); return i && i.complete && i.naturalWidth; }")
+    assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [310, 230]
+    expect(page.locator("#edit-meta")).to_contain_text(f"310×230 · 6 steps · strength 0.8 · seed {page.input_value('#gen-seed')}")
+    expect(page.locator("#edit-error")).to_be_hidden()
     shot(page, "edit")
+
+    # the result opens like a generation's, with the edit's parameters
+    result.click()
+    expect(page.locator("#detail")).to_be_visible()
+    params = page.locator("#detail-params")
+    expect(params).to_contain_text("Inputs310×230 png")
+    expect(params).to_contain_text("Strength0.8")
+    page.click("#detail-reuse")
+    expect(page.locator("#view-edit")).to_be_visible()
+    expect(page.locator("#edit-notice")).to_contain_text("same ones")
+
+    # reuse from the gallery with the images gone: the fields come back, the images must be picked again
+    page.get_by_role("button", name="Remove input.png").click()
+    page.fill("#edit-prompt", "")
+    set_range(page, "#edit-strength", "0.3")
+    page.uncheck("#edit-aligned")
+    page.click("button[data-view=generate]")
+    page.fill("#gen-steps", "2")
+    page.click("button[data-view=gallery]")
+    page.locator(".thumb", has_text="edit test").first.click()
+    page.click("#detail-reuse")
+    expect(page.locator("#view-edit")).to_be_visible()
+    expect(page.locator("#edit-prompt")).to_have_value("make it blue, edit test")
+    expect(page.locator("#edit-strength")).to_have_value("0.8")
+    expect(page.locator("#edit-strength-out")).to_have_text("0.80")
+    expect(page.locator("#edit-aligned")).to_be_checked()
+    expect(page.locator("#gen-steps")).to_have_value("6")
+    expect(page.locator("#gen-lock")).to_have_attribute("aria-pressed", "true")
+    notice = page.locator("#edit-notice")
+    expect(notice).to_contain_text("1 input image (310×230 PNG) and its mask")
+    expect(notice).to_contain_text("pick the images and paint the mask again")
+    page.set_input_files("#edit-files", str(img))
+    expect(notice).to_be_hidden()
+
+
+def test_cancel_an_edit_job(page, server, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "big.png"
+    Image.new("RGB", (768, 768), (30, 90, 200)).save(img)
+    open_view(page, server)
+    page.fill("#gen-steps", "150")
+    page.click("button[data-view=edit]")
+    page.set_input_files("#edit-files", str(img))
+    expect(page.locator("#edit-thumbs li")).to_contain_text("768×768 png")
+    page.fill("#edit-prompt", "an edit to cancel")
+    page.click("#edit-run")
+    expect(page.locator("#edit-live-steps")).to_contain_text("/ 150", timeout=30_000)
+    expect(page.locator("#edit-live-eta")).to_contain_text("ETA")
+    page.click("#edit-live-cancel")
+    expect(page.locator("#edit-live-status")).to_have_text("Cancelled", timeout=30_000)
+    expect(page.locator("#edit-live")).to_have_attribute("data-state", "cancelled")
+    expect(page.locator("#edit-run")).to_be_enabled()
+    with server.http() as http:
+        jobs = http.get("/api/jobs", params={"q": "an edit to cancel"}).json()["jobs"]
+    assert jobs[0]["status"] == "cancelled" and len(jobs[0]["request"]["images"]) == 1
+
+
+def test_invalid_upload_shows_the_api_error_inline(page, server, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is a text file, not an image")
+    with server.http() as http:
+        r = http.post("/api/uploads", files={"file": ("notes.png", bad.read_bytes(), "image/png")})
+    assert r.status_code == 422
+    open_view(page, server, "edit")
+    page.set_input_files("#edit-files", str(bad))
+    err = page.locator("#edit-error")
+    expect(err).to_be_visible()
+    expect(err).to_contain_text(f"notes.png: {r.json()['error']['message']}")
+    expect(err).to_contain_text(f"422 {r.json()['error']['code']}")
+    expect(page.locator("#edit-thumbs li")).to_have_count(0)
+    page.fill("#edit-prompt", "nothing to edit")
+    page.click("#edit-run")
+    expect(err).to_have_text("add at least one input image")
 
 
 def test_compare_grid_with_timings(page, server):

@@ -3,7 +3,7 @@
 import * as api from "./api.js";
 import { $, showError } from "./dom.js";
 import { initCompare } from "./compare.js";
-import { initEdit } from "./edit.js";
+import { applyEditRequest, initEdit } from "./edit.js";
 import { initGallery, openOutput, refreshGallery } from "./gallery.js";
 import { applyRequest, initGenerate, loadCatalog, loadPresets, setSeed } from "./generate.js";
 
@@ -69,7 +69,13 @@ async function start() {
   }
 }
 
-function reuse(request, model) {
+function reuse(request, model, job) {
+  if (request.images?.length) {
+    applyEditRequest(request, model, job);
+    showView("edit");
+    $("edit-prompt").focus();
+    return;
+  }
   applyRequest(request, model);
   showView("generate");
   $("gen-prompt").focus();
@@ -87,7 +93,7 @@ function init() {
   window.addEventListener("hashchange", () => showView(location.hash.slice(1)));
   $("key-button").addEventListener("click", changeKey);
   initGallery({ reuse, reuseSeed });
-  initEdit();
+  initEdit({ openOutput });
   initCompare();
   initGenerate({ openOutput });
   showView(location.hash.slice(1) || "generate");

@@ -1,25 +1,60 @@
 // Edit view: 1-3 input images (drop or pick), a mask painted over the first one (brush, erase, fill, clear),
-// strength and pixel-aligned; submitted as multipart to the OpenAI-compatible POST /v1/images/edits.
-// Whatever the server answers (a result, or e.g. 501 while editing is not available) is shown inline.
+// strength and pixel-aligned. Each image is uploaded as soon as it is added (POST /api/uploads: the server checks
+// it and answers its content-hash id, or an error shown inline); "Edit" uploads the painted mask the same way and
+// creates a native job (POST /api/jobs with the upload ids), followed in the same live panel as generations:
+// queue position, progress with step count and ETA, previews, cancel; the results open in the detail dialog.
 
 import * as api from "./api.js";
 import { $, el, showError } from "./dom.js";
-import { formRequest, nextSeed } from "./generate.js";
+import { applyRequest, formRequest, nextSeed } from "./generate.js";
+import { runJob } from "./live.js";
 
 const MAX_IMAGES = 3;
 const MASK_COLOR = "#ff3d71";
-let files = []; // [{file, url}]
+let files = []; // [{file, url, upload: Promise<ref|null>, ref}] ref = {id, width, height, format} once uploaded
 let erase = false;
 let painted = false;
+let openOutput = null;
+let running = false;
 
 const canvas = () => $("mask-canvas");
 
 // ---- inputs -------------------------------------------------------------------------------------------------------
+/** POST /api/uploads with one part named "file"; resolves with {id, width, height, format}. */
+export function uploadImage(blob, name) {
+  const form = new FormData();
+  form.append("file", blob, name);
+  return api.request("/api/uploads", { method: "POST", body: form });
+}
+
+function uploadError(name, err) {
+  return { message: `${name}: ${err.message}`, status: err.status, code: err.code };
+}
+
 function addFiles(list) {
   const images = [...list].filter((f) => f.type.startsWith("image/"));
   const room = MAX_IMAGES - files.length;
   showError($("edit-error"), images.length > room ? { message: `at most ${MAX_IMAGES} input images; extra ones were skipped` } : null);
-  for (const file of images.slice(0, Math.max(0, room))) files.push({ file, url: URL.createObjectURL(file) });
+  const added = images.slice(0, Math.max(0, room));
+  if (added.length) $("edit-notice").hidden = true;
+  for (const file of added) {
+    const entry = { file, url: URL.createObjectURL(file), ref: null };
+    entry.upload = uploadImage(file, file.name).then(
+      (ref) => {
+        entry.ref = ref;
+        if (files.includes(entry)) renderThumbs(false);
+        return ref;
+      },
+      (err) => {
+        // refused by the server (not an image, too large, ...): its message inline, and the file leaves the list
+        const i = files.indexOf(entry);
+        if (i >= 0) removeFile(i);
+        showError($("edit-error"), uploadError(file.name, err));
+        return null;
+      },
+    );
+    files.push(entry);
+  }
   renderThumbs();
 }
 
@@ -30,15 +65,20 @@ function removeFile(i) {
   renderThumbs(wasFirst);
 }
 
+function describe({ file, ref }, i) {
+  const state = ref ? `${ref.width}×${ref.height} ${ref.format}` : "uploading…";
+  return `${i + 1}. ${file.name} · ${state}`;
+}
+
 function renderThumbs(resetMask = true) {
   $("edit-thumbs").replaceChildren(
-    ...files.map(({ file, url }, i) =>
+    ...files.map((entry, i) =>
       el(
         "li",
-        { class: "thumb-item" },
-        el("img", { src: url, alt: `Input ${i + 1}: ${file.name}` }),
-        el("span", { class: "small-text" }, `${i + 1}. ${file.name}`),
-        el("button", { type: "button", class: "icon", "aria-label": `Remove ${file.name}`, onclick: () => removeFile(i) }, "✕"),
+        { class: entry.ref ? "thumb-item" : "thumb-item uploading" },
+        el("img", { src: entry.url, alt: `Input ${i + 1}: ${entry.file.name}` }),
+        el("span", { class: "small-text", title: entry.ref ? `upload ${entry.ref.id}` : "" }, describe(entry, i)),
+        el("button", { type: "button", class: "icon", "aria-label": `Remove ${entry.file.name}`, onclick: () => removeFile(i) }, "✕"),
       ),
     ),
   );
@@ -57,6 +97,7 @@ function loadMaskImage() {
     c.height = img.naturalHeight;
     painted = false;
   };
+  img.onerror = () => {}; // a file the browser cannot decode: the server's refusal of its upload says why
   img.src = files[0].url;
 }
 
@@ -145,49 +186,96 @@ function maskBlob() {
 }
 
 // ---- submit -------------------------------------------------------------------------------------------------------
-async function buildForm() {
+/** The create-job body: the Generate view's model and sampling settings, this view's inputs and edit fields. */
+function jobBody(imageIds, maskId) {
   const base = formRequest();
-  const form = new FormData();
-  form.append("prompt", $("edit-prompt").value);
-  if (base.model) form.append("model", base.model);
-  form.append("n", "1");
-  form.append("response_format", "b64_json");
-  for (const { file } of files) form.append("image[]", file, file.name);
-  if (painted) form.append("mask", await maskBlob(), "mask.png");
-  form.append("strength", $("edit-strength").value);
-  form.append("keep_size", $("edit-aligned").checked ? "true" : "false");
-  for (const k of ["steps", "cfg", "sampler", "scheduler", "negative_prompt"]) if (base[k] !== undefined) form.append(k, String(base[k]));
-  form.append("seed", String(nextSeed()));
-  return form;
+  const body = { prompt: $("edit-prompt").value, images: imageIds };
+  for (const k of ["model", "steps", "cfg", "shift", "sampler", "scheduler", "negative_prompt", "loras"]) if (base[k] !== undefined) body[k] = base[k];
+  if (maskId) body.mask = maskId;
+  body.strength = Number($("edit-strength").value);
+  body.keep_size = $("edit-aligned").checked;
+  body.seed = nextSeed();
+  body.preview_every = Math.max(1, Math.round((body.steps || 20) / 10));
+  return body;
 }
 
-function showResults(data) {
-  const items = (data?.data || []).map((d, i) =>
-    el("figure", { class: "result" }, el("img", { src: d.b64_json ? `data:image/png;base64,${d.b64_json}` : d.url, alt: `Edit result ${i + 1}` })),
-  );
-  $("edit-images").replaceChildren(...items);
+/** Wait for the images' uploads and upload the mask; the ids, or null when something was refused (shown inline). */
+async function uploadInputs() {
+  const refs = await Promise.all(files.map((f) => f.upload));
+  if (refs.some((r) => !r) || !files.length) return null; // a refused file was removed and its error shown
+  let maskId;
+  if (painted) {
+    try {
+      maskId = (await uploadImage(await maskBlob(), "mask.png")).id;
+    } catch (err) {
+      showError($("edit-error"), uploadError("mask", err));
+      return null;
+    }
+  }
+  return { images: refs.map((r) => r.id), mask: maskId };
 }
 
 async function submit(ev) {
   ev.preventDefault();
+  if (running) return;
   const errBox = $("edit-error");
   showError(errBox, null);
   if (!files.length) return showError(errBox, { message: "add at least one input image" });
   if (!$("edit-prompt").value.trim()) return showError(errBox, { message: "write an instruction" });
   const button = $("edit-run");
+  running = true;
   button.disabled = true;
-  button.textContent = "Editing…";
+  button.textContent = "Uploading…";
   try {
-    showResults(await api.request("/v1/images/edits", { method: "POST", body: await buildForm() }));
+    const inputs = await uploadInputs();
+    if (!inputs) return;
+    $("edit-notice").hidden = true;
+    button.textContent = "Editing…";
+    const ui = { live: $("edit-live"), images: $("edit-images"), meta: $("edit-meta"), onOpen: openOutput };
+    const outcome = await runJob(jobBody(inputs.images, inputs.mask), ui);
+    if (outcome?.event === "failed") showError(errBox, outcome.data.error);
   } catch (err) {
     showError(errBox, err);
   } finally {
+    running = false;
     button.disabled = false;
     button.textContent = "Edit";
   }
 }
 
-export function initEdit() {
+// ---- reuse --------------------------------------------------------------------------------------------------------
+const refText = (r) => `${r.width}×${r.height} ${r.format?.toUpperCase() ?? ""}`.trim();
+
+/** Fill the Edit view (and the Generate view's shared settings) from an edit job's stored request. The stored
+ * inputs are {sha256, width, height, format} refs; the API has no route to read an upload back, so the images are
+ * named in a notice and must be picked again (the same file uploads to the same id). */
+export function applyEditRequest(req, modelId, job) {
+  const { prompt, images, mask, strength, keep_size: keepSize, controls, ...shared } = req;
+  delete shared.width; // an edit's size follows its input (keep_size) or the model's edit area, never the form
+  delete shared.height;
+  delete shared.aspect;
+  applyRequest(shared, modelId);
+  $("edit-prompt").value = prompt ?? "";
+  if (strength !== undefined && strength !== null) {
+    $("edit-strength").value = String(strength);
+    $("edit-strength-out").textContent = Number($("edit-strength").value).toFixed(2);
+  }
+  if (keepSize !== undefined && keepSize !== null) $("edit-aligned").checked = Boolean(keepSize);
+  const wanted = (images || []).map((r) => r.sha256);
+  const have = files.map((f) => f.ref?.id);
+  const same = wanted.length > 0 && wanted.length === have.length && wanted.every((id, i) => id === have[i]);
+  const list = (images || []).map(refText).join(", ");
+  const what = `${images?.length || 0} input image${images?.length === 1 ? "" : "s"} (${list})${mask ? " and its mask" : ""}`;
+  const from = job ? `edit job ${job.id.slice(0, 8)}` : "the edit job";
+  $("edit-notice").textContent = same
+    ? `Settings restored from ${from}. The images above are the same ones it used${mask ? "; paint the mask again" : ""}.`
+    : `Settings restored from ${from}. Its ${what} cannot be shown here (the server offers no way to read uploads back): pick the images${mask ? " and paint the mask" : ""} again.`;
+  $("edit-notice").hidden = false;
+}
+
+/** Wire the view once; `open(output, jobId)` shows a result's detail dialog. */
+export function initEdit({ openOutput: open } = {}) {
+  openOutput = open;
   const drop = $("edit-drop");
   drop.addEventListener("dragover", (e) => {
     e.preventDefault();

@@ -52,7 +52,7 @@ function paramRows(output, job) {
     ["Prompt", r.prompt],
     ["Negative", (r.negative_prompt || "").trim() || "—"],
     ["Model", `${job.model}${m.model?.variant ? ` (${m.model.variant})` : ""}`],
-    ["Size", `${r.width}×${r.height}`],
+    ["Size", m.size ? `${m.size.width}×${m.size.height}` : `${r.width}×${r.height}`],
     ["Steps", r.steps],
     ["CFG", r.cfg],
     ["Sampler", `${r.sampler} / ${r.scheduler}`],
@@ -61,6 +61,18 @@ function paramRows(output, job) {
     ["LoRAs", (r.loras || []).map((l) => `${l.name ?? l[0]} × ${l.weight ?? l[1]}`).join(", ") || "—"],
     ["Created", new Date(job.created_at * 1000).toLocaleString()],
   ];
+  if (r.images?.length) {
+    const ref = (i) => `${i.width}×${i.height} ${i.format ?? ""}`.trim();
+    rows.splice(
+      4,
+      0,
+      ["Edit", m.mode ?? "edit"],
+      ["Inputs", r.images.map(ref).join(", ")],
+      ["Mask", r.mask ? ref(r.mask) : "—"],
+      ["Strength", r.strength ?? "default"],
+      ["Keep size", r.keep_size ? "yes" : "no"],
+    );
+  }
   if (job.started_at && job.finished_at) rows.push(["Time", fmtSeconds(job.finished_at - job.started_at)]);
   for (const [k, v] of Object.entries(m.timings || {})) rows.push([`  ${k}`, `${v} s`]);
   return rows;
@@ -132,7 +144,7 @@ export function initGallery(opts) {
   $("detail-reuse").addEventListener("click", () => {
     const { output, job } = current;
     $("detail").close();
-    actions.reuse(output.metadata?.request || job.request, job.model);
+    actions.reuse(output.metadata?.request || job.request, job.model, job);
   });
   $("detail-seed").addEventListener("click", () => {
     const { output, job } = current;

@@ -84,7 +84,10 @@ export async function runJob(body, ui) {
     parts.eta.textContent = "";
     showImages(ui.images, finalImages(outcome.data.outputs, ui.onOpen && ((o) => ui.onOpen(o, job.id))));
     const seeds = outcome.data.outputs.map((o) => o.metadata?.seed).filter((s) => s !== undefined);
-    ui.meta.textContent = `${job.request.width}×${job.request.height} · ${job.request.steps} steps · seed ${seeds.join(", ")}`;
+    // an edit's output size is the input's (keep_size) and may differ from the model's grid in the request
+    const size = outcome.data.outputs[0]?.metadata?.size || job.request;
+    const strength = job.request.images?.length && job.request.strength != null ? ` · strength ${job.request.strength}` : "";
+    ui.meta.textContent = `${size.width}×${size.height} · ${job.request.steps} steps${strength} · seed ${seeds.join(", ")}`;
   } else if (outcome.event === "cancelled") {
     parts.status.textContent = "Cancelled";
   } else {
