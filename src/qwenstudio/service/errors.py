@@ -51,11 +51,6 @@ class UnsupportedMediaType(QwenStudioError):
     status = 415
 
 
-class NotImplementedYet(QwenStudioError):
-    code = "not_implemented"
-    status = 501
-
-
 class OutputWriteFailed(QwenStudioError):
     code = "output_write_failed"
     status = 500
