@@ -80,6 +80,13 @@ def build_tokenizer(spec: TinySpec = TinySpec()):
     return tok
 
 
+def _mrope_section(hidden: int, heads: int = 2) -> list[int]:
+    """Qwen2.5-VL's multimodal RoPE split (16, 24, 24 of 64 rotary pairs at 7B), scaled to the tiny head size."""
+    half = hidden // heads // 2
+    t, h = half // 4, half * 3 // 8
+    return [t, h, half - t - h]
+
+
 def _dit_kwargs(spec: TinySpec) -> dict:
     """The DiT shape shared by the transformer and a ControlNet that must match it (real latent layout)."""
     return dict(patch_size=2, in_channels=64, out_channels=16, num_layers=spec.num_layers,
@@ -119,7 +126,7 @@ def build_components(spec: TinySpec = TinySpec()) -> dict:
             "num_attention_heads": 2,
             "num_key_value_heads": 2,
             "vocab_size": len(tokenizer),
-            "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
+            "rope_scaling": {"mrope_section": _mrope_section(h), "rope_type": "default", "type": "default"},
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "rope_theta": 1000000.0,
