@@ -22,27 +22,34 @@ class PromptEmbedding:
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer, text_encoder, *, template: str, drop_tokens: int, max_tokens: int, cache_size=64):
+    """Text-only prompts (text-to-image). ``VisionPromptEncoder`` (edit variants) extends it with input images."""
+
+    def __init__(self, tokenizer, text_encoder, *, template: str, drop_tokens: int, max_tokens: int, cache_size=64,
+                 tokenizer_lock=None):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.template = template
         self.drop_tokens = drop_tokens
         self.max_tokens = max_tokens
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, PromptEmbedding] = OrderedDict()
+        self._cache: OrderedDict = OrderedDict()
         # Fast tokenizers are not safe to call from two threads at once ("Already borrowed"): the server checks
-        # prompts on request threads while the worker encodes.
-        self.tokenizer_lock = threading.Lock()
+        # prompts on request threads while the worker encodes. Encoders sharing a tokenizer share this lock.
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def count_tokens(self, prompt: str) -> int:
+    def tokenize(self, texts, **kwargs):
         with self.tokenizer_lock:
-            ids = self.tokenizer(self.template.format(prompt)).input_ids
-        return len(ids) - self.drop_tokens
+            return self.tokenizer(texts, **kwargs)
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.tokenize(self.template.format(prompt)).input_ids) - self.drop_tokens
 
     def check(self, prompt: str) -> None:
-        n = self.count_tokens(prompt)
+        self.refuse_if_too_long(self.count_tokens(prompt))
+
+    def refuse_if_too_long(self, n: int) -> None:
         if n > self.max_tokens:
             raise InvalidRequest(
                 f"prompt is {n} tokens; the model's limit is {self.max_tokens} — shorten it",
@@ -50,14 +57,18 @@ class PromptEncoder:
             )
 
     def encode(self, prompt: str) -> PromptEmbedding:
-        cached = self._cache.get(prompt)
-        if cached is not None:
-            self._cache.move_to_end(prompt)
+        return self.cached(prompt, lambda: self._encode_uncached(prompt))
+
+    def cached(self, key, compute) -> PromptEmbedding:
+        """LRU lookup of an embedding by ``key``; ``compute()`` on a miss."""
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
             self.hits += 1
-            return cached
+            return hit
         self.misses += 1
-        emb = self._encode_uncached(prompt)
-        self._cache[prompt] = emb
+        emb = compute()
+        self._cache[key] = emb
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return emb
@@ -67,8 +78,7 @@ class PromptEncoder:
 
         self.check(prompt)
         device = self.text_encoder.device
-        with self.tokenizer_lock:
-            tokens = self.tokenizer([self.template.format(prompt)], return_tensors="pt")
+        tokens = self.tokenize([self.template.format(prompt)], return_tensors="pt")
         with torch.inference_mode():
             out = self.text_encoder.model.language_model(
                 input_ids=tokens.input_ids.to(device),

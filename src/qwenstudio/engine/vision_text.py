@@ -10,10 +10,8 @@ pixel values; the template's first ``drop_tokens`` hidden states are dropped. Ed
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from ..errors import InvalidRequest
-from .text import PromptEmbedding
+from .text import PromptEmbedding, PromptEncoder
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -46,24 +44,16 @@ def build_image_processor(text_encoder, folder=None):
     return Qwen2VLImageProcessorPil(**kw)
 
 
-class VisionPromptEncoder:
-    """Encodes (prompt, images) pairs; a small LRU keyed by the prompt and the images' content hashes."""
+class VisionPromptEncoder(PromptEncoder):
+    """Encodes (prompt, images) pairs through the VL path; the LRU is keyed by the prompt and the images' content
+    hashes. Shares the text encoder, tokenizer (and its lock) with the engine's PromptEncoder."""
 
     def __init__(self, tokenizer, text_encoder, image_processor, *, template: str, image_template: str,
                  drop_tokens: int, max_tokens: int, cache_size: int = 16, tokenizer_lock=None):
-        import threading
-
-        self.tokenizer = tokenizer
-        # shared with the engine's PromptEncoder: one tokenizer must not be called from two threads at once
-        self.tokenizer_lock = tokenizer_lock or threading.Lock()
-        self.text_encoder = text_encoder
+        super().__init__(tokenizer, text_encoder, template=template, drop_tokens=drop_tokens, max_tokens=max_tokens,
+                         cache_size=cache_size, tokenizer_lock=tokenizer_lock)
         self.image_processor = image_processor
-        self.template = template
         self.image_template = image_template
-        self.drop_tokens = drop_tokens
-        self.max_tokens = max_tokens
-        self.cache_size = cache_size
-        self._cache: OrderedDict[tuple, PromptEmbedding] = OrderedDict()
 
     def text(self, prompt: str, n_images: int) -> str:
         """The templated prompt before image-token expansion."""
@@ -74,25 +64,13 @@ class VisionPromptEncoder:
         return self.template.format(prefix + prompt)
 
     def check(self, prompt: str) -> None:
-        with self.tokenizer_lock:
-            n = len(self.tokenizer(prompt).input_ids)
-        if n > self.max_tokens:
-            raise InvalidRequest(f"prompt is {n} tokens; the model's limit is {self.max_tokens} — shorten it",
-                                 code="prompt_too_long")
+        """The user's prompt alone against the limit (image tokens depend on the images' sizes)."""
+        self.refuse_if_too_long(len(self.tokenize(prompt).input_ids))
 
     def encode(self, prompt: str, images: list, keys: tuple) -> PromptEmbedding:
         """``images``: PIL RGB images already resized by the variant's rules; ``keys``: a hashable identity of
         them (content hash + size) for the cache."""
-        key = (prompt, keys)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        emb = self._encode(prompt, images)
-        self._cache[key] = emb
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return emb
+        return self.cached((prompt, keys), lambda: self._encode(prompt, images))
 
     def _encode(self, prompt: str, images: list) -> PromptEmbedding:
         import torch
@@ -110,8 +88,7 @@ class VisionPromptEncoder:
         expanded = parts[0]
         for i, part in enumerate(parts[1:]):
             expanded += IMAGE_PAD * int(grid[i].prod().item() // merge) + part
-        with self.tokenizer_lock:
-            tokens = self.tokenizer([expanded], return_tensors="pt")
+        tokens = self.tokenize([expanded], return_tensors="pt")
         with torch.inference_mode():
             out = te.model(
                 input_ids=tokens.input_ids.to(device),
@@ -122,5 +99,3 @@ class VisionPromptEncoder:
         hidden = out.last_hidden_state[:, self.drop_tokens:]
         return PromptEmbedding(embeds=hidden, tokens=hidden.shape[1])
 
-    def clear(self) -> None:
-        self._cache.clear()
