@@ -21,6 +21,7 @@ def test_round_trip(tmp_path):
     path = save_png(Image.new("RGB", (32, 16), (1, 2, 3)), META, tmp_path / "sub" / "x.png")
     assert read_png_metadata(path) == META
     assert [p.name for p in path.parent.iterdir()] == ["x.png"]  # no temp files left behind
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path):
