@@ -149,6 +149,8 @@ def run_bench(*, model="tiny", random_full=False, steps=4, cfg=4.0, width=0, hei
         "device": str(c.device), "dtype": str(c.dtype).replace("torch.", ""), "model": c.identity.get("name"),
         "size": f"{width}x{height}", "steps": steps, "cfg": cfg, "repeats": repeats,
         "stock": _summarise([r[0] for r in stock_runs]), "ours": _summarise([r[0] for r in ours_runs]),
+        "steps_last_run": {"stock": [round(x, 5) for x in stock_runs[-1][0]["steps"]],
+                           "ours": [round(x, 5) for x in ours_runs[-1][0]["steps"]]},
         "max_pixel_diff": float(np.abs(ref - ours_img).max()),
     }
     report["ratio_ours_over_stock"] = {
@@ -178,5 +180,9 @@ def print_report(report: dict) -> None:
     for k in ("text_encode", "step", "vae_decode", "total"):
         table.add_row(k, f"{report['stock'][k]:.4f}", f"{report['ours'][k]:.4f}",
                       f"{report['ratio_ours_over_stock'].get(k, float('nan')):.3f}")
-    Console().print(table)
-    Console().print(f"max pixel difference between the two images: {report['max_pixel_diff']:.0f} / 255")
+    console = Console()
+    console.print(table)
+    for name in ("stock", "ours"):
+        steps = ", ".join(f"{x * 1e3:.1f}" for x in report["steps_last_run"][name])
+        console.print(f"{name} denoise steps (ms, last run, from the 2nd step): {steps}")
+    console.print(f"max pixel difference between the two images: {report['max_pixel_diff']:.0f} / 255")
