@@ -13,19 +13,25 @@ from pathlib import Path
 import typer
 
 
+def _model_identity(model: str, variant: str | None) -> tuple[str, str]:
+    """The id clients pass as "model", and the spec (recipe) name."""
+    from ..engine.registry import guess_variant
+
+    path = Path(model)
+    model_id = "tiny" if model == "tiny" else (path.stem if path.suffix in (".safetensors", ".gguf") else path.name)
+    return model_id, variant or guess_variant(model_id)
+
+
 def build_client(model: str, variant: str | None = None, device: str | None = None,
                  settings=None, *, text_encoder: str | None = None, vae: str | None = None,
                  offload: str | None = None):
     """An in-process engine client whose worker thread loads ``model`` (``/readyz`` is false until it has).
     The operator names the model (a path is fine here); clients then name LoRAs by registry name only."""
     from ..config import Settings
-    from ..engine.registry import guess_variant
     from ..service.engine_client import InProcessEngineClient
 
     settings = settings or Settings.from_env()
-    path = Path(model)
-    model_id = "tiny" if model == "tiny" else (path.stem if path.suffix in (".safetensors", ".gguf") else path.name)
-    spec_name = variant or guess_variant(model_id)
+    model_id, spec_name = _model_identity(model, variant)
 
     def load():
         from ..engine.engine import Engine
@@ -36,6 +42,25 @@ def build_client(model: str, variant: str | None = None, device: str | None = No
         return engine
 
     return InProcessEngineClient(model_id, spec_name, load)
+
+
+def build_ray_client(model: str, variant: str | None = None, device: str | None = None, settings=None, *,
+                     text_encoder: str | None = None, vae: str | None = None, offload: str | None = None,
+                     replicas: int = 1, gpus_per_replica: float | None = None):
+    """A Ray Serve deployment of ``replicas`` engines (needs ``qwenstudio[ray]``): connects to the cluster in
+    ``RAY_ADDRESS`` or starts a local Ray. ``model`` must resolve on every node that runs a replica."""
+    from ..config import Settings
+    from ..errors import QwenStudioError
+
+    try:
+        from ..service.ray_client import RayServeEngineClient
+    except ImportError:
+        raise QwenStudioError("--ray needs Ray Serve: pip install 'qwenstudio[ray]'", code="missing_dependency")
+    settings = settings or Settings.from_env()
+    model_id, spec_name = _model_identity(model, variant)
+    return RayServeEngineClient(model_id, spec_name, model, device=device, settings=settings,
+                                text_encoder=text_encoder, vae=vae, offload=offload, num_replicas=replicas,
+                                num_gpus=gpus_per_replica)
 
 
 def serve(
@@ -58,6 +83,9 @@ def serve(
     offload: str | None = None,
     max_upload_bytes: int = 32 << 20,
     rate_limit: str | None = None,
+    ray: bool = False,
+    ray_replicas: int = 1,
+    ray_gpus_per_replica: float | None = None,
 ) -> None:
     """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key."""
     import uvicorn
@@ -79,7 +107,11 @@ def serve(
     settings = Settings.from_env()
     # --models-dir joins QWENSTUDIO_MODELS_DIR for the engine *and* the service's listings (/api/models loras)
     settings = replace(settings, models_dirs=(*map(Path, models_dirs), *settings.models_dirs))
-    client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload)
+    if ray:
+        client = build_ray_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae,
+                                  offload=offload, replicas=ray_replicas, gpus_per_replica=ray_gpus_per_replica)
+    else:
+        client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload)
     try:
         app = create_app(settings, client, config)
         server = _graceful_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
@@ -140,6 +172,12 @@ def serve_command(
     rate_limit: str | None = typer.Option(None, "--rate-limit", help="Per API key (or client address) limit on "
                                           "state-changing requests, e.g. 30/min, 2/s; 429 + Retry-After beyond."),
     preview_every: int = typer.Option(0, help="Default preview interval in steps for SSE (0: off)."),
+    ray: bool = typer.Option(False, "--ray", help="Run generations on a Ray Serve deployment (RAY_ADDRESS, else a "
+                             "local Ray); needs the 'ray' extra."),
+    ray_replicas: int = typer.Option(1, "--ray-replicas", min=1, help="Engine replicas (with --ray)."),
+    ray_gpus_per_replica: float | None = typer.Option(None, "--ray-gpus-per-replica", min=0,
+                                                      help="GPUs per replica (with --ray; default 1 when the "
+                                                      "cluster has GPUs, else 0)."),
 ) -> None:
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
     from ..errors import QwenStudioError
@@ -148,7 +186,8 @@ def serve_command(
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
               queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
               preview_every=preview_every, models_dirs=tuple(models_dir), text_encoder=text_encoder, vae=vae,
-              offload=offload, max_upload_bytes=max_upload, rate_limit=rate_limit)
+              offload=offload, max_upload_bytes=max_upload, rate_limit=rate_limit, ray=ray,
+              ray_replicas=ray_replicas, ray_gpus_per_replica=ray_gpus_per_replica)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
