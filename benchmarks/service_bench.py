@@ -11,7 +11,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,27 +21,19 @@ JOB = {"prompt": "a red fox", "seed": 1, "steps": 4, "width": 64, "height": 64, 
 
 @contextmanager
 def serving(engine, home: Path):
-    import uvicorn
-
     from qwenstudio.config import Settings
     from qwenstudio.service.app import create_app
     from qwenstudio.service.config import ServiceConfig
     from qwenstudio.service.engine_client import InProcessEngineClient
+    from qwenstudio.testing.serving import run_app
 
     client = InProcessEngineClient.from_engine(engine)
     client.wait_ready(60)
     app = create_app(Settings(home=home), client, ServiceConfig(queue_size=256))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        with run_app(app) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(30)
         client.close()
 
 

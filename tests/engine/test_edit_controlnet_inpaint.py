@@ -18,6 +18,7 @@ from PIL import Image
 
 from qwenstudio.engine import latents as L
 from qwenstudio.errors import InvalidRequest
+from qwenstudio.testing.parity import check_latent_parity
 
 TOL = 1e-4
 COMMON = dict(negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=4, output_type="latent")
@@ -78,15 +79,6 @@ def _reference(reference_pipe, net, img, mask, global_seed, seed, w, h, **kw):
                 generator=torch.Generator().manual_seed(seed), **COMMON, **kw).images
 
 
-def _check(name, ours, ref_packed, w, h):
-    ref = L.unpack(ref_packed, h // 8, w // 8)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    diff = (ours.float() - ref.float()).abs().max().item()
-    print(f"parity {name}: max |latent diff| = {diff:.3e}")
-    assert diff <= TOL
-    assert ref.abs().max() > 0.1
-    return diff
-
 
 def _ours(engine, img, mask, seed, **kw):
     return engine.edit(prompt="a red door", images=[img], mask=mask, negative_prompt=" ", cfg=4.0, steps=4,
@@ -104,7 +96,7 @@ def test_controlnet_inpaint_matches_reference(reference_pipe, engine, inpaint_ne
     assert meta["mode"] == "controlnet-inpaint"
     assert meta["controlnet"] == "QwenImageControlNetModel"
     assert res.request.strength == 1.0 and len(res.timings["steps"]) == 4  # pure noise, the whole schedule
-    _check("QwenImageControlNetInpaintPipeline (scale 0.8, end 0.75)", res.latents, ref, 64, 48)
+    check_latent_parity("QwenImageControlNetInpaintPipeline (scale 0.8, end 0.75)", res.latents, ref, 64, 48)
     # the convention matters: another global seed gives the reference another posterior sample
     other = _reference(reference_pipe, inpaint_net, img, mask, 6, 5, 64, 48, controlnet_conditioning_scale=0.8,
                        control_guidance_end=0.75)
@@ -120,7 +112,7 @@ def test_controlnet_inpaint_by_name_matches_reference(reference_pipe, engine, in
     assert meta["mode"] == "controlnet-inpaint" and meta["controlnet"] == "tiny-inpaint"
     assert meta["request"]["controlnet"] == "tiny-inpaint" and meta["request"]["strength"] == 1.0
     assert engine.controlnet.config.extra_condition_channels == 4
-    _check("QwenImageControlNetInpaintPipeline (by name, scale 1)", res.latents, ref, 64, 64)
+    check_latent_parity("QwenImageControlNetInpaintPipeline (by name, scale 1)", res.latents, ref, 64, 64)
     # the stored request re-creates the image
     again = engine.edit(res.images[0].metadata["request"], images=[img], mask=mask)
     assert torch.equal(again.latents, res.latents)

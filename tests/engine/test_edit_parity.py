@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from qwenstudio.engine import latents as L
+from qwenstudio.testing.parity import check_latent_parity
 
 TOL = 1e-4
 AREA_MAP = {1024 * 1024: 64 * 64, 384 * 384: 32 * 32}
@@ -74,14 +74,6 @@ def _pipe(cls, parts, **extra):
     return pipe
 
 
-def _check(name, ours, ref_packed, w, h):
-    ref = L.unpack(ref_packed, h // 8, w // 8)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    diff = (ours.float() - ref.float()).abs().max().item()
-    print(f"parity {name}: max |latent diff| = {diff:.3e}")
-    assert diff <= TOL
-    assert ref.abs().max() > 0.1
-
 
 COMMON = dict(negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=4, output_type="latent")
 
@@ -99,7 +91,7 @@ def test_edit_matches_reference(parts, edit_engines, small_areas):
                                               **COMMON).images
     res = _ours(edit_engines["tiny-edit"], [img])
     assert (res.request.width, res.request.height) == (96, 32)
-    _check("QwenImageEditPipeline", res.latents, ref, 96, 32)
+    check_latent_parity("QwenImageEditPipeline", res.latents, ref, 96, 32)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
@@ -110,8 +102,9 @@ def test_edit_plus_matches_reference(parts, edit_engines, small_areas, n):
     ref = _pipe(QwenImageEditPlusPipeline, parts)(imgs, "make the sky purple",
                                                   generator=torch.Generator().manual_seed(11), **COMMON).images
     res = _ours(edit_engines["tiny-edit-plus"], imgs)
-    _check(f"QwenImageEditPlusPipeline ({n} image{'s' if n > 1 else ''})", res.latents, ref, res.request.width,
-           res.request.height)
+    check_latent_parity(
+        f"QwenImageEditPlusPipeline ({n} image{'s' if n > 1 else ''})", res.latents, ref, res.request.width,
+        res.request.height)
 
 
 def test_img2img_matches_reference(parts, tiny_engine):
@@ -124,7 +117,7 @@ def test_img2img_matches_reference(parts, tiny_engine):
     res = tiny_engine.edit(prompt="a lighthouse", images=[img], strength=0.6, negative_prompt=" ", cfg=4.0, steps=5,
                            seed=3, scheduler="reference", sampler="euler")
     assert len(res.timings["steps"]) == 3  # 5 steps at strength 0.6 -> the last 3, as the reference
-    _check("QwenImageImg2ImgPipeline", res.latents, ref, 64, 48)
+    check_latent_parity("QwenImageImg2ImgPipeline", res.latents, ref, 64, 48)
 
 
 def _mask(w, h):
@@ -142,7 +135,7 @@ def test_inpaint_matches_reference(parts, tiny_engine):
                                                  **COMMON).images
     res = tiny_engine.edit(prompt="a red door", images=[img], mask=mask, strength=0.8, negative_prompt=" ", cfg=4.0,
                            steps=4, seed=5, scheduler="reference", sampler="euler")
-    _check("QwenImageInpaintPipeline", res.latents, ref, 64, 64)
+    check_latent_parity("QwenImageInpaintPipeline", res.latents, ref, 64, 64)
     out = np.asarray(res.images[0].image)
     outside = np.asarray(mask) < 128
     assert (out[outside] == np.asarray(img)[outside]).all()
@@ -157,7 +150,7 @@ def test_edit_inpaint_matches_reference(parts, edit_engines, small_areas):
     res = edit_engines["tiny-edit"].edit(prompt="a red door", images=[img], mask=mask, negative_prompt=" ", cfg=4.0,
                                          steps=4, seed=9, scheduler="reference", sampler="euler")
     assert res.images[0].metadata["mode"] == "edit-inpaint"
-    _check("QwenImageEditInpaintPipeline", res.latents, ref, 64, 64)
+    check_latent_parity("QwenImageEditInpaintPipeline", res.latents, ref, 64, 64)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +173,7 @@ def test_controlnet_matches_reference(parts, tiny_engine, controlnet):
     res = tiny_engine.edit(prompt="a robot", controls=[{"image": ctrl, "mode": "depth", "scale": 0.8}],
                            negative_prompt=" ", cfg=4.0, steps=4, seed=4, scheduler="reference", sampler="euler")
     assert res.images[0].metadata["mode"] == "controlnet"
-    _check("QwenImageControlNetPipeline", res.latents, ref, 64, 64)
+    check_latent_parity("QwenImageControlNetPipeline", res.latents, ref, 64, 64)
 
 
 def test_multi_controlnet_matches_reference(parts, tiny_engine, controlnet):
@@ -193,7 +186,7 @@ def test_multi_controlnet_matches_reference(parts, tiny_engine, controlnet):
     res = tiny_engine.edit(prompt="a robot", controls=[{"image": c1, "mode": "canny", "scale": 0.7},
                                                        {"image": c2, "mode": "depth", "scale": 0.4, "end": 0.5}],
                            negative_prompt=" ", cfg=4.0, steps=4, seed=4, scheduler="reference", sampler="euler")
-    _check("QwenImageControlNetPipeline (2 controls, multi)", res.latents, ref, 64, 64)
+    check_latent_parity("QwenImageControlNetPipeline (2 controls, multi)", res.latents, ref, 64, 64)
 
 
 @pytest.fixture(scope="module")
@@ -220,8 +213,9 @@ def test_edit_2511_matches_reference(parts, engine_2511, small_areas, n):
     ref = pipe(imgs, "make the sky purple", generator=torch.Generator().manual_seed(11), **COMMON).images
     res = _ours(engine_2511, imgs)
     assert "notes" not in res.images[0].metadata  # the DiT already had zero_cond_t: nothing switched on
-    _check(f"QwenImageEditPlusPipeline, zero_cond_t DiT (Edit-2511, {n} image{'s' if n > 1 else ''})", res.latents,
-           ref, res.request.width, res.request.height)
+    check_latent_parity(
+        f"QwenImageEditPlusPipeline, zero_cond_t DiT (Edit-2511, {n} image{'s' if n > 1 else ''})", res.latents,
+        ref, res.request.width, res.request.height)
 
 
 def test_edit_2511_switches_zero_cond_t_on_a_plain_dit(tiny_folder):
@@ -243,7 +237,7 @@ def test_edit_plus_batch_matches_reference_with_generator_list(parts, edit_engin
     engine = edit_engines["tiny-edit-plus"]
     res = engine.edit(prompt="make the sky purple", images=imgs, negative_prompt=" ", cfg=4.0, steps=4, seed=30,
                       batch=2, scheduler="reference", sampler="euler")
-    _check("QwenImageEditPlusPipeline (batch 2, generator list)", res.latents, ref, res.request.width,
+    check_latent_parity("QwenImageEditPlusPipeline (batch 2, generator list)", res.latents, ref, res.request.width,
            res.request.height)
     for i in range(2):  # and each image of the batch is the single run with seed + i
         single = engine.edit(prompt="make the sky purple", images=imgs, negative_prompt=" ", cfg=4.0, steps=4,
@@ -267,7 +261,8 @@ def test_img2img_batch_matches_reference_with_generator_list(parts, tiny_engine)
     # noise, so the reference's batch image 1 differs from its own single run at seed 41. We keep the documented
     # convention (image i == the single run with seed + i, checked in test_edit_controlnet_home.py), so only
     # image 0 can match, and image 1 is checked against the reference's single run instead.
-    _check("QwenImageImg2ImgPipeline (batch 2, generator list, image 0)", res.latents[:1], ref[:1], 64, 48)
+    check_latent_parity("QwenImageImg2ImgPipeline (batch 2, generator list, image 0)", res.latents[:1], ref[:1], 64, 48)
     ref1 = _pipe(QwenImageImg2ImgPipeline, parts)("a lighthouse", image=img, strength=0.6, width=64, height=48,
                                                   generator=torch.Generator().manual_seed(41), **COMMON).images
-    _check("QwenImageImg2ImgPipeline (batch image 1 vs reference single seed+1)", res.latents[1:], ref1, 64, 48)
+    check_latent_parity(
+        "QwenImageImg2ImgPipeline (batch image 1 vs reference single seed+1)", res.latents[1:], ref1, 64, 48)

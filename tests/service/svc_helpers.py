@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
+
+from qwenstudio.testing.serving import run_app  # noqa: F401  (re-exported for the service tests)
 
 
 def wait_status(http: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 30) -> dict:
@@ -53,21 +53,3 @@ JOB = {"prompt": "a red fox", "seed": 1, "steps": 2}
 SLOW = {"prompt": "slow", "seed": 2, "steps": 200, "width": 512, "height": 512}
 
 
-@contextmanager
-def run_app(app, host: str = "127.0.0.1"):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)

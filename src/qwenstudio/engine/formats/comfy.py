@@ -207,6 +207,12 @@ def _te_key_map(key: str) -> str | None:
     return text_encoder_key_map(key)
 
 
+def _stored_config(info: FileInfo, key: str, default: dict) -> dict:
+    """The config our writers store in the file's metadata, else the real model's (ComfyUI files carry none)."""
+    raw = info.metadata.get(key)
+    return json.loads(raw) if raw else default
+
+
 def load_text_encoder_file(path: str | Path, *, device=None, dtype=None, config: dict | None = None):
     """ComfyUI ``qwen_2.5_vl_7b*.safetensors`` (HF names, maybe fp8 scaled) -> Qwen2_5_VLForConditionalGeneration.
     Config: ``config`` if given, else the one stored in our metadata, else the real Qwen2.5-VL-7B."""
@@ -215,10 +221,8 @@ def load_text_encoder_file(path: str | Path, *, device=None, dtype=None, config:
     info = detect(path)
     _expect(info, "text_encoder", "text encoder (Qwen2.5-VL)")
     device, dtype = _resolve(device, dtype)
-    if config is None:
-        raw = info.metadata.get(TEXT_ENCODER_CONFIG_METADATA_KEY)
-        config = json.loads(raw) if raw else QWEN25_VL_7B_CONFIG
-    cfg = Qwen2_5_VLConfig.from_dict(config)
+    cfg = Qwen2_5_VLConfig.from_dict(config or _stored_config(info, TEXT_ENCODER_CONFIG_METADATA_KEY,
+                                                                QWEN25_VL_7B_CONFIG))
     model = build_empty(lambda: Qwen2_5_VLForConditionalGeneration(cfg))
     # The LM head is never used to encode prompts (and ComfyUI files may lack it): skip it.
     _load_with_fp8(model, info, dtype=dtype, device=device, name=f"text_encoder ({info.path.name})",
@@ -277,9 +281,7 @@ def load_vae_file(path: str | Path, *, device=None, dtype=None, config: dict | N
     info = detect(path)
     _expect(info, "vae", "VAE")
     device, dtype = _resolve(device, dtype)
-    if config is None:
-        raw = info.metadata.get(VAE_CONFIG_METADATA_KEY)
-        config = json.loads(raw) if raw else QWEN_IMAGE_VAE_CONFIG
+    config = config or _stored_config(info, VAE_CONFIG_METADATA_KEY, QWEN_IMAGE_VAE_CONFIG)
     model = build_empty(lambda: AutoencoderKLQwenImage.from_config(config))
     nrb = model.config.num_res_blocks
     table = {vae_key_to_comfy(k, nrb): k for k in model.state_dict()}
