@@ -80,7 +80,7 @@ def lora_switch(root: Path, size: str) -> dict:
     engine.generate(**kw, loras=[("b", 1.0)])  # both files now cached
     t = time.perf_counter()
     for i in range(10):
-        engine._set_lora_stack(engine._load_loras(_req(("a" if i % 2 else "b"))))
+        engine.apply_loras(_req(("a" if i % 2 else "b")))
     switch = (time.perf_counter() - t) / 10
     t = time.perf_counter()
     Engine.load(f"{size}-folder", variant="tiny", device="cpu", settings=settings, models_dirs=(root,))

@@ -45,16 +45,38 @@ def test_latents_and_pixels_match_reference(tiny_engine, reference_pipe, cfg, ne
 
 
 def test_cfg_one_skips_negative_pass(tiny_engine):
-    calls = []
-    hook = tiny_engine.components.transformer.register_forward_hook(lambda m, a, k: calls.append(1))
+    rows = []  # model rows evaluated per call: CFG's two passes run as one batched forward (or two)
+
+    def count(module, args, kwargs):
+        rows.append(kwargs["hidden_states"].shape[0])
+
+    hook = tiny_engine.components.transformer.register_forward_pre_hook(count, with_kwargs=True)
     try:
         tiny_engine.generate(prompt="x", cfg=1.0, steps=3, seed=1)
-        assert len(calls) == 3
-        calls.clear()
+        assert rows == [1, 1, 1]
+        rows.clear()
         tiny_engine.generate(prompt="x", cfg=2.0, steps=3, seed=1)
-        assert len(calls) == 6
+        assert rows == [2, 2, 2]  # batched CFG: one forward of [cond; uncond] per step
+        rows.clear()
+        tiny_engine.batch_cfg = False
+        tiny_engine.generate(prompt="x", cfg=2.0, steps=3, seed=1)
+        assert rows == [1] * 6
     finally:
+        tiny_engine.batch_cfg = True
         hook.remove()
+
+
+def test_batched_cfg_equals_two_forwards_with_unequal_prompt_lengths(tiny_engine):
+    """The pair is padded to one length and masked: exact up to float rounding vs two separate forwards."""
+    kw = dict(prompt="a red fox sitting in fresh snow under the moon", negative_prompt="blurry", cfg=4.0, steps=3,
+              seed=5)
+    a = tiny_engine.generate(**kw).latents
+    tiny_engine.batch_cfg = False
+    try:
+        b = tiny_engine.generate(**kw).latents
+    finally:
+        tiny_engine.batch_cfg = True
+    assert (a - b).abs().max() < 1e-5
 
 
 def test_cfg_norm_off_differs_and_matches_plain_cfg_formula(tiny_engine):

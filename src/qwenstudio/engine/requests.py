@@ -1,8 +1,10 @@
 """Request and result records: validated, JSON round-trippable, the one schema shared by CLI, API and metadata.
 
-A ``GenerateRequest`` may leave settings as ``None`` ("use the model's default"); ``resolve(spec)`` turns it into a
-fully concrete request (every number filled in, seed drawn) which is what runs and what is written into the PNG, so
-re-running the stored request reproduces the image exactly.
+A ``GenerateRequest`` leaves settings as ``None`` for "unset" — never a default filled in at the edge, so a recipe
+can tell what the user chose from what they left open. ``Engine.prepare`` (engine/prepare.py) fills the unset ones
+once — preset, then LoRA recipe, then the variant's defaults (``resolve(spec)``) — and records where each value came
+from in ``settings_from``; the concrete request is what runs and what is written into the PNG, so re-running the
+stored request reproduces the image exactly. Field types and bounds live in one table, ``engine/fields.py``.
 """
 
 from __future__ import annotations
@@ -12,21 +14,25 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import InvalidRequest
+from . import fields as F
 from .specs import POSITIVE_MAGIC, ModelSpec
 
 NOISE_CONVENTIONS = ("diffusers", "comfy")
-MAX_SEED = 2**63 - 1  # fits SQLite INTEGER and JSON numbers exactly enough for every client we know
+MAX_SEED = F.MAX_SEED
 
-# Bounds checked before anything is queued or loaded (SECURITY.md: every numeric parameter is bounded).
+# Bounds checked before anything is queued or loaded (SECURITY.md: every numeric parameter is bounded); derived
+# from the field table so there is one source.
 LIMITS = {
-    "side": (16, 4096),
-    "pixels": 4096 * 4096,
-    "steps": (1, 200),
-    "cfg": (0.0, 30.0),
-    "shift": (0.01, 100.0),
-    "batch": (1, 16),
-    "prompt_chars": 20000,
+    "side": (int(F.BY_NAME["width"].lo), int(F.BY_NAME["width"].hi)),
+    "pixels": F.MAX_PIXELS,
+    "steps": (int(F.BY_NAME["steps"].lo), int(F.BY_NAME["steps"].hi)),
+    "cfg": (F.BY_NAME["cfg"].lo, F.BY_NAME["cfg"].hi),
+    "shift": (F.BY_NAME["shift"].lo, F.BY_NAME["shift"].hi),
+    "batch": (int(F.BY_NAME["batch"].lo), int(F.BY_NAME["batch"].hi)),
+    "prompt_chars": F.PROMPT_CHARS,
 }
+# Filled by Engine.prepare: the recipe sources may set these; a user's value always wins.
+RECIPE_FIELDS = ("negative_prompt", "width", "height", "steps", "cfg", "cfg_norm", "sampler", "scheduler", "shift")
 
 
 def nearest_multiple(value: int, multiple: int = 16) -> int:
@@ -69,6 +75,10 @@ class GenerateRequest:
     magic: str | None = None  # append the official "positive magic" suffix: "en" or "zh"
     loras: tuple[LoraRef, ...] = ()  # LoRA stack for this request, by registry name (or path, local callers)
     extra: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None  # a saved preset whose fields fill what this request leaves unset (prepare)
+    # Set by Engine.prepare: field -> where its value came from ("user", "preset NAME", "lora NAME", "variant NAME").
+    # Not a client field: the edges refuse it (``from_dict(trusted=False)``).
+    settings_from: dict[str, str] | None = None
 
     def __post_init__(self):
         # Accept the JSON forms ({"name", "weight"} or [name, weight]) so from_dict(to_dict(r)) == r.
@@ -80,8 +90,9 @@ class GenerateRequest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerateRequest:
-        names = {f.name for f in fields(cls)}
+    def from_dict(cls, data: dict[str, Any], *, trusted: bool = True) -> GenerateRequest:
+        """``trusted=False`` (what a client sent): ``settings_from`` is the engine's record, not a client field."""
+        names = {f.name for f in fields(cls)} - (set() if trusted else {"settings_from"})
         unknown = sorted(set(data) - names)
         if unknown:
             raise InvalidRequest(f"unknown request field(s): {', '.join(unknown)}")
@@ -89,9 +100,18 @@ class GenerateRequest:
             raise InvalidRequest("'prompt' must be a string")
         return cls(**data)
 
+    @property
+    def is_prepared(self) -> bool:
+        return self.settings_from is not None
+
+    def user_set(self) -> set[str]:
+        """The recipe fields this request sets (the rest are open for a preset, a LoRA recipe or the variant)."""
+        return {k for k in RECIPE_FIELDS if getattr(self, k) is not None}
+
     # ---- validation ----------------------------------------------------------------------------------------
     def resolve(self, spec: ModelSpec) -> GenerateRequest:
-        """Fill every default from the spec, draw a seed if none, and validate all bounds."""
+        """Fill every still-unset field from the variant's defaults, draw a seed if none, validate all bounds.
+        Part of ``Engine.prepare``; on its own it knows nothing of presets or LoRA recipes."""
         d = spec.defaults
         width, height = self.width, self.height
         if width is None or height is None:
@@ -117,40 +137,20 @@ class GenerateRequest:
         return r
 
     def validate(self, spec: ModelSpec) -> None:
-        from .sampling import SAMPLERS, SCHEDULERS
-
+        """Every bound, from the field table (``engine/fields.py``), plus the checks that span fields."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise InvalidRequest("prompt is empty")
-        if len(self.prompt) > LIMITS["prompt_chars"] or len(self.negative_prompt or "") > LIMITS["prompt_chars"]:
-            raise InvalidRequest(f"prompt longer than {LIMITS['prompt_chars']} characters")
-        lo, hi = LIMITS["side"]
-        for name, v in (("width", self.width), ("height", self.height)):
-            _check_int(name, v, lo, hi)
-            if v % 16:
-                raise InvalidRequest(
-                    f"{name} {v} is not a multiple of 16; nearest valid: {nearest_multiple(v)}", code="invalid_size"
-                )
+        names = [f.name for f in F.FIELDS if f.name in self.__dataclass_fields__ and f.kind not in (list, dict)]
+        F.check_bounds(self.__dict__, names)
+        for name in ("width", "height", "steps", "cfg", "sampler", "scheduler", "seed"):
+            if getattr(self, name) is None:
+                raise InvalidRequest(f"{name} is unset: prepare the request first", code=f"invalid_{name}")
         if self.width * self.height > LIMITS["pixels"]:
             raise InvalidRequest(f"{self.width}x{self.height} exceeds {LIMITS['pixels']} pixels", code="invalid_size")
-        _check_int("steps", self.steps, *LIMITS["steps"])
-        _check_int("batch", self.batch, *LIMITS["batch"])
-        _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("noise_skip", self.noise_skip, 0, 1024)
-        _check_float("cfg", self.cfg, *LIMITS["cfg"])
-        if self.shift is not None:
-            _check_float("shift", self.shift, *LIMITS["shift"])
-        if self.sampler not in SAMPLERS:
-            raise InvalidRequest(f"unknown sampler '{self.sampler}'; valid: {', '.join(SAMPLERS)}", code="invalid_sampler")
-        if self.scheduler not in SCHEDULERS:
-            raise InvalidRequest(
-                f"unknown scheduler '{self.scheduler}'; valid: {', '.join(SCHEDULERS)}", code="invalid_scheduler"
-            )
-        if self.noise not in NOISE_CONVENTIONS:
-            raise InvalidRequest(f"unknown noise convention '{self.noise}'; valid: {', '.join(NOISE_CONVENTIONS)}")
-        if len(self.loras) > 8:
-            raise InvalidRequest("at most 8 LoRAs per request", code="invalid_lora")
+        if len(self.loras) > F.MAX_LORAS:
+            raise InvalidRequest(f"at most {F.MAX_LORAS} LoRAs per request", code="invalid_lora")
         for ref in self.loras:
-            _check_float(f"LoRA '{ref.name}' weight", ref.weight, -10.0, 10.0, code="invalid_lora")
+            check_float(f"LoRA '{ref.name}' weight", ref.weight, -10.0, 10.0, code="invalid_lora")
         if self.magic is not None and self.magic not in POSITIVE_MAGIC:
             raise InvalidRequest(f"unknown magic '{self.magic}'; valid: {', '.join(POSITIVE_MAGIC)}")
 
@@ -170,14 +170,14 @@ class GenerateRequest:
         return replace(self, batch=1, seed=self.image_seeds()[i])
 
 
-def _check_int(name: str, v: Any, lo: int, hi: int) -> None:
+def check_int(name: str, v: Any, lo: int, hi: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise InvalidRequest(f"{name} must be an integer, got {v!r}")
     if not lo <= v <= hi:
         raise InvalidRequest(f"{name} {v} out of range [{lo}, {hi}]", code=f"invalid_{name}")
 
 
-def _check_float(name: str, v: Any, lo: float, hi: float, code: str | None = None) -> None:
+def check_float(name: str, v: Any, lo: float, hi: float, code: str | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
         raise InvalidRequest(f"{name} must be a number, got {v!r}", code=code or f"invalid_{name}")
     if not lo <= v <= hi:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ...errors import InvalidRequest
 from ..images import ImageRef, area_dimensions, ceil_to
-from ..requests import LIMITS, GenerateRequest, _check_float, _check_int
+from ..requests import LIMITS, GenerateRequest, check_float, check_int
 from ..specs import ModelSpec
 
 # Labels for control images. The InstantX union ControlNet infers the kind of control from the image itself (it
@@ -117,11 +117,11 @@ class EditRequest(GenerateRequest):
         if self.mask is not None and not self.images:
             raise InvalidRequest("a mask needs an --image to inpaint", code="missing_image")
         if self.strength is not None:
-            _check_float("strength", self.strength, 0.0, 1.0)
+            check_float("strength", self.strength, 0.0, 1.0)
             if self.strength <= 0:
                 raise InvalidRequest("strength must be > 0 (0 would return the input unchanged)",
                                      code="invalid_strength")
-        _check_int("feather", self.feather, 0, MAX_FEATHER)
+        check_int("feather", self.feather, 0, MAX_FEATHER)
         if self.controlnet is not None:
             if not isinstance(self.controlnet, str) or not self.controlnet.strip():
                 raise InvalidRequest("'controlnet' must be a ControlNet name", code="invalid_control")
@@ -136,9 +136,9 @@ class EditRequest(GenerateRequest):
             if c.mode not in CONTROL_MODES:
                 raise InvalidRequest(f"unknown control mode '{c.mode}'; valid: {', '.join(CONTROL_MODES)}",
                                      code="invalid_control")
-            _check_float("control scale", c.scale, 0.0, 10.0, code="invalid_control")
-            _check_float("control start", c.start, 0.0, 1.0, code="invalid_control")
-            _check_float("control end", c.end, 0.0, 1.0, code="invalid_control")
+            check_float("control scale", c.scale, 0.0, 10.0, code="invalid_control")
+            check_float("control start", c.start, 0.0, 1.0, code="invalid_control")
+            check_float("control end", c.end, 0.0, 1.0, code="invalid_control")
             if c.start >= c.end:
                 raise InvalidRequest("control start must be below its end", code="invalid_control")
             if spec.is_edit and (c.scale != 1.0 or c.start != 0.0 or c.end != 1.0):

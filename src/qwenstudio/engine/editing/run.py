@@ -40,10 +40,11 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import GenerationFailed, InvalidRequest
+from ...errors import InvalidRequest
 from .. import images as I
 from .. import latents as L
-from ..requests import GeneratedImage, GenerateRequest, GenerateResult
+from ..pipeline import Conditioning, DenoiseHooks, encode_prompts, run, schedule
+from ..requests import GenerateRequest, GenerateResult
 from .request import ControlRef, EditRequest
 
 
@@ -81,7 +82,7 @@ def load_controlnet(engine, source) -> None:
 
     if isinstance(source, (str, Path)):
         path, name = resolve_controlnet(engine, str(source))
-        if engine.controlnet is not None and getattr(engine, "_controlnet_path", None) == path:
+        if engine.controlnet is not None and engine.controlnet_path == path:
             engine.controlnet_name = name
             return
         model = load_controlnet_source(path, engine.components.transformer.config)
@@ -102,7 +103,7 @@ def load_controlnet(engine, source) -> None:
     c = engine.components
     engine.controlnet = model.to(device=c.device, dtype=c.dtype).eval()
     engine.controlnet_name = name
-    engine._controlnet_path = path
+    engine.controlnet_path = path
 
 
 def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_progress=None, preview_every=0,
@@ -133,16 +134,15 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
             request = EditRequest.from_dict(data)
         request = _bind_inputs(request, refs)
     req = engine.prepare(request)
-    engine._set_lora_stack(engine._load_loras(req))
     notes: list[str] = []
     _apply_dit_config(engine, notes)
     if req.controlnet:  # named in the request (CLI --controlnet, a server job, a stored request): load it
         engine.load_controlnet(req.controlnet)
-    elif req.controls and not spec.is_edit and getattr(engine, "_controlnet_path", None) is not None:
+    elif req.controls and not spec.is_edit and engine.controlnet_path is not None:
         from dataclasses import replace
 
         req = replace(req, controlnet=engine.controlnet_name)  # attached by name: record it for re-creation
-    if req.controls and not spec.is_edit and getattr(engine, "controlnet", None) is None:
+    if req.controls and not spec.is_edit and engine.controlnet is None:
         raise InvalidRequest("control images need a ControlNet: load one (--controlnet NAME / "
                              "engine.load_controlnet(...)), or use qwen-image-edit-2509 which takes them as images",
                              code="missing_controlnet")
@@ -153,16 +153,9 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
         mask_img = mask_img.resize(loaded[0].image.size, resample=_bilinear())
-    args = (engine, req, [x.image for x in loaded], mask_img, [x.image for x in lctrl], notes, on_progress,
-            preview_every)
-    try:
-        return _run(*args)
-    except GenerationFailed as e:
-        import torch
-
-        if not (retry_fp32 and e.code == "non_finite" and engine.components.dtype != torch.float32):
-            raise
-        return engine._retry_in_fp32(req, on_progress, preview_every, run=lambda: _run(*args))
+    conditioner = EditConditioner([x.image for x in loaded], mask_img, [x.image for x in lctrl], notes)
+    return run(engine, req, conditioner, on_progress=on_progress, preview_every=preview_every,
+               retry_fp32=retry_fp32)
 
 
 def _bind_inputs(request: EditRequest, refs: dict) -> EditRequest:
@@ -226,45 +219,49 @@ class _Inputs:
         return I.resize(img, self.W, self.H)
 
 
-def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes: list, on_progress,
-         preview_every: int) -> GenerateResult:
-    import torch
+class EditConditioner:
+    """The image-conditioned modes as one conditioner of the shared pipeline: the prompts (edit variants: the text
+    encoder sees the images), the VAE encodes in the reference's generator order (controls, init image, then the
+    noise), the start point (img2img/inpaint: ``strength``), the hooks (reference latents, ControlNet residuals,
+    inpaint blend) and ``finish`` (crop back to the input grid, composite outside the mask)."""
 
-    from ..sampling import build_sigmas
+    def __init__(self, images: list, mask, controls: list, notes: list):
+        self.images, self.mask, self.controls, self.notes = images, mask, controls, notes
 
-    spec, c = engine.spec, engine.components
-    t0 = time.perf_counter()
-    timings: dict[str, Any] = {}
-    geo = _Inputs(req, imgs, mask_img, ctrl_imgs)
-    W, H = geo.W, geo.H
-    lh, lw = L.latent_hw(W, H)
-    batch = req.batch
-    diffusers_noise = req.noise == "diffusers"
-    gens = [torch.Generator().manual_seed(s) for s in req.image_seeds()] if diffusers_noise else None
-    cn_inpaint = _controlnet_inpaint(engine, req)  # the image + mask are the ControlNet's input, not init latents
-    use_init = bool(imgs) and not cn_inpaint and (not spec.is_edit or mask_img is not None or req.strength < 1.0)
+    def prepare(self, engine, req: EditRequest, timings: dict) -> Conditioning:
+        import torch
 
-    with torch.inference_mode():
-        # -- 1. prompts (edit variants: the text encoder sees the images) ------------------------------------------
+        imgs, mask_img, ctrl_imgs = self.images, self.mask, self.controls
+        spec, c = engine.spec, engine.components
+        t0 = time.perf_counter()
+        geo = _Inputs(req, imgs, mask_img, ctrl_imgs)
+        W, H = geo.W, geo.H
+        lh, lw = L.latent_hw(W, H)
+        batch = req.batch
+        diffusers_noise = req.noise == "diffusers"
+        gens = [torch.Generator().manual_seed(s) for s in req.image_seeds()] if diffusers_noise else None
+        cn_inpaint = _controlnet_inpaint(engine, req)  # the image + mask are the ControlNet's input, not init latents
+        use_init = bool(imgs) and not cn_inpaint and (not spec.is_edit or mask_img is not None or req.strength < 1.0)
+
+        # -- 1. prompts (edit variants: the text encoder sees the images) ----------------------------------------------
         use_cfg = req.cfg > 1.0
-        with engine._stages.on_device("text_encoder"):
+        with engine.stages.on_device("text_encoder"):
             if spec.is_edit:
                 vl_imgs = imgs + ctrl_imgs
                 vl_refs = tuple(r.sha256 for r in req.images) + tuple(x.image.sha256 for x in req.controls)
                 cond_imgs = [_condition_image(spec, im) for im in vl_imgs]
                 keys = tuple(zip(vl_refs, (im.size for im in cond_imgs)))
-                enc = _vision_prompts(engine)
+                enc = engine.vision_prompts
                 cond = enc.encode(req.full_prompt(), cond_imgs, keys)
                 uncond = enc.encode(req.negative_prompt, cond_imgs, keys) if use_cfg else None
             else:
-                cond = engine.prompts.encode(req.full_prompt())
-                uncond = engine.prompts.encode(req.negative_prompt) if use_cfg else None
+                cond, uncond = encode_prompts(engine, req)
         timings["text_encode"] = time.perf_counter() - t0
 
-        # -- 2. VAE encodes, in the reference's generator order: controls, init image, then noise ------------------
+        # -- 2. VAE encodes, in the reference's generator order: controls, init image, then noise ----------------------
         t_enc = time.perf_counter()
-        with engine._stages.on_device("vae"):
-            engine._stages.set_vae_tiling(W * H)
+        with engine.stages.on_device("vae"):
+            engine.stages.set_vae_tiling(W * H)
             if cn_inpaint:
                 control_lat = [_masked_control(c.vae, geo, imgs[0], mask_img, req, batch, sample=diffusers_noise)]
             else:
@@ -286,14 +283,13 @@ def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes:
                 ref_tokens, ref_shapes = torch.cat(refs, dim=1), tuple(shapes)
         timings["vae_encode"] = time.perf_counter() - t_enc
 
-        # -- 3. noise, schedule, start point ---------------------------------------------------------------------
+        # -- 3. noise, schedule, start point -----------------------------------------------------------------------
         if diffusers_noise:
             noise = torch.cat([torch.randn((1, L.LATENT_CHANNELS, lh, lw), generator=g) for g in gens])
         else:
             noise = L.make_noise(seeds=req.image_seeds(), convention="comfy", width=W, height=H, skip=req.noise_skip)
         noise = L.pack(noise)
-        sigmas = build_sigmas(req.scheduler, req.steps, image_seq_len=noise.shape[1],
-                              scheduler_config=c.scheduler_config, shift=req.shift)
+        sigmas = schedule(engine, req, noise.shape[1])
         x = noise
         init_packed = None
         if init_lat is not None:
@@ -311,34 +307,23 @@ def _run(engine, req: EditRequest, imgs: list, mask_img, ctrl_imgs: list, notes:
         control_specs = (list(req.controls) or [ControlRef(req.images[0])]) if cn_inpaint else list(req.controls)
         hooks = _hooks(engine, geo, None if cn_inpaint else mask_img, init_packed, control_lat, control_specs,
                        ref_tokens, ref_shapes, lh, lw)
-        x = engine._sample(req, cond, uncond, x, sigmas, lh, lw, on_progress, preview_every, t0, timings, hooks)
 
-        # -- 4. decode, crop back to the input grid, composite outside the mask -----------------------------------
-        t_dec = time.perf_counter()
-        with engine._stages.on_device("vae"):
-            engine._stages.set_vae_tiling(W * H)
-            pixels = L.decode(c.vae, L.unpack(x, lh, lw).to(c.device))
-        out_imgs = [im.crop((0, 0, geo.ow, geo.oh)) if im.size != (geo.ow, geo.oh) else im
-                    for im in L.to_pil(pixels)]
-        if mask_img is not None:
-            base = imgs[0] if geo.keep else I.resize(imgs[0], W, H)
-            m = mask_img if geo.keep else I.resize(mask_img, W, H)
-            out_imgs = [composite(base, im, m, req.feather) for im in out_imgs]
-        timings["vae_decode"] = time.perf_counter() - t_dec
-    timings["total"] = time.perf_counter() - t0
+        def finish(decoded: list) -> list:
+            """Crop back to the input grid; with a mask, every pixel outside it comes from the input."""
+            out_imgs = [im.crop((0, 0, geo.ow, geo.oh)) if im.size != (geo.ow, geo.oh) else im for im in decoded]
+            if mask_img is not None:
+                base = imgs[0] if geo.keep else I.resize(imgs[0], W, H)
+                m = mask_img if geo.keep else I.resize(mask_img, W, H)
+                out_imgs = [composite(base, im, m, req.feather) for im in out_imgs]
+            return out_imgs
 
-    mode = "controlnet-inpaint" if cn_inpaint else _mode(spec, req, mask_img)
-    out = []
-    for i, img in enumerate(out_imgs):
-        meta = engine._metadata(req, i, timings)
-        meta["mode"] = mode
-        meta["size"] = {"width": geo.ow, "height": geo.oh, "model_width": W, "model_height": H}
+        meta: dict[str, Any] = {"mode": "controlnet-inpaint" if cn_inpaint else _mode(spec, req, mask_img),
+                                "size": {"width": geo.ow, "height": geo.oh, "model_width": W, "model_height": H}}
         if (req.controls or cn_inpaint) and not spec.is_edit:
-            meta["controlnet"] = getattr(engine, "controlnet_name", None)
-        if notes:
-            meta["notes"] = list(notes)
-        out.append(GeneratedImage(img, meta))
-    return GenerateResult(images=out, request=req, timings=timings, latents=L.unpack(x, lh, lw))
+            meta["controlnet"] = engine.controlnet_name
+        if self.notes:
+            meta["notes"] = list(self.notes)
+        return Conditioning(cond, uncond, x, sigmas, lh, lw, hooks=hooks, finish=finish, metadata=meta)
 
 
 def _mode(spec, req, mask_img) -> str:
@@ -354,27 +339,12 @@ def _mode(spec, req, mask_img) -> str:
 def _controlnet_inpaint(engine, req) -> bool:
     """ControlNet-inpaint mode: a base model, an image + mask, and an inpainting ControlNet the request uses (named,
     or given ``controls``). An attached ControlNet the request does not ask for is not used (plain inpaint)."""
-    net = getattr(engine, "controlnet", None)
+    net = engine.controlnet
     if engine.spec.is_edit or net is None or req.mask is None or not (req.controlnet or req.controls):
         return False
     from .controlnet import uses_inpaint_controlnet
 
     return uses_inpaint_controlnet(req, int(net.config.extra_condition_channels or 0), engine.controlnet_name)
-
-
-def _vision_prompts(engine):
-    enc = getattr(engine, "_vision_prompts", None)
-    if enc is None:
-        from ..vision_text import VisionPromptEncoder, build_image_processor
-
-        c, spec = engine.components, engine.spec
-        enc = VisionPromptEncoder(
-            c.tokenizer, c.text_encoder, build_image_processor(c.text_encoder, c.identity.get("folder")),
-            template=spec.template, image_template=spec.image_template, drop_tokens=spec.drop_tokens,
-            max_tokens=spec.max_prompt_tokens, tokenizer_lock=engine.prompts.tokenizer_lock,
-        )
-        engine._vision_prompts = enc
-    return enc
 
 
 def _condition_image(spec, img):
@@ -426,8 +396,6 @@ def _encode_pixels(vae, px, gens, batch: int, *, sample: bool):
 def _hooks(engine, geo: _Inputs, mask_img, init_packed, control_lat, control_specs, ref_tokens, ref_shapes, lh, lw):
     import torch
 
-    from ..engine import DenoiseHooks
-
     device = engine.components.device
     blend = None
     if mask_img is not None:
@@ -437,7 +405,7 @@ def _hooks(engine, geo: _Inputs, mask_img, init_packed, control_lat, control_spe
         mpacked = L.pack(mt.repeat(1, L.LATENT_CHANNELS, 1, 1)).to(device)
         known = init_packed.to(device)
 
-        def blend(denoised, i):
+        def blend(denoised):
             return (1 - mpacked) * known + mpacked * denoised
 
     control = None

@@ -1,7 +1,8 @@
 """Samplers for Qwen-Image as pure k-diffusion-style functions.
 
-Conventions (rectified flow): ``x_t = (1 - sigma) * x0 + sigma * noise``; a *denoiser* maps ``(x, step_index,
-sigma)`` to its estimate of ``x0`` (for the transformer's velocity ``v``: ``x0 = x - sigma * v``).
+Conventions (rectified flow): ``x_t = (1 - sigma) * x0 + sigma * noise``; a *denoiser* maps ``(x, sigma)`` to its
+estimate of ``x0`` — only the sigma, as k-diffusion and ComfyUI models take it, so a sampler that evaluates the
+model between schedule points (heun's corrector at ``sigma_next``) gets the model at that noise level (for the transformer's velocity ``v``: ``x0 = x - sigma * v``).
 
 Every sampler has the signature ``sample_NAME(denoise, x, sigmas, *, callback=None, noise_sampler=None)``:
 
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from qwenstudio.errors import InvalidRequest
 
-Denoiser = Callable[[Tensor, int, float], Tensor]
+Denoiser = Callable[[Tensor, float], Tensor]
 StepCallback = Callable[[int, Tensor, Tensor, float, float], object]
 NoiseSampler = Callable[[float, float], Tensor]
 Sampler = Callable[..., Tensor]
@@ -42,8 +43,8 @@ def _floats(sigmas: Tensor | Sequence[float]) -> list[float]:
     return [float(s) for s in sigmas]
 
 
-def _denoise(denoise: Denoiser, x: Tensor, i: int, sigma: float) -> Tensor:
-    return denoise(x, i, sigma).to(x.dtype)
+def _denoise(denoise: Denoiser, x: Tensor, sigma: float) -> Tensor:
+    return denoise(x, sigma).to(x.dtype)
 
 
 def _euler_step(x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> Tensor:
@@ -73,7 +74,7 @@ def sample_euler(
     sig = _floats(sigmas)
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = _denoise(denoise, x, i, sigma)
+        denoised = _denoise(denoise, x, sigma)
         x = _euler_step(x, denoised, sigma, sigma_next)
         if callback is not None:
             callback(i, x, denoised, sigma, sigma_next)
@@ -98,7 +99,7 @@ def sample_euler_ancestral(
     sig = _floats(sigmas)
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = _denoise(denoise, x, i, sigma)
+        denoised = _denoise(denoise, x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
@@ -129,14 +130,14 @@ def sample_heun(
     sig = _floats(sigmas)
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = _denoise(denoise, x, i, sigma)
+        denoised = _denoise(denoise, x, sigma)
         if sigma_next == 0:
             x = denoised
         else:
             dt = sigma_next - sigma
             d = (x - denoised) / sigma
             x_2 = x + d * dt
-            d_2 = (x_2 - _denoise(denoise, x_2, i, sigma_next)) / sigma_next
+            d_2 = (x_2 - _denoise(denoise, x_2, sigma_next)) / sigma_next
             x = x + ((d + d_2) / 2) * dt
         if callback is not None:
             callback(i, x, denoised, sigma, sigma_next)
@@ -158,7 +159,7 @@ def sample_dpmpp_2m(
     h_last = 0.0
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = _denoise(denoise, x, i, sigma)
+        denoised = _denoise(denoise, x, sigma)
         if sigma_next == 0:
             x = denoised  # k-diffusion: exp(-inf) * x - expm1(-inf) * denoised
         else:
@@ -190,7 +191,7 @@ def sample_res_multistep(
     old_denoised: Tensor | None = None
     for i in range(len(sig) - 1):
         sigma, sigma_next = sig[i], sig[i + 1]
-        denoised = _denoise(denoise, x, i, sigma)
+        denoised = _denoise(denoise, x, sigma)
         if sigma_next == 0 or old_denoised is None:
             x = _euler_step(x, denoised, sigma, sigma_next)
         else:
