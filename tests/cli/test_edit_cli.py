@@ -1,24 +1,14 @@
-"""``qwenstudio edit`` on the tiny model (the command function mounted on a Typer app as cli/main.py does)."""
+"""``qwenstudio edit`` on the tiny model, through the real CLI app."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from qwenstudio.cli.edit import edit
-
-app = typer.Typer()
-app.command()(edit)
-
-
-@app.command()
-def _other() -> None:  # a second command so "edit" is a subcommand, as in the real CLI
-    pass
-
+from qwenstudio.cli.main import app
 
 runner = CliRunner()
 

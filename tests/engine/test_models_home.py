@@ -11,7 +11,8 @@ import torch
 
 from qwenstudio import Engine, ModelNotFound
 from qwenstudio.config import Settings
-from qwenstudio.engine.registry import ModelRegistry, guess_variant
+from qwenstudio.engine.identity import identify_name
+from qwenstudio.engine.registry import ModelRegistry
 
 
 class _Sentinel:
@@ -89,15 +90,20 @@ def test_remote_callers_cannot_pass_paths(comfy_root):
         _engine(comfy_root, str(comfy_root / "diffusion_models" / "qwen_image_fp32.safetensors"), allow_paths=False)
 
 
-def test_missing_tokenizer_says_where_to_put_one(comfy_root, tmp_path):
+def test_without_any_tokenizer_the_bundled_one_is_used(comfy_root, tmp_path, monkeypatch):
     root = tmp_path / "models"
     shutil.copytree(comfy_root, root, ignore=shutil.ignore_patterns("tokenizer", "diffusers"))
-    with pytest.raises(ModelNotFound, match="tokenizer"):
-        _engine(root, "qwen_image_fp32")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    engine = _engine(root, "qwen_image_fp32")
+    assert engine.components.identity["tokenizer"] == "bundled Qwen2.5"
 
 
-def test_guess_variant_from_published_names():
-    assert guess_variant("qwen_image_fp8_e4m3fn") == "qwen-image"
-    assert guess_variant("qwen_image_2512_bf16") == "qwen-image-2512"
-    assert guess_variant("Qwen-Image-Lightning-4steps-V1.0") == "qwen-image-lightning-4step"
-    assert guess_variant("qwen-image-2512-lightning-8steps") == "qwen-image-2512"
+def test_single_file_variant_from_published_names_says_why():
+    assert identify_name("qwen_image_fp8_e4m3fn").variant == "qwen-image"
+    assert "use --variant" in identify_name("qwen_image_fp8_e4m3fn").reason
+    assert identify_name("qwen_image_2512_bf16").variant == "qwen-image-2512"
+    assert identify_name("Qwen-Image-Lightning-4steps-V1.0").variant == "qwen-image-lightning-4step"
+    assert identify_name("qwen-image-2512-lightning-8steps").variant == "qwen-image-2512"  # no such recipe
+    assert identify_name("qwen_image_edit_2509_fp8_e4m3fn").variant == "qwen-image-edit-2509"
+    assert identify_name("Qwen-Image-Edit-2511-Q4_K_M").variant == "qwen-image-edit-2511"
+    assert all(identify_name(n).guessed for n in ("qwen_image_fp8_e4m3fn", "qwen_image_edit_2509_fp8_e4m3fn"))

@@ -121,8 +121,9 @@ def test_reuse_settings_and_seed_fill_the_form(page, server):
     with server.http() as http:
         assert http.post("/api/jobs?wait=true", json=body).json()["status"] == "done"
     open_view(page, server)
-    page.click("#gen-reset")  # form at the model defaults first
-    expect(page.locator("#gen-steps")).to_have_value("4")
+    page.click("#gen-reset")  # form at the model defaults first: shown, not filled in (unset = server decides)
+    expect(page.locator("#gen-steps")).to_have_value("")
+    expect(page.locator("#gen-steps")).to_have_attribute("placeholder", "4")
     page.click("button[data-view=gallery]")
     page.locator(".thumb", has_text="reuse me please").first.click()
     page.click("#detail-reuse")
@@ -134,10 +135,12 @@ def test_reuse_settings_and_seed_fill_the_form(page, server):
         expect(page.locator(f"#gen-{name}")).to_have_value(value)
     expect(page.locator("#gen-lock")).to_have_attribute("aria-pressed", "true")
 
-    # model defaults come back with "Defaults" (and on a model change)
+    # model defaults come back with "Defaults" (and on a model change), as placeholders
     page.click("#gen-reset")
-    expect(page.locator("#gen-steps")).to_have_value("4")
-    expect(page.locator("#gen-width")).to_have_value("64")
+    expect(page.locator("#gen-steps")).to_have_value("")
+    expect(page.locator("#gen-steps")).to_have_attribute("placeholder", "4")
+    expect(page.locator("#gen-width")).to_have_attribute("placeholder", "64")
+    expect(page.locator("#gen-sampler")).to_have_value("")
 
     page.fill("#gen-seed", "1")
     page.click("button[data-view=gallery]")

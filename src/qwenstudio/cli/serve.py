@@ -13,13 +13,18 @@ from pathlib import Path
 import typer
 
 
-def _model_identity(model: str, variant: str | None) -> tuple[str, str]:
-    """The id clients pass as "model", and the spec (recipe) name."""
-    from ..engine.registry import guess_variant
+def _model_identity(model: str, variant: str | None, settings=None) -> tuple[str, str]:
+    """The id clients pass as "model", and the spec (recipe) name, decided like ``Engine.load`` does."""
+    from ..engine.sources import identify_model
+    from ..errors import QwenStudioError
 
     path = Path(model)
     model_id = "tiny" if model == "tiny" else (path.stem if path.suffix in (".safetensors", ".gguf") else path.name)
-    return model_id, variant or guess_variant(model_id)
+    try:
+        _, ident = identify_model(model, settings=settings, variant=variant)
+    except QwenStudioError:  # an unloadable model fails with its own typed error when the worker loads it
+        return model_id, variant or "qwen-image"
+    return model_id, ident.variant
 
 
 def build_client(model: str, variant: str | None = None, device: str | None = None,
@@ -31,7 +36,7 @@ def build_client(model: str, variant: str | None = None, device: str | None = No
     from ..service.engine_client import InProcessEngineClient
 
     settings = settings or Settings.from_env()
-    model_id, spec_name = _model_identity(model, variant)
+    model_id, spec_name = _model_identity(model, variant, settings)
 
     def load():
         from ..engine.engine import Engine
@@ -57,7 +62,7 @@ def build_ray_client(model: str, variant: str | None = None, device: str | None 
     except ImportError:
         raise QwenStudioError("--ray needs Ray Serve: pip install 'qwenstudio[ray]'", code="missing_dependency")
     settings = settings or Settings.from_env()
-    model_id, spec_name = _model_identity(model, variant)
+    model_id, spec_name = _model_identity(model, variant, settings)
     return RayServeEngineClient(model_id, spec_name, model, device=device, settings=settings,
                                 text_encoder=text_encoder, vae=vae, offload=offload, num_replicas=replicas,
                                 num_gpus=gpus_per_replica)

@@ -9,6 +9,7 @@ module touches its private state.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,10 @@ class Engine:
         keep_lm_head: bool = False,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
-        ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe (default: guessed
-        from the name, else ``qwen-image``). ``text_encoder``/``vae`` name components for single-file DiTs (default:
-        picked from the models dirs). ``offload`` forces a memory strategy (resident, model_offload, group_offload,
+        ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe
+        (default: decided by ``identity`` — a folder's model_index.json, a file's name — and recorded with its
+        reason). ``text_encoder``/``vae`` name components for single-file DiTs (default: picked from the models
+        dirs, else a diffusers folder's). ``offload`` forces a memory strategy (resident, model_offload, group_offload,
         cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
         is loaded. ``allow_paths=False`` (the server) accepts registry names only."""
         import torch
@@ -82,9 +84,12 @@ class Engine:
         elif dtype is None and settings.dtype:
             dtype = _parse_dtype(settings.dtype)
         registry = registry_for(settings, models_dirs)
+        device = check_device(device or settings.device or default_device())
         source = resolve(model, registry, settings, text_encoder=text_encoder, vae=vae, allow_paths=allow_paths)
         spec = get_spec(variant or source.variant)
-        device = torch.device(device or settings.device or default_device())
+        reason = f"chosen with --variant {variant}" if variant else source.identity.reason
+        if not variant and source.identity.guessed:
+            warnings.warn(f"'{source.name}': variant {spec.name} ({reason})", stacklevel=2)
         dtype = dtype or default_dtype(device)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
@@ -94,6 +99,7 @@ class Engine:
         with torch.inference_mode(False):
             components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
         components.device = device
+        components.identity = {**components.identity, "variant_reason": reason}
         engine = cls(components, spec, plan=plan)
         engine.registry = registry
         engine.allow_paths = allow_paths
@@ -236,6 +242,38 @@ def _match_report(lora_file) -> dict:
     """What the LoRA file's keys matched, when its reader reports it (a partial match is never silent)."""
     unmatched = getattr(lora_file, "unmatched", None)
     return {"unmatched_keys": len(unmatched)} if unmatched else {}
+
+
+def available_devices() -> list[str]:
+    """The devices this machine can run on, in the names ``--device`` takes."""
+    import torch
+
+    out = []
+    if torch.cuda.is_available():
+        out += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        out += ["xpu", *(f"xpu:{i}" for i in range(torch.xpu.device_count()))]
+    return [*out, "cpu"]
+
+
+def check_device(name):
+    """A torch device that exists here, or a typed error naming the ones that do (never a traceback)."""
+    import torch
+
+    if isinstance(name, torch.device):
+        name = str(name)
+    available = available_devices()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidRequest(f"unknown device '{name}'; available here: {', '.join(available)}",
+                             code="invalid_device") from None
+    if str(device) not in available and not (device.index is None and device.type in available):
+        raise InvalidRequest(f"device '{name}' is not available on this machine; available: {', '.join(available)}",
+                             code="invalid_device")
+    return device
 
 
 def _fp32():

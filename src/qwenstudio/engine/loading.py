@@ -260,52 +260,51 @@ def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_
     """Load transformer, VAE, text encoder, tokenizer and scheduler config from a diffusers folder.
     ``keep_lm_head`` loads the text encoder's LM head too (only the stock-pipeline benchmark needs it)."""
     import torch
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     root = Path(path)
     index = check_diffusers_folder(root)
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
+    transformer = load_folder_transformer(root, device=device, dtype=dtype)
+    parts = load_folder_companions(root, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
+    files = [f for c in ("transformer", "vae", "text_encoder") for f in component_files(root / c)]
+    identity = {"name": root.name, "format": "diffusers", "class": index.get("_class_name"),
+                "fingerprint": fingerprint(files)}
+    return Components(transformer=transformer.eval(), device=device, dtype=dtype, identity=identity, **parts)
 
-    files = {c: component_files(root / c) for c in ("transformer", "vae", "text_encoder")}
+
+def load_folder_transformer(root: Path, *, device, dtype):
+    from diffusers import QwenImageTransformer2DModel
 
     t_cfg = _read_json(root / "transformer" / "config.json", "transformer config")
     transformer = build_empty(lambda: QwenImageTransformer2DModel.from_config(t_cfg))
-    fill_module(transformer, iter_safetensors(files["transformer"]), dtype=dtype, device=device, name="transformer")
+    fill_module(transformer, iter_safetensors(component_files(root / "transformer")), dtype=dtype, device=device,
+                name="transformer")
+    return transformer
 
+
+def load_folder_companions(root: Path, *, device, dtype, keep_lm_head: bool = False) -> dict:
+    """A diffusers folder's VAE, text encoder, tokenizer and scheduler config — also the companions of a
+    single-file DiT (GGUF/fp8) when the models home has the official folder but no separate TE/VAE files."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = load_tokenizer(root / "tokenizer")  # fail fast, before the big files
     v_cfg = _read_json(root / "vae" / "config.json", "vae config")
     vae = build_empty(lambda: AutoencoderKLQwenImage.from_config(v_cfg))
-    fill_module(vae, iter_safetensors(files["vae"]), dtype=dtype, device=device, name="vae")
+    fill_module(vae, iter_safetensors(component_files(root / "vae")), dtype=dtype, device=device, name="vae")
 
     te_cfg = Qwen2_5_VLConfig.from_dict(_read_json(root / "text_encoder" / "config.json", "text encoder config"))
     text_encoder = build_empty(lambda: Qwen2_5_VLForConditionalGeneration(te_cfg))
     # The LM head (vocab x hidden, ~1 GB at full size) is never used to encode prompts: skip it.
     fill_module(
         text_encoder,
-        iter_safetensors(files["text_encoder"]),
+        iter_safetensors(component_files(root / "text_encoder")),
         dtype=dtype,
         device=device,
         name="text_encoder",
         key_map=lambda k: None if k.startswith("lm_head.") and not keep_lm_head else text_encoder_key_map(k),
         optional=("lm_head.",),
     )
-
-    tokenizer = load_tokenizer(root / "tokenizer")
     sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-    identity = {
-        "name": root.name,
-        "format": "diffusers",
-        "class": index.get("_class_name"),
-        "fingerprint": fingerprint([f for fs in files.values() for f in fs]),
-    }
-    return Components(
-        transformer=transformer.eval(),
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        scheduler_config=sched,
-        device=device,
-        dtype=dtype,
-        identity=identity,
-    )
+    return {"vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer, "scheduler_config": sched}

@@ -2,8 +2,9 @@
 
 A models dir may follow the ComfyUI layout (``diffusion_models/`` or ``unet/``, ``text_encoders/`` or ``clip/``,
 ``vae/``, ``loras/``, ``controlnet/``), be an existing ComfyUI/SwarmUI ``models`` folder, hold diffusers folders, or
-be a diffusers folder itself. Each file's role comes from ``formats.detect`` (its keys), not from the folder it is
-in or its extension. Models and LoRAs are then referred to by *name* (a file's stem, a folder's name): remote
+be a diffusers folder itself, or be a Hugging Face hub cache snapshot (``models--Org--Name/snapshots/<rev>/``, named
+by its repo id ``Org/Name``). Each file's role comes from ``formats.detect`` (its keys), not from the folder it is
+in or its extension; a model's variant comes from ``identity`` (a folder's ``model_index.json``, a file's name). Models and LoRAs are then referred to by *name* (a file's stem, a folder's name): remote
 clients can only ever name things the registry found, never pass a path.
 """
 
@@ -30,15 +31,20 @@ class ModelEntry:
     dtype: str = ""
     quant: str | None = None
     size_bytes: int = 0
+    variant: str = field(default="", compare=False)  # diffusers folders and DiTs: the variant identity decided
+    variant_reason: str = field(default="", compare=False)
 
     def public(self) -> dict:
         """What a remote client may see: no filesystem paths."""
         return {"name": self.name, "kind": self.kind, "format": self.container, "dtype": self.dtype,
-                "quant": self.quant, "size_bytes": self.size_bytes}
+                "quant": self.quant, "size_bytes": self.size_bytes, "variant": self.variant or None,
+                "variant_reason": self.variant_reason or None}
 
 
 class ModelRegistry:
-    def __init__(self, dirs: Iterable[Path]):
+    def __init__(self, dirs: Iterable[Path], aliases: dict[Path, str] | None = None):
+        """``aliases``: folders named otherwise than by their directory (hub snapshots -> repo ids)."""
+        self.aliases = {Path(k): v for k, v in (aliases or {}).items()}
         self.dirs = [Path(d).expanduser() for d in dirs]
         self.problems: list[tuple[Path, str]] = []  # files that were skipped, with the reason (pickle, corrupt ...)
         self._cached: tuple[tuple, list[ModelEntry]] | None = None
@@ -63,6 +69,7 @@ class ModelRegistry:
 
     def _scan(self) -> list[ModelEntry]:
         from .formats.detect import detect
+        from .identity import identify_folder, identify_name
 
         entries: dict[tuple[str, str], ModelEntry] = {}
         self.problems = []
@@ -71,7 +78,10 @@ class ModelRegistry:
                 continue
             folders = _diffusers_folders(root)
             for folder in folders:
-                e = ModelEntry(folder.name, "diffusers", folder, "diffusers", "", None, _tree_size(folder))
+                name = self.aliases.get(folder, folder.name)
+                ident = identify_folder(folder, name)
+                e = ModelEntry(name, "diffusers", folder, "diffusers", "", None, _tree_size(folder), ident.variant,
+                               ident.reason)
                 entries.setdefault((e.kind, e.name), e)
             nets = _controlnet_folders(root, exclude=folders)
             for folder in nets:  # a ControlNet as a diffusers model folder: named after the folder
@@ -86,9 +96,14 @@ class ModelRegistry:
                 if info.role == "unknown":
                     self.problems.append((path, "not a Qwen-Image component (unrecognised tensor names)"))
                     continue
-                e = ModelEntry(path.stem, info.role, path, info.container, info.dtype, info.quant, info.size_bytes)
+                ident = identify_name(path.stem) if info.role == "dit" else None
+                e = ModelEntry(path.stem, info.role, path, info.container, info.dtype, info.quant, info.size_bytes,
+                               ident.variant if ident else "", ident.reason if ident else "")
                 entries.setdefault((e.kind, e.name), e)
         return sorted(entries.values(), key=lambda e: (e.kind, e.name))
+
+    def has(self, name: str, kinds: tuple[str, ...]) -> bool:
+        return any(e.kind in kinds and e.name == name for e in self.scan())
 
     def find(self, name: str, kinds: tuple[str, ...]) -> ModelEntry:
         found = [e for e in self.scan() if e.kind in kinds and e.name == name]
@@ -159,23 +174,6 @@ def _candidate_files(root: Path, exclude: list[Path]) -> list[Path]:
 
 def _tree_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def guess_variant(name: str) -> str:
-    """The spec to use for a model named like the published files (override with --variant)."""
-    n = name.lower().replace("_", "-")
-    if n == "tiny" or n.startswith("tiny-"):
-        return "tiny"
-    from .specs import SPECS
-
-    if "edit" in n:
-        base = next((f"qwen-image-edit-{v}" for v in ("2509", "2511") if v in n), "qwen-image-edit")
-    else:
-        base = "qwen-image-2512" if "2512" in n else "qwen-image"
-    if "lightning" in n:
-        steps = 4 if "4step" in n or "4-step" in n else 8
-        return f"{base}-lightning-{steps}step" if f"{base}-lightning-{steps}step" in SPECS else base
-    return base
 
 
 def require_role(entry: ModelEntry, kinds: tuple[str, ...]) -> None:

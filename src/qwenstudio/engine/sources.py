@@ -1,33 +1,45 @@
 """Turn what the user typed after ``--model`` into loadable files, plan memory for them, and load them.
 
-``tiny`` → the built-in random model; a path (local callers only) → a diffusers folder or a DiT file; otherwise a
-registry name: a diffusers folder's name or a DiT file's stem (``qwen_image_fp8_e4m3fn``), with the text encoder,
-VAE and tokenizer picked from the models dirs unless named.
+``tiny`` → the built-in random model; a registry name — a diffusers folder's name, a hub repo id
+(``Qwen/Qwen-Image-Edit-2509``, from the Hugging Face cache) or a DiT file's stem (``qwen_image_fp8_e4m3fn``) — or,
+for local callers, a path. A single-file DiT takes its text encoder, VAE and tokenizer from separate files in the
+models dirs (named or picked), or, when there are none, from a diffusers folder there (the common "GGUF DiT + the
+official folder" setup). The variant comes from ``identity`` (``--variant`` overrides it).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Settings
 from ..errors import ModelNotFound
-from .registry import ModelEntry, ModelRegistry, guess_variant, require_role
+from .identity import Identity, hub_snapshots, identify_folder, identify_name
+from .registry import ModelEntry, ModelRegistry, require_role
 
 
 @dataclass(frozen=True)
 class ModelSource:
     name: str
-    variant: str
+    identity: Identity
     folder: Path | None = None  # a diffusers folder, or ...
     dit: ModelEntry | None = None  # ... single files
     text_encoder: ModelEntry | None = None
     vae: ModelEntry | None = None
+    companions: Path | None = None  # a diffusers folder giving the TE/VAE/tokenizer of a single-file DiT
     search_dirs: tuple[Path, ...] = field(default_factory=tuple)
+
+    @property
+    def variant(self) -> str:
+        return self.identity.variant
 
 
 def registry_for(settings: Settings, extra_dirs=()) -> ModelRegistry:
-    return ModelRegistry([*map(Path, extra_dirs), *settings.models_dirs, settings.home / "models"])
+    """The models home: extra dirs, ``QWENSTUDIO_MODELS_DIR``, ``<home>/models`` and the HF hub cache's snapshots."""
+    snapshots = hub_snapshots()
+    return ModelRegistry([*map(Path, extra_dirs), *settings.models_dirs, settings.home / "models", *snapshots],
+                         aliases=snapshots)
 
 
 def resolve(model: str | Path, registry: ModelRegistry, settings: Settings, *, text_encoder: str | None = None,
@@ -39,29 +51,58 @@ def resolve(model: str | Path, registry: ModelRegistry, settings: Settings, *, t
         from ..testing.tiny import TinySpec, write_diffusers_folder
 
         folder = write_diffusers_folder(settings.cache_dir / f"tiny-{__version__}", TinySpec())
-        return ModelSource("tiny", "tiny", folder=folder)
+        return ModelSource("tiny", Identity("tiny", "the built-in tiny model"), folder=folder)
     path = Path(name).expanduser()
-    looks_like_path = allow_paths and ("/" in name or "\\" in name or path.exists())
-    if looks_like_path:
+    if registry.has(name, ("diffusers", "dit")):  # names (incl. repo ids "Org/Name") before paths
+        entry = registry.find(name, ("diffusers", "dit"))
+        if entry.kind == "diffusers":
+            return ModelSource(entry.name, identify_folder(entry.path, entry.name), folder=entry.path)
+    elif allow_paths and ("/" in name or "\\" in name or path.exists()):
         if not path.exists():
             raise ModelNotFound(f"model '{name}' not found: give a diffusers folder, a DiT file, a name from "
                                 "`qwenstudio models`, or 'tiny'")
         if path.is_dir():
-            return ModelSource(path.name, guess_variant(path.name), folder=path)
+            return ModelSource(path.name, identify_folder(path), folder=path)
         from .formats.detect import detect
 
         info = detect(path)
         entry = ModelEntry(path.stem, info.role, path, info.container, info.dtype, info.quant, info.size_bytes)
-        registry = ModelRegistry([path.parent, path.parent.parent, *registry.dirs])
+        registry = ModelRegistry([path.parent, path.parent.parent, *registry.dirs], aliases=registry.aliases)
     else:
-        entry = registry.find(name, ("diffusers", "dit"))
-        if entry.kind == "diffusers":
-            return ModelSource(entry.name, guess_variant(entry.name), folder=entry.path)
+        entry = registry.find(name, ("diffusers", "dit"))  # raises ModelNotFound listing the known names
     require_role(entry, ("dit",))
-    te, vae_entry = registry.pick("text_encoder", text_encoder), registry.pick("vae", vae)
+    ident = identify_name(entry.name)
     dirs = [*registry.dirs, *(e.path for e in registry.scan() if e.kind == "diffusers")]
-    return ModelSource(entry.name, guess_variant(entry.name), dit=entry, text_encoder=te, vae=vae_entry,
-                       search_dirs=tuple(dirs))
+    try:
+        te, vae_entry = registry.pick("text_encoder", text_encoder), registry.pick("vae", vae)
+    except ModelNotFound:
+        companions = _companion_folder(registry) if text_encoder is None and vae is None else None
+        if companions is None:
+            raise
+        warnings.warn(f"'{entry.name}': no separate text encoder/VAE files; using those of the diffusers folder "
+                      f"'{companions.name}'", stacklevel=2)
+        return ModelSource(entry.name, ident, dit=entry, companions=companions.path, search_dirs=tuple(dirs))
+    return ModelSource(entry.name, ident, dit=entry, text_encoder=te, vae=vae_entry, search_dirs=tuple(dirs))
+
+
+def identify_model(model: str | Path, *, settings: Settings | None = None, models_dirs=(), variant: str | None = None,
+                   allow_paths: bool = True) -> tuple[str, Identity]:
+    """(the model's name, its identity) without loading anything: what ``Engine.load`` would choose."""
+    settings = settings or Settings.from_env()
+    source = resolve(model, registry_for(settings, models_dirs), settings, allow_paths=allow_paths) \
+        if str(model) != "tiny" else ModelSource("tiny", Identity("tiny", "the built-in tiny model"))
+    if variant:
+        return source.name, Identity(variant, f"chosen with --variant {variant}")
+    return source.name, source.identity
+
+
+def _companion_folder(registry: ModelRegistry) -> ModelEntry | None:
+    """A diffusers folder whose text encoder/VAE can serve a single-file DiT (base-model folders first: the
+    text encoder and VAE are the same across the family)."""
+    folders = [e for e in registry.scan() if e.kind == "diffusers"
+               and all((e.path / c).is_dir() for c in ("text_encoder", "vae", "tokenizer"))]
+    folders.sort(key=lambda e: ("edit" in e.variant, e.name))
+    return folders[0] if folders else None
 
 
 def component_sizes(source: ModelSource, itemsize: int) -> dict[str, int]:
@@ -80,6 +121,10 @@ def component_sizes(source: ModelSource, itemsize: int) -> dict[str, int]:
             "vae": size(component_files(source.folder / "vae")),
         }
     dit = source.dit.size_bytes if source.dit.container == "gguf" else size([source.dit.path])
+    if source.companions is not None:
+        return {"transformer": dit,
+                "text_encoder": size(component_files(source.companions / "text_encoder"), ("lm_head.",)),
+                "vae": size(component_files(source.companions / "vae"))}
     return {"transformer": dit, "text_encoder": size([source.text_encoder.path], ("lm_head.",)),
             "vae": size([source.vae.path])}
 
@@ -88,10 +133,36 @@ def load_source(source: ModelSource, *, device, dtype, keep_lm_head: bool = Fals
     from .loading import load_diffusers_folder
 
     if source.folder is not None:
-        return load_diffusers_folder(source.folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
+        components = load_diffusers_folder(source.folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
+        components.identity = {**components.identity, "name": source.name}
+        return components
+    if source.companions is not None:
+        return _load_dit_with_folder(source, device=device, dtype=dtype)
     from .formats.comfy import find_tokenizer, load_single_files
 
     components = load_single_files(source.dit.path, source.text_encoder.path, source.vae.path,
                                    find_tokenizer(list(source.search_dirs)), device=device, dtype=dtype)
     components.identity = {**components.identity, "name": source.name, "quant": source.dit.quant}
     return components
+
+
+def _load_dit_with_folder(source: ModelSource, *, device, dtype):
+    import torch
+
+    from .formats.comfy import load_dit_file
+    from .formats.gguf import load_dit_gguf
+    from .loading import Components, fingerprint, load_folder_companions
+
+    device = torch.device(device)
+    parts = load_folder_companions(source.companions, device=device, dtype=dtype)
+    path = source.dit.path
+    if source.dit.container == "gguf":
+        from .formats.gguf import gguf_fingerprint
+
+        transformer, fp = load_dit_gguf(path, device=device, dtype=dtype), gguf_fingerprint(path)
+    else:
+        transformer, fp = load_dit_file(path, device=device, dtype=dtype), fingerprint([path])
+    identity = {"name": source.name, "format": "gguf" if source.dit.container == "gguf" else "comfy",
+                "class": "QwenImagePipeline", "files": [path.stem], "components_from": source.companions.name,
+                "quant": source.dit.quant, "fingerprint": fp}
+    return Components(transformer=transformer, device=device, dtype=dtype, identity=identity, **parts)

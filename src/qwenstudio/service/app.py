@@ -25,6 +25,18 @@ log = logging.getLogger("qwenstudio.service")
 DB_NAME = "service.db"
 
 
+def preset_lookup(store: Store):
+    from ..errors import ModelNotFound
+
+    def lookup(name: str) -> dict:
+        preset = store.find_preset(name)
+        if preset is None:
+            raise ModelNotFound(f"no preset named '{name}'", code="preset_not_found")
+        return preset["params"]
+
+    return lookup
+
+
 def create_app(settings: Settings, engine_client: EngineClient, config: ServiceConfig | None = None) -> FastAPI:
     """Build the app. The store opens (and recovers jobs a crash left active) now; the job worker starts with the
     app's lifespan and stops, cancelling what runs, when the server shuts down."""
@@ -46,6 +58,9 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
         finally:
             manager.stop()
             store.close()
+
+    if hasattr(engine_client, "preset_lookup"):  # jobs may name a preset: its fields fill what they leave unset
+        engine_client.preset_lookup = preset_lookup(store)
 
     app = FastAPI(title="qwenstudio", version=__version__, lifespan=lifespan)
     app.state.settings = settings

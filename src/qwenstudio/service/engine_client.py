@@ -70,6 +70,7 @@ class InProcessEngineClient:
         self._cancelled: set[str] = set()
         self._running: str | None = None
         self._lock = threading.Lock()
+        self.preset_lookup: Callable[[str], dict] | None = None  # set by create_app: presets by name, from the store
         self._loaded: Future = self._pool.submit(self._load, loader)
 
     @classmethod
@@ -116,6 +117,7 @@ class InProcessEngineClient:
 
         with self._lock:
             self._running = job_id
+        self._engine.preset_lookup = self.preset_lookup
         try:
             if inputs is not None:
                 return self._engine.edit(request, images=inputs["images"], mask=inputs["mask"],
@@ -133,10 +135,14 @@ class InProcessEngineClient:
         if model != self._model_id:
             raise ModelNotFound(f"model '{model}' is not served here; available: {self._model_id}")
         if self._engine is not None:
+            self._engine.preset_lookup = self.preset_lookup
             return self._engine.prepare(request)
-        from ..engine.specs import get_spec
+        # Not loaded yet: check what the user gave; the worker prepares the job (LoRA recipes need the engine)
+        # when it runs it. Filling the variant's defaults here would hide a Lightning LoRA's recipe.
+        from ..engine.fields import check_bounds
 
-        return request.resolve(get_spec(self._variant))
+        check_bounds(request.__dict__, [k for k, v in request.__dict__.items() if v is not None])
+        return request
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

@@ -366,6 +366,12 @@ class Store:
         rows = self._all("SELECT * FROM presets WHERE id=?", (preset_id,))
         return self._preset_dict(rows[0]) if rows else None
 
+    def find_preset(self, name_or_id: str) -> dict[str, Any] | None:
+        """A preset by id, else by name (the most recently updated one of that name)."""
+        rows = self._all("SELECT * FROM presets WHERE id=?", (name_or_id,)) or \
+            self._all("SELECT * FROM presets WHERE name=? ORDER BY updated_at DESC LIMIT 1", (name_or_id,))
+        return self._preset_dict(rows[0]) if rows else None
+
     def insert_preset(self, preset_id: str, name: str, params: dict, description: str = "", author: str = "") -> None:
         now = time.time()
         self._exec(

@@ -315,8 +315,8 @@ def _hf_hub_dir() -> Path:
 
 def find_tokenizer(search_dirs=()) -> Path:
     """The Qwen2 tokenizer folder: each search dir itself, its ``tokenizer/`` and ``*/tokenizer/`` (diffusers folders),
-    a ComfyUI install's ``comfy/text_encoders/qwen25_tokenizer/``, then the HF cache of Qwen/Qwen-Image."""
-    tried: list[str] = []
+    a ComfyUI install's ``comfy/text_encoders/qwen25_tokenizer/``, the HF cache of Qwen/Qwen-Image, and finally the
+    Qwen2.5 tokenizer shipped with qwenstudio (``bundled_tokenizer``), so a ComfyUI-only user never has to hunt."""
     for d in map(Path, search_dirs):
         patterns = [d, d / "tokenizer", *sorted(d.glob("*/tokenizer")),
                     d / "comfy" / "text_encoders" / "qwen25_tokenizer",
@@ -324,17 +324,22 @@ def find_tokenizer(search_dirs=()) -> Path:
         for c in patterns:
             if _is_tokenizer_dir(c):
                 return c
-        tried.append(str(d))
     snapshots = _hf_hub_dir() / "models--Qwen--Qwen-Image" / "snapshots"
     for c in sorted(snapshots.glob("*/tokenizer")):
         if _is_tokenizer_dir(c):
             return c
-    raise ModelNotFound(
-        "no Qwen2 tokenizer found (single weight files do not contain one). Looked in: "
-        + ", ".join(tried + [str(snapshots / "*" / "tokenizer")])
-        + ". Put the `tokenizer/` folder of Qwen/Qwen-Image (vocab.json, merges.txt, tokenizer_config.json) next to "
-        "the model files, e.g. <models>/tokenizer/, or point at ComfyUI's comfy/text_encoders/qwen25_tokenizer/."
-    )
+    return bundled_tokenizer()
+
+
+def bundled_tokenizer() -> Path:
+    """Qwen2.5's tokenizer files (Apache-2.0, the files every Qwen-Image text encoder uses), shipped in the package
+    (``qwenstudio/data/qwen25_tokenizer``; token ids checked against an independent BPE in tests)."""
+    from importlib.resources import files
+
+    path = Path(str(files("qwenstudio") / "data" / "qwen25_tokenizer"))
+    if not _is_tokenizer_dir(path):
+        raise ModelNotFound(f"the bundled tokenizer is missing from the installation ({path}); reinstall qwenstudio")
+    return path
 
 
 def load_single_files(
@@ -368,6 +373,7 @@ def load_single_files(
         "format": "gguf" if is_gguf else "comfy",
         "class": "QwenImagePipeline",
         "files": [p.stem for p in paths],  # names, never paths: identity ends up in metadata and API responses
+        "tokenizer": "bundled Qwen2.5" if Path(tokenizer_dir) == bundled_tokenizer() else "found beside the models",
         "fingerprint": gguf_fingerprint(paths[0]) if is_gguf else fingerprint(paths),
     }
     return Components(transformer=transformer, vae=vae_model, text_encoder=te,

@@ -1,8 +1,8 @@
 """OpenAPI request-body schemas for the routes that read raw bodies (``json_body`` / ``read_form``).
 
 The routes parse bodies themselves (typed 4xx errors, OpenAI's error shape, one bound check shared with the engine),
-so FastAPI cannot infer their schemas; these are generated from the ``GenerateRequest`` fields and the engine's
-``LIMITS`` so clients, docs and fuzzers (schemathesis, tests/service/test_fuzz.py) see the real bodies. They describe;
+so FastAPI cannot infer their schemas; these are generated from the engine's one field table (``engine/fields.py``)
+so clients, docs and fuzzers (schemathesis, tests/service/test_fuzz.py) see the real bodies. They describe;
 they do not validate (the route does, and a body outside them gets a 4xx, never a 5xx).
 """
 
@@ -11,60 +11,20 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from ...engine.requests import LIMITS, MAX_SEED, GenerateRequest
-from .schemas import _BOOL, _FLOAT, _INT, _STR, MAX_PREVIEW_EVERY
+from ...engine import fields as F
+from ...engine.requests import GenerateRequest
+from .schemas import MAX_PREVIEW_EVERY
 
 _UPLOAD_ID = {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "an id returned by POST /api/uploads"}
-_NULLABLE_STR = {"type": ["string", "null"], "maxLength": LIMITS["prompt_chars"]}
-
-
-def _field_schema(name: str, caps: Any = None) -> dict[str, Any]:
-    """One GenerateRequest field; ``caps`` (a ServiceConfig) narrows steps/size/batch to the operator's caps."""
-    from ...engine.sampling import SAMPLERS, SCHEDULERS
-
-    lo_side, hi_side = LIMITS["side"]
-    steps_hi, batch_hi = LIMITS["steps"][1], LIMITS["batch"][1]
-    if caps is not None:
-        if caps.max_pixels:
-            hi_side = max(lo_side, min(hi_side, int(caps.max_pixels ** 0.5) // 16 * 16))
-        steps_hi = min(steps_hi, caps.max_steps or steps_hi)
-        batch_hi = min(batch_hi, caps.max_batch or batch_hi)
-    special: dict[str, dict[str, Any]] = {
-        "prompt": {"type": "string", "minLength": 1, "maxLength": LIMITS["prompt_chars"]},
-        "negative_prompt": _NULLABLE_STR,
-        "width": {"type": "integer", "minimum": lo_side, "maximum": hi_side, "multipleOf": 16},
-        "height": {"type": "integer", "minimum": lo_side, "maximum": hi_side, "multipleOf": 16},
-        "steps": {"type": "integer", "minimum": LIMITS["steps"][0], "maximum": steps_hi},
-        "batch": {"type": "integer", "minimum": LIMITS["batch"][0], "maximum": batch_hi},
-        "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_SEED},
-        "cfg": {"type": "number", "minimum": LIMITS["cfg"][0], "maximum": LIMITS["cfg"][1]},
-        "shift": {"type": ["number", "null"], "minimum": LIMITS["shift"][0], "maximum": LIMITS["shift"][1]},
-        "sampler": {"type": "string", "enum": list(SAMPLERS)},
-        "scheduler": {"type": "string", "enum": list(SCHEDULERS)},
-        "noise": {"type": "string", "enum": ["diffusers", "comfy"]},
-        "noise_skip": {"type": "integer", "minimum": 0, "maximum": 1024},
-        "magic": {"type": ["string", "null"], "enum": ["en", "zh", None]},
-        "loras": {"type": "array", "maxItems": 8, "items": {
-            "type": "object", "required": ["name"], "additionalProperties": False,
-            "properties": {"name": {"type": "string", "maxLength": 200}, "weight": {"type": "number"}}}},
-        "extra": {"type": "object"},
-        "aspect": {"type": "string", "maxLength": 32},
-    }
-    if name in special:
-        return special[name]
-    if name in _STR:
-        return {"type": "string"}
-    if name in _INT:
-        return {"type": "integer"}
-    if name in _FLOAT:
-        return {"type": "number"}
-    if name in _BOOL:
-        return {"type": "boolean"}
-    return {}
 
 
 def generate_fields(caps: Any = None) -> dict[str, Any]:
-    return {f.name: _field_schema(f.name, caps) for f in fields(GenerateRequest)}
+    """Every client field of GenerateRequest, from the engine's field table (``caps``: the operator's caps)."""
+    return {f.name: F.json_schema(f.name, caps) for f in fields(GenerateRequest) if f.name in F.GENERATE_FIELDS}
+
+
+def edit_fields(caps: Any = None) -> dict[str, Any]:
+    return {n: F.json_schema(n, caps) for n in ("strength", "feather", "keep_size", "controlnet")}
 
 
 def _model(models: list[str] | None) -> dict[str, Any]:
@@ -87,9 +47,7 @@ def job_body(caps: Any = None, models: list[str] | None = None) -> dict[str, Any
                 "image": _UPLOAD_ID, "mode": {"type": "string"}, "scale": {"type": "number"},
                 "start": {"type": "number", "minimum": 0, "maximum": 1},
                 "end": {"type": "number", "minimum": 0, "maximum": 1}}}},
-        "strength": {"type": "number", "minimum": 0, "maximum": 1},
-        "feather": {"type": "integer", "minimum": 0, "maximum": 256},
-        "keep_size": {"type": ["boolean", "null"]},
+        **edit_fields(caps),
     }
     return _json({"type": "object", "required": ["prompt"], "additionalProperties": False, "properties": props})
 
@@ -109,14 +67,13 @@ def openai_generation_body(caps: Any = None, models: list[str] | None = None) ->
 
 
 def openai_edit_body(caps: Any = None, models: list[str] | None = None) -> dict[str, Any]:
+    g = generate_fields(caps)
     props = {
         "image": {"type": "string", "format": "binary"},
         "mask": {"type": "string", "format": "binary"},
-        "prompt": {"type": "string", "minLength": 1, "maxLength": 2000},
-        "model": _model(models), "n": {"type": "integer", "minimum": 1, "maximum": 4},
+        "prompt": g["prompt"], "model": _model(models), "n": g["batch"],
         "size": {"type": "string"}, "response_format": {"type": "string", "enum": ["b64_json", "url"]},
-        "steps": generate_fields(caps)["steps"],
-        "seed": {"type": "integer", "minimum": 0}, "strength": {"type": "number", "minimum": 0, "maximum": 1},
+        "steps": g["steps"], "seed": g["seed"], "strength": edit_fields(caps)["strength"],
     }
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["image", "prompt"], "properties": props}}}}}

@@ -1,5 +1,6 @@
-"""Request parsing shared by the native and OpenAI routes: JSON-only bodies, field types, then the engine's own
-``GenerateRequest.resolve`` for every bound, all before anything is queued (SECURITY.md 1, 5)."""
+"""Request parsing shared by the native and OpenAI routes: JSON-only bodies, field types from the engine's one field
+table (``engine/fields.py``), then the engine's own ``prepare`` for every bound, all before anything is queued
+(SECURITY.md 1, 5). The edges only parse: an unset field stays unset for ``prepare``'s recipes."""
 
 from __future__ import annotations
 
@@ -9,18 +10,16 @@ from typing import Any
 
 from fastapi import Request
 
+from ...engine import fields as F
 from ...engine.requests import GenerateRequest
 from ...errors import InvalidRequest, ModelNotFound
 from ..engine_client import EngineClient
 from ..errors import UnsupportedMediaType
 from ..uploads import UploadStore
 
-_STR = {"prompt", "negative_prompt", "aspect", "sampler", "scheduler", "noise", "magic", "controlnet"}
-_INT = {"width", "height", "steps", "seed", "batch", "noise_skip", "feather"}
-_FLOAT = {"cfg", "shift", "strength"}
-_BOOL = {"cfg_norm", "keep_size"}
 EDIT_INPUTS = ("images", "mask", "controls")  # upload ids; their presence makes a job an edit
-REQUEST_FIELDS = frozenset(f.name for f in fields(GenerateRequest))
+# What a client may send: the request's fields, less the engine's own record of where settings came from.
+REQUEST_FIELDS = frozenset(f.name for f in fields(GenerateRequest)) - {"settings_from"}
 MAX_PREVIEW_EVERY = 1000
 
 
@@ -38,18 +37,7 @@ async def json_body(request: Request) -> Any:
 
 def check_field_types(data: dict[str, Any]) -> None:
     """Reject wrongly typed fields with a 4xx before they can reach engine code that assumes the types."""
-    for name, value in data.items():
-        if value is None and name != "prompt":
-            continue
-        bad = (
-            (name in _STR and not isinstance(value, str))
-            or (name in _INT and (isinstance(value, bool) or not isinstance(value, int)))
-            or (name in _FLOAT and (isinstance(value, bool) or not isinstance(value, (int, float))))
-            or (name in _BOOL and not isinstance(value, bool))
-            or (name == "extra" and not isinstance(value, dict))
-        )
-        if bad:
-            raise InvalidRequest(f"field '{name}' has the wrong type ({type(value).__name__})", code="invalid_type")
+    F.check_types(data)
 
 
 def default_model(client: EngineClient) -> str:
@@ -79,9 +67,9 @@ def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any
     if edit:
         from ...engine.editing import EditRequest
 
-        request = EditRequest.from_dict(data)
+        request = EditRequest.from_dict(data, trusted=False)
     else:
-        request = GenerateRequest.from_dict(data)
+        request = GenerateRequest.from_dict(data, trusted=False)
     return model, client.prepare(model, request), inputs
 
 

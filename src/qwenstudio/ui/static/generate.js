@@ -23,8 +23,9 @@ export async function loadCatalog() {
     limits: data.limits || {},
   });
   setOptions(field("model"), catalog.models.map((m) => [m.id, m.ready ? m.id : `${m.id} (loading)`]));
-  setOptions(field("sampler"), catalog.samplers);
-  setOptions(field("scheduler"), catalog.schedulers);
+  // "" = the model's default (or a LoRA recipe's): the server decides what is unset, never the form
+  setOptions(field("sampler"), [["", "default"], ...catalog.samplers.map((s) => [s, s])]);
+  setOptions(field("scheduler"), [["", "default"], ...catalog.schedulers.map((s) => [s, s])]);
   $("lora-names").replaceChildren(...catalog.loras.map((l) => el("option", { value: l.name || l.id })));
   applyDefaults();
   return catalog;
@@ -35,21 +36,29 @@ function fillAspects(m) {
   setOptions(field("aspect"), [...entries.map(([name, [w, h]]) => [name, `${name} · ${w}×${h}`]), [CUSTOM, "Custom"]]);
 }
 
-/** Reset every field the model has a default for (called on load and when the model changes). */
+/** Show the model's defaults as placeholders and clear the fields (on load, "Defaults" and a model change).
+ * A field left empty is sent as unset, so the server's recipe decides it: a Lightning LoRA's 8 steps / CFG 1, a
+ * preset's values or the model's defaults — the form never sends a pre-filled value the user did not choose. */
 export function applyDefaults() {
   const m = model();
   if (!m) return;
   const d = m.defaults || {};
   fillAspects(m);
   field("aspect").value = d.aspect && m.resolutions?.[d.aspect] ? d.aspect : CUSTOM;
-  field("width").value = d.width ?? "";
-  field("height").value = d.height ?? "";
-  field("steps").value = d.steps ?? "";
-  field("cfg").value = d.cfg ?? "";
-  field("shift").value = d.shift ?? "";
-  field("sampler").value = d.sampler ?? catalog.samplers[0];
-  field("scheduler").value = d.scheduler ?? catalog.schedulers[0];
-  field("negative").value = (d.negative_prompt || "").trim();
+  const show = (name, v, fallback = "") => {
+    field(name).value = "";
+    field(name).placeholder = v ?? fallback;
+  };
+  show("width", d.width);
+  show("height", d.height);
+  show("steps", d.steps);
+  show("cfg", d.cfg);
+  show("shift", d.shift, "auto");
+  field("sampler").value = "";
+  field("scheduler").value = "";
+  field("sampler").options[0].textContent = `default (${d.sampler ?? "euler"})`;
+  field("scheduler").options[0].textContent = `default (${d.scheduler ?? "reference"})`;
+  show("negative", (d.negative_prompt || "").trim() || null, "");
 }
 
 function syncAspectFromSize() {
@@ -60,7 +69,7 @@ function syncAspectFromSize() {
   field("aspect").value = match ? match[0] : CUSTOM;
 }
 
-function applyAspect() {
+function applyAspect() {  // choosing an aspect is choosing its size
   const size = model()?.resolutions?.[field("aspect").value];
   if (size) [field("width").value, field("height").value] = size;
 }
@@ -141,6 +150,9 @@ export function formRequest() {
   };
   const neg = field("negative").value;
   if (neg.trim()) body.negative_prompt = neg;
+  const aspect = field("aspect").value;
+  const chosen = aspect !== CUSTOM && aspect !== model()?.defaults?.aspect;
+  if (body.width === undefined && body.height === undefined && chosen) body.aspect = aspect;
   const loras = loraStack();
   if (loras.length) body.loras = loras;
   return body;
@@ -258,7 +270,9 @@ export function initGenerate({ openOutput: open }) {
   field("aspect").addEventListener("change", applyAspect);
   field("width").addEventListener("input", syncAspectFromSize);
   field("height").addEventListener("input", syncAspectFromSize);
-  field("dice").addEventListener("click", () => (field("seed").value = randomSeed()));
+  field("dice").addEventListener("click", () => setSeed(randomSeed(), true));
+  // a typed seed is the seed: it stays until cleared (empty = a random one each run) or unlocked
+  field("seed").addEventListener("input", () => setLock(field("seed").value.trim() !== ""));
   field("lock").addEventListener("click", () => setLock(!seedLocked));
   $("lora-add").addEventListener("click", () => addLora().querySelector("input").focus());
   $("preset-save").addEventListener("click", savePreset);
