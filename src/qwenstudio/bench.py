@@ -42,9 +42,9 @@ def _full_size_components(device, dtype):
         for name, p in list(module.named_parameters()):
             assign_tensor(module, name, torch.randn(p.shape, generator=g, device=device).mul_(0.02).to(dtype))
         for mod in module.modules():
-            for bname, buf in list(mod._buffers.items()):
+            for bname, buf in list(mod.named_buffers(recurse=False)):
                 if buf is not None:
-                    mod._buffers[bname] = buf.to(device)
+                    setattr(mod, bname, buf.to(device))
         return module.eval()
 
     transformer = materialize(build_empty(lambda: QwenImageTransformer2DModel()))  # defaults = Qwen-Image's

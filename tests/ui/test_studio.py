@@ -409,3 +409,32 @@ def test_lora_stack_is_sent_and_a_missing_lora_fails_inline(page, server):
     assert req.value.post_data_json["loras"] == [{"name": "no-such-lora", "weight": 0.5}]
     # rejected at submit (404) or failed as a job: either way the server's message shows inline
     expect(page.locator("#gen-error")).to_contain_text("no-such-lora", timeout=30_000)
+
+
+def test_lightning_lora_and_typed_seed_reach_the_image(page, make_server, home_root):
+    """The path matrix's studio row: a Lightning LoRA picked in the form runs at its recipe (8 steps, CFG 1,
+    shift 3) because the form sends no pre-filled values, and a typed seed is the seed (no lock needed)."""
+    from qwenstudio import Engine
+    from qwenstudio.testing.loras import write_lora
+
+    name = "Qwen-Image-Lightning-8steps-V1.1"
+    home = home_root / "lightning"
+    dit = Engine.load("tiny", device="cpu").components.transformer
+    write_lora(home / "models" / "loras" / f"{name}.safetensors", dit, "diffusers", seed=1, rank=2)
+    server = make_server("lightning", home=home)
+    open_view(page, server)
+    page.fill("#gen-prompt", "studio lightning test")
+    page.click("#lora-add")
+    page.locator(".lora-name").fill(name)
+    page.fill("#gen-seed", "777")
+    with page.expect_request("**/api/jobs") as req:
+        page.click("#gen-run")
+    body = req.value.post_data_json
+    assert body["seed"] == 777 and not {"steps", "cfg", "shift", "sampler", "scheduler"} & set(body)
+    expect(page.locator("#live-status")).to_contain_text("Done", timeout=30_000)
+    with server.http() as http:
+        meta = http.get("/api/jobs", params={"limit": 1}).json()["jobs"][0]["outputs"][0]["metadata"]
+    r = meta["request"]
+    assert (r["steps"], r["cfg"], r["shift"], r["seed"]) == (8, 1.0, 3.0, 777)
+    assert meta["settings_from"]["cfg"] == f"lora {name}" and meta["settings_from"]["seed"] == "user"
+    expect(page.locator("#gen-seed")).to_have_value("777")  # kept for the next run

@@ -195,9 +195,9 @@ def fill_module(
         assign_tensor(module, k, torch.empty(0, device=device, dtype=dtype))
     # Buffers built at init (RoPE tables) live on CPU: move them with the module, keeping their dtype.
     for mod in module.modules():
-        for bname, buf in list(mod._buffers.items()):
+        for bname, buf in list(mod.named_buffers(recurse=False)):
             if buf is not None and buf.device != torch.device(device):
-                mod._buffers[bname] = buf.to(device)
+                setattr(mod, bname, buf.to(device))  # Module.__setattr__ keeps it a (non-)persistent buffer
 
 
 def assign_tensor(module, key: str, value) -> None:
@@ -207,10 +207,12 @@ def assign_tensor(module, key: str, value) -> None:
     mod = module
     for p in path:
         mod = getattr(mod, p)
-    if leaf in mod._parameters:
-        mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    if leaf in dict(mod.named_parameters(recurse=False)):
+        setattr(mod, leaf, torch.nn.Parameter(value, requires_grad=False))
+    elif leaf in dict(mod.named_buffers(recurse=False)):
+        setattr(mod, leaf, value)
     else:
-        mod._buffers[leaf] = value
+        mod.register_buffer(leaf, value)
 
 
 def text_encoder_key_map(key: str) -> str | None:

@@ -153,11 +153,11 @@ def _load_with_fp8(model, info: FileInfo, *, dtype, device, name: str, key_map, 
         for mname, (fpre, _) in layers.items():
             mod = model.get_submodule(mname)
             weight = f.get_tensor(fpre + ".weight").to(device)
-            mod._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
+            mod.weight = torch.nn.Parameter(weight, requires_grad=False)
             handled.add(fpre + ".weight")
             for s in ("scale_weight", "scale_input"):
                 if f"{fpre}.{s}" in keys:
-                    mod._buffers[s] = f.get_tensor(f"{fpre}.{s}").to(device=device, dtype=torch.float32)
+                    mod.register_buffer(s, f.get_tensor(f"{fpre}.{s}").to(device=device, dtype=torch.float32))
         # Scales of fp8 tensors that are not Linear weights are applied when dequantizing them below.
         scales = {k[: -len(".scale_weight")]: f.get_tensor(k) for k in keys if k.endswith(".scale_weight")}
 

@@ -23,7 +23,7 @@ SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 IGNORED = {"user", "quality", "style", "background", "moderation", "output_format", "output_compression"}
 EXTRA = {"negative_prompt": "negative_prompt", "steps": "steps", "cfg": "cfg", "seed": "seed",
          "sampler": "sampler", "scheduler": "scheduler", "shift": "shift", "loras": "loras", "cfg_norm": "cfg_norm",
-         "noise": "noise", "magic": "magic"}
+         "noise": "noise", "magic": "magic", "preset": "preset"}
 
 
 def to_request_fields(body: Any) -> tuple[str | None, dict[str, Any], str]:
