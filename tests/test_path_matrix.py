@@ -10,7 +10,6 @@ came from (``settings_from``). These are the paths that silently ran a Lightning
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shutil
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenstudio import IncompatibleWeights, ModelNotFound
+from qwenstudio import IncompatibleWeights
 from qwenstudio.engine.formats.comfy import (
     QWEN25_VL_7B_CONFIG,
     QWEN_IMAGE_VAE_CONFIG,
+    bundled_tokenizer,
     find_tokenizer,
     load_dit_file,
     load_single_files,
@@ -178,8 +179,7 @@ def test_find_tokenizer_locations(tiny_folder, tmp_path, monkeypatch):
     comfy_tok = tmp_path / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer"
     shutil.copytree(tiny_folder / "tokenizer", comfy_tok)
     assert find_tokenizer([tmp_path / "ComfyUI"]) == comfy_tok
-    with pytest.raises(ModelNotFound, match=r"no Qwen2 tokenizer found.*Put the `tokenizer/` folder"):
-        find_tokenizer([tmp_path / "empty"])
+    assert find_tokenizer([tmp_path / "empty"]) == bundled_tokenizer()  # nothing found: the shipped Qwen2.5 one
     snap = tmp_path / "hub" / "models--Qwen--Qwen-Image" / "snapshots" / "abc" / "tokenizer"
     shutil.copytree(tiny_folder / "tokenizer", snap)
     assert find_tokenizer([tmp_path / "empty"]) == snap
