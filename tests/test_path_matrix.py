@@ -253,3 +253,21 @@ def test_model_timesteps_follow_the_sigmas_for_every_sampler(engine, sampler):
     if sampler == "heun":
         s = [float(v) for v in model_timesteps(sigmas[:-1])]
         assert seen[:3] == [s[0], s[1], s[1]]  # step 0 at sigma_0, its corrector at sigma_1
+
+
+def test_cli_preset_from_the_local_store(tiny_folder, home, tmp_path):
+    from qwenstudio.config import Settings
+    from qwenstudio.service.app import DB_NAME
+    from qwenstudio.service.store import Store
+
+    store = Store(Settings.from_env().home / DB_NAME)
+    store.insert_preset("cli-preset-1", "cli look", {"steps": 6, "sampler": "heun", "prompt": "{value}, watercolor"})
+    store.close()
+    out = tmp_path / "p.png"
+    _cli("generate", "a fox", "--model", tiny_folder, "--preset", "cli look", "--seed", 1, "--width", 64,
+         "--height", 64, "--out", out)
+    meta = read_png_metadata(out)
+    assert meta["request"]["prompt"] == "a fox, watercolor" and meta["request"]["steps"] == 6
+    assert meta["settings_from"]["sampler"] == "preset cli look"
+    r = CliRunner().invoke(cli_app, ["generate", "a fox", "--model", str(tiny_folder), "--preset", "nope"])
+    assert r.exit_code == 2 and r.output.strip() == "error: no preset named 'nope'"

@@ -60,7 +60,7 @@ def run_bench(*, model="tiny", random_full=False, steps=4, cfg=4.0, width=0, hei
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    from .engine.engine import Engine, _parse_dtype
+    from .engine.engine import Engine, parse_dtype
     from .engine.loading import default_device, default_dtype
     from .engine.requests import GenerateRequest
     from .engine.specs import get_spec
@@ -69,7 +69,7 @@ def run_bench(*, model="tiny", random_full=False, steps=4, cfg=4.0, width=0, hei
         raise InvalidRequest("repeats and steps must be >= 1")
     if random_full:
         device = torch.device(device or default_device())
-        dt = _parse_dtype(dtype) if dtype else default_dtype(device)
+        dt = parse_dtype(dtype) if dtype else default_dtype(device)
         engine = Engine(_full_size_components(device, dt), get_spec("qwen-image"))
     else:
         engine = Engine.load(model, device=device, dtype=dtype, keep_lm_head=True)  # stock computes LM logits

@@ -23,7 +23,7 @@ def ray_client(tiny_folder, tmp_path_factory):
     client = RayServeEngineClient("tiny", "tiny", str(tiny_folder), device="cpu", num_replicas=1, num_cpus=1,
                                   settings=Settings(home=tmp_path_factory.mktemp("ray-engine-home")))
     try:
-        assert client.wait_ready(120), client._load_error
+        assert client.wait_ready(120), client.load_error
         print(f"\nray.init {init_s:.1f} s; Serve deployment + model load {client.startup_s:.1f} s")
         yield client
     finally:

@@ -121,6 +121,8 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
         request = (EditRequest if edit_mode else GenerateRequest)(**data)
     engine = Engine.load(run.model, variant=variant, device=run.device, dtype=run.dtype, offload=run.offload,
                          text_encoder=run.text_encoder, vae=run.vae, models_dirs=run.models_dir)
+    if request.preset:
+        engine.preset_lookup = _local_presets()
     if engine.spec.builtin:
         warnings.warn("the 'tiny' model has random weights; its images are noise (smoke test only)", stacklevel=1)
     if edit_mode:
@@ -168,6 +170,32 @@ def _stored_request(path: Path, prompt, fields: dict, stack: list, controlnet, r
     if run.model == "tiny" and made_with not in (None, "tiny", "tiny-edit", "tiny-edit-plus", "tiny-edit-2511"):
         raise InvalidRequest(f"{path} was made with '{meta['model'].get('name')}'; pass --model with that model")
     return request, made_with
+
+
+def _local_presets():
+    """Presets saved through the studio/API on this machine (the server's store under the qwenstudio home)."""
+    from ..config import Settings
+    from ..errors import ModelNotFound
+    from ..service.app import DB_NAME
+
+    path = Settings.from_env().home / DB_NAME
+
+    def lookup(name: str) -> dict:
+        if not path.is_file():
+            raise ModelNotFound(f"no preset named '{name}' (no presets saved on this machine yet)",
+                                code="preset_not_found")
+        from ..service.store import Store
+
+        store = Store(path)
+        try:
+            preset = store.find_preset(name)
+        finally:
+            store.close()
+        if preset is None:
+            raise ModelNotFound(f"no preset named '{name}'", code="preset_not_found")
+        return preset["params"]
+
+    return lookup
 
 
 def _with_progress(quiet: bool, call):

@@ -80,9 +80,9 @@ class Engine:
 
         settings = settings or Settings.from_env()
         if isinstance(dtype, str):
-            dtype = _parse_dtype(dtype)
+            dtype = parse_dtype(dtype)
         elif dtype is None and settings.dtype:
-            dtype = _parse_dtype(settings.dtype)
+            dtype = parse_dtype(settings.dtype)
         registry = registry_for(settings, models_dirs)
         device = check_device(device or settings.device or default_device())
         source = resolve(model, registry, settings, text_encoder=text_encoder, vae=vae, allow_paths=allow_paths)
@@ -282,7 +282,7 @@ def _fp32():
     return torch.float32
 
 
-def _parse_dtype(name: str):
+def parse_dtype(name: str):
     import torch
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

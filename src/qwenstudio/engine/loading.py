@@ -230,7 +230,7 @@ def text_encoder_key_map(key: str) -> str | None:
 
 # ---- the diffusers folder ------------------------------------------------------------------------------------------
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise ModelNotFound(f"missing {what}: {path}")
     try:
@@ -251,7 +251,7 @@ def check_diffusers_folder(root: Path) -> dict:
     """Cheap structural check (model_index.json and every component folder); returns the index."""
     if not root.is_dir():
         raise ModelNotFound(f"model folder not found: {root}")
-    index = _read_json(root / "model_index.json", "model_index.json (is this a diffusers folder?)")
+    index = read_json(root / "model_index.json", "model_index.json (is this a diffusers folder?)")
     absent = [c for c in COMPONENTS if not (root / c).is_dir()]
     if absent:
         raise ModelNotFound(f"{root}: missing component folder(s): {', '.join(absent)}")
@@ -278,7 +278,7 @@ def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_
 def load_folder_transformer(root: Path, *, device, dtype):
     from diffusers import QwenImageTransformer2DModel
 
-    t_cfg = _read_json(root / "transformer" / "config.json", "transformer config")
+    t_cfg = read_json(root / "transformer" / "config.json", "transformer config")
     transformer = build_empty(lambda: QwenImageTransformer2DModel.from_config(t_cfg))
     fill_module(transformer, iter_safetensors(component_files(root / "transformer")), dtype=dtype, device=device,
                 name="transformer")
@@ -292,11 +292,11 @@ def load_folder_companions(root: Path, *, device, dtype, keep_lm_head: bool = Fa
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = load_tokenizer(root / "tokenizer")  # fail fast, before the big files
-    v_cfg = _read_json(root / "vae" / "config.json", "vae config")
+    v_cfg = read_json(root / "vae" / "config.json", "vae config")
     vae = build_empty(lambda: AutoencoderKLQwenImage.from_config(v_cfg))
     fill_module(vae, iter_safetensors(component_files(root / "vae")), dtype=dtype, device=device, name="vae")
 
-    te_cfg = Qwen2_5_VLConfig.from_dict(_read_json(root / "text_encoder" / "config.json", "text encoder config"))
+    te_cfg = Qwen2_5_VLConfig.from_dict(read_json(root / "text_encoder" / "config.json", "text encoder config"))
     text_encoder = build_empty(lambda: Qwen2_5_VLForConditionalGeneration(te_cfg))
     # The LM head (vocab x hidden, ~1 GB at full size) is never used to encode prompts: skip it.
     fill_module(
@@ -308,5 +308,5 @@ def load_folder_companions(root: Path, *, device, dtype, keep_lm_head: bool = Fa
         key_map=lambda k: None if k.startswith("lm_head.") and not keep_lm_head else text_encoder_key_map(k),
         optional=("lm_head.",),
     )
-    sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    sched = read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     return {"vae": vae.eval(), "text_encoder": text_encoder.eval(), "tokenizer": tokenizer, "scheduler_config": sched}

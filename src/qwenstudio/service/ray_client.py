@@ -264,6 +264,11 @@ class RayServeEngineClient:
         self._done.wait(timeout)
         return self.ready
 
+    @property
+    def load_error(self) -> QwenStudioError | None:
+        """Why the deployment or the model load failed (None while loading or when ready)."""
+        return self._load_error
+
     def replica_info(self) -> dict:
         """What one replica reports: ``loaded``, ``variant``, ``description``, and its ``runs`` by outcome."""
         return self._require_handle().info.remote().result()
@@ -285,12 +290,15 @@ class RayServeEngineClient:
         return self._handle
 
     def prepare(self, model: str, request: Any) -> Any:
-        """Full checks on a replica once one is up (token limits, LoRA names); until then the spec-level ones."""
+        """Full checks on a replica once one is up (token limits, LoRA names, recipes); until then the bounds of
+        what the user set — the replica prepares the job when it runs it (filling the variant's defaults here would
+        hide a Lightning LoRA's recipe)."""
         self._check_model(model)
         if self._handle is None:
-            from ..engine.specs import get_spec
+            from ..engine.fields import check_bounds
 
-            return request.resolve(get_spec(self._variant))
+            check_bounds(request.__dict__, [k for k, v in request.__dict__.items() if v is not None])
+            return request
         from ray.exceptions import RayError
 
         try:

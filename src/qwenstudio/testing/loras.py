@@ -33,7 +33,9 @@ def make_lora(
     shapes = linear_targets(model)
     names = targets if targets is not None else sorted(shapes)
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, std=0.1: torch.randn(s, generator=g) * std
+    def rnd(*s, std=0.1):
+        return torch.randn(s, generator=g) * std
+
     sd: dict[str, Any] = {}
     deltas: dict[str, Any] = {}
     a = torch.tensor(alpha, dtype=torch.float32)

@@ -90,13 +90,13 @@ class _DitSource:
     """Read-only view of a DiT in any safetensors layout, in native (un-prefixed) names, fp8 dequantized on read."""
 
     def __init__(self, src: Path):
-        from ..loading import _read_json, component_files
+        from ..loading import component_files, read_json
         from .detect import detect
 
         if src.is_dir():
             folder = src / "transformer" if (src / "transformer").is_dir() else src
             self.files = component_files(folder)
-            self.config = {k: v for k, v in _read_json(folder / "config.json", "transformer config").items()
+            self.config = {k: v for k, v in read_json(folder / "config.json", "transformer config").items()
                            if not k.startswith("_")}
         elif src.is_file():
             info = detect(src)

@@ -167,12 +167,12 @@ def _source(src) -> tuple[dict, Any, Any]:
         return None, list(src.keys()), src.__getitem__
     from safetensors import safe_open
 
-    from ..loading import _read_json, component_files
+    from ..loading import component_files, read_json
 
     folder = Path(src)
     if (folder / "transformer").is_dir():
         folder = folder / "transformer"
-    config = _read_json(folder / "config.json", "transformer config")
+    config = read_json(folder / "config.json", "transformer config")
     index = {}
     for f in component_files(folder):
         with safe_open(str(f), framework="pt") as h:

@@ -230,7 +230,9 @@ def convert_state_dict(
 
 
 def _lokr_complete(g: dict) -> bool:
-    has = lambda p: p in g or (f"{p}_a" in g and f"{p}_b" in g)
+    def has(p: str) -> bool:
+        return p in g or (f"{p}_a" in g and f"{p}_b" in g)
+
     return has("lokr_w1") and has("lokr_w2")
 
 

@@ -67,13 +67,13 @@ async def create_job(request: Request, wait: bool = Query(False, description="bl
     job = await asyncio.to_thread(state.jobs.submit, model, req, preview_every, inputs)
     if wait:
         if not await wait_finished(job, request):
-            await asyncio.to_thread(_cancel_quietly, state, job.id)
+            await asyncio.to_thread(cancel_quietly, state, job.id)
             return JSONResponse({"error": {"code": "cancelled", "message": "client disconnected"}}, status_code=499)
         return JSONResponse(job_view(state, job.id), status_code=200)
     return JSONResponse(job_view(state, job.id), status_code=202)
 
 
-def _cancel_quietly(state, job_id: str) -> None:
+def cancel_quietly(state, job_id: str) -> None:
     with contextlib.suppress(QwenStudioError):  # already finished: nothing to cancel
         state.jobs.cancel(job_id, reason="disconnect")
 

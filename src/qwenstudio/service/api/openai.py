@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 
 from ...errors import InvalidRequest, QwenStudioError
 from .files import output_bytes
-from .jobs import _cancel_quietly, wait_finished
+from .jobs import cancel_quietly, wait_finished
 from .schemas import json_body, resolve_request
 from .uploads import read_form, save_upload
 
@@ -116,7 +116,7 @@ async def _respond(request: Request, job, fmt: str) -> dict:
     """Wait for the job (a client that goes away cancels it) and answer in OpenAI's image-response shape."""
     state = request.app.state
     if not await wait_finished(job, request):
-        await asyncio.to_thread(_cancel_quietly, state, job.id)
+        await asyncio.to_thread(cancel_quietly, state, job.id)
         raise QwenStudioError("client disconnected", code="cancelled")
     outcome = job.terminal
     if outcome["event"] == "failed":
