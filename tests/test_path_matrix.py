@@ -271,3 +271,21 @@ def test_cli_preset_from_the_local_store(tiny_folder, home, tmp_path):
     assert meta["settings_from"]["sampler"] == "preset cli look"
     r = CliRunner().invoke(cli_app, ["generate", "a fox", "--model", str(tiny_folder), "--preset", "nope"])
     assert r.exit_code == 2 and r.output.strip() == "error: no preset named 'nope'"
+
+
+def test_openapi_bodies_state_the_engines_limits(server):
+    """The schemas come from the same field table as the engine's checks (they said 2000 chars / n <= 4)."""
+    from qwenstudio.engine.requests import LIMITS
+
+    spec = server.get("/openapi.json").json()["paths"]
+
+    def body(path, ctype="application/json"):
+        return spec[path]["post"]["requestBody"]["content"][ctype]["schema"]["properties"]
+
+    job, gen = body("/api/jobs"), body("/v1/images/generations")
+    edit = body("/v1/images/edits", "multipart/form-data")
+    for props in (job, gen, edit):
+        assert props["prompt"]["maxLength"] == LIMITS["prompt_chars"]
+    assert gen["n"]["maximum"] == edit["n"]["maximum"] == job["batch"]["maximum"] == LIMITS["batch"][1]
+    assert job["steps"]["maximum"] == LIMITS["steps"][1] and job["width"]["multipleOf"] == 16
+    assert "settings_from" not in job and job["preset"]["type"] == ["string", "null"]
