@@ -170,7 +170,7 @@ class Engine:
             req = check_controlnet_request(self, request, req)
         self.prompts.check(req.full_prompt())
         if req.cfg > 1.0:
-            self.prompts.check(req.negative_prompt)
+            self.prompts.check(req.negative_prompt, "negative prompt")
         return req
 
     def edit(
@@ -286,9 +286,9 @@ class Engine:
         if self.registry is not None:
             try:
                 return self.registry.find(name, ("lora",)).path
-            except ModelNotFound:
+            except ModelNotFound as e:
                 if not self.allow_paths:
-                    raise
+                    raise ModelNotFound(e.message, code="lora_not_found") from None
         path = Path(name).expanduser()
         if self.allow_paths and path.is_file():
             return path
@@ -426,7 +426,11 @@ def out_of_memory_as_typed_error():
 
     try:
         yield
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        # the CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and (
+                "can't allocate memory" not in str(e) and "not enough memory" not in str(e)):
+            raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise GenerationFailed(

@@ -46,13 +46,13 @@ class PromptEncoder:
     def count_tokens(self, prompt: str) -> int:
         return len(self.tokenize(self.template.format(prompt)).input_ids) - self.drop_tokens
 
-    def check(self, prompt: str) -> None:
-        self.refuse_if_too_long(self.count_tokens(prompt))
+    def check(self, prompt: str, what: str = "prompt") -> None:
+        self.refuse_if_too_long(self.count_tokens(prompt), what)
 
-    def refuse_if_too_long(self, n: int) -> None:
+    def refuse_if_too_long(self, n: int, what: str = "prompt") -> None:
         if n > self.max_tokens:
             raise InvalidRequest(
-                f"prompt is {n} tokens; the model's limit is {self.max_tokens} — shorten it",
+                f"{what} is {n} tokens; the model's limit is {self.max_tokens} — shorten it",
                 code="prompt_too_long",
             )
 

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from typing import Any
-
-from fastapi import Request
 
 from ...engine.requests import GenerateRequest
 from ...errors import InvalidRequest, ModelNotFound
 from ..engine_client import EngineClient
-from ..errors import UnsupportedMediaType
 from ..uploads import UploadStore
+from .bodies import check_extra, json_body  # noqa: F401  (json_body: the one body parser, re-exported)
 
 _STR = {"prompt", "negative_prompt", "aspect", "sampler", "scheduler", "noise", "magic", "controlnet"}
 _INT = {"width", "height", "steps", "seed", "batch", "noise_skip", "feather"}
@@ -22,18 +19,6 @@ _BOOL = {"cfg_norm", "keep_size"}
 EDIT_INPUTS = ("images", "mask", "controls")  # upload ids; their presence makes a job an edit
 REQUEST_FIELDS = frozenset(f.name for f in fields(GenerateRequest))
 MAX_PREVIEW_EVERY = 1000
-
-
-async def json_body(request: Request) -> Any:
-    """The body of a state-changing JSON route. Form posts (the cross-site kind) get 415, not parsing."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
-    raw = await request.body()
-    try:
-        return json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not valid JSON", code="invalid_json") from None
 
 
 def check_field_types(data: dict[str, Any]) -> None:
@@ -50,6 +35,8 @@ def check_field_types(data: dict[str, Any]) -> None:
         )
         if bad:
             raise InvalidRequest(f"field '{name}' has the wrong type ({type(value).__name__})", code="invalid_type")
+        if name == "extra":
+            check_extra(value)
 
 
 def default_model(client: EngineClient) -> str:
