@@ -48,6 +48,7 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
             store.close()
 
     app = FastAPI(title="qwenstudio", version=__version__, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a slash redirect would echo the client's Host into Location (SECURITY 29)
     app.state.settings = settings
     app.state.config = config
     app.state.client = engine_client

@@ -72,10 +72,9 @@ def redact_paths(message: str) -> str:
 
 class MalformedBody(InvalidRequest):
     """A body no route should even look at: not JSON, numbers past the digit cap, nesting past the depth cap,
-    text that is not valid Unicode (lone surrogates). 400 on every route (SECURITY 28)."""
+    text that is not valid Unicode (lone surrogates). 422 like every bad request (400 on /v1, OpenAI's way)."""
 
     code = "invalid_json"
-    status = 400
 
 
 class UploadQuotaExceeded(QwenStudioError):

@@ -117,6 +117,17 @@ def _form_value(key: str, value: str):
     return number
 
 
+def public_base(request: Request) -> str:
+    """Absolute URLs are built from the configured public URL or the local address the request arrived on, never
+    from the client's Host header (SECURITY 29: a rebinding name must not end up in a response)."""
+    configured = request.app.state.config.public_url
+    if configured:
+        return configured.rstrip("/")
+    host, port = (request.scope.get("server") or ("127.0.0.1", request.app.state.config.port))[:2]
+    host = f"[{host}]" if ":" in str(host) else host
+    return f"{request.scope.get('scheme', 'http')}://{host}:{port}"
+
+
 async def _respond(request: Request, job, fmt: str) -> dict:
     """Wait for the job (a client that goes away cancels it) and answer in OpenAI's image-response shape."""
     state = request.app.state
@@ -132,7 +143,7 @@ async def _respond(request: Request, job, fmt: str) -> dict:
     data = []
     for out in outcome["data"]["outputs"]:
         if fmt == "url":
-            data.append({"url": str(request.base_url).rstrip("/") + out["url"], "revised_prompt": None})
+            data.append({"url": public_base(request) + out["url"], "revised_prompt": None})
         else:
             raw = await output_bytes(state, out["id"])
             data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": None})
