@@ -22,6 +22,7 @@ from .loading import Components, default_device, default_dtype
 from .memory import Plan, StagePlacement
 from .requests import GeneratedImage, GenerateRequest, GenerateResult
 from .specs import ModelSpec, get_spec
+from .stopping import stage_modules, stop_checks, stopping_progress  # [stop-wiring] (issue 11)
 from .text import PromptEncoder
 
 
@@ -141,16 +142,20 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         preview_every: int = 0,
         retry_fp32: bool = False,
+        should_stop: Callable[[], bool] | None = None,
         **fields,
     ) -> GenerateResult:
-        """Run one request (or build one from keyword fields: ``engine.generate(prompt="...", seed=1)``)."""
+        """Run one request (or build one from keyword fields: ``engine.generate(prompt="...", seed=1)``).
+        ``should_stop``: checked inside every long stage; True stops the run with Cancelled (engine/stopping.py)."""
         if request is None:
             request = GenerateRequest(**fields)
         elif fields:
             raise InvalidRequest("pass either a GenerateRequest or keyword fields, not both")
         req = self.prepare(request)
         self._set_lora_stack(self._load_loras(req))
-        with out_of_memory_as_typed_error():
+        # [stop-wiring] (issue 11) cancel/deadline/shutdown reach every stage; two lines, re-apply as they are
+        on_progress = stopping_progress(on_progress, should_stop)
+        with stop_checks(should_stop, stage_modules(self.components)), out_of_memory_as_typed_error():
             try:
                 return self._generate(req, on_progress, preview_every)
             except GenerationFailed as e:
@@ -183,6 +188,7 @@ class Engine:
         on_progress: ProgressCallback | None = None,
         preview_every: int = 0,
         retry_fp32: bool = False,
+        should_stop: Callable[[], bool] | None = None,
         **fields,
     ) -> GenerateResult:
         """Image-conditioned generation: edit (edit variants), img2img (``strength``), inpaint (``mask``),
@@ -190,7 +196,9 @@ class Engine:
         paths, bytes or PIL images; see ``engine/editing/``. ``retry_fp32``: as in ``generate``."""
         from .editing import run_edit
 
-        with out_of_memory_as_typed_error():
+        # [stop-wiring] (issue 11), as in generate
+        on_progress = stopping_progress(on_progress, should_stop)
+        with stop_checks(should_stop, stage_modules(self.components)), out_of_memory_as_typed_error():
             return run_edit(self, request, images=images, mask=mask, controls=controls, on_progress=on_progress,
                             preview_every=preview_every, retry_fp32=retry_fp32, **fields)
 

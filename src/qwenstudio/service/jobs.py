@@ -58,6 +58,7 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)
     position: int | None = None  # last published queue position
     seen: tuple = ()  # (status, step) last published by the watcher for a job another worker runs
+    deadline: float | None = None  # monotonic; set when the job starts running here
     _subscribers: set = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -333,7 +334,7 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         started = time.monotonic()
-        deadline = started + self.config.job_deadline_s
+        deadline = job.deadline = started + self.config.job_deadline_s  # the watcher enforces it mid-stage too
         job.publish("started", {"job_id": job.id})
         if isinstance(job.request, QwenStudioError):
             self._finish_failed(job, job.request.code, redact_paths(job.request.message), started)
@@ -367,7 +368,7 @@ class JobManager:
 
         try:
             result = self.client.submit(job.id, job.model, job.request, on_event, job.preview_every, job.inputs)
-            outputs = self._write_outputs(result)
+            outputs = self._write_outputs(result, job)
         except Cancelled:
             reason = job.cancel_reason or "user"
             if reason == "deadline":
@@ -394,13 +395,18 @@ class JobManager:
             {"id": oid, "url": f"/api/outputs/{oid}", "metadata": meta} for oid, _, _, meta in outputs]})
         self._retire(job)
 
-    def _write_outputs(self, result: Any) -> list[tuple[str, int, str, dict]]:
-        """Save every image atomically under a random name; on any failure remove this job's files and fail."""
+    def _write_outputs(self, result: Any, job: Job | None = None) -> list[tuple[str, int, str, dict]]:
+        """Save every image atomically under a random name; on any failure remove this job's files and fail. A
+        cancel (user, deadline, shutdown) is honoured between images: the files written so far are removed."""
         from ..outputs import save_png
 
         written: list[tuple[str, int, str, dict]] = []
         try:
             for i, img in enumerate(result.images):
+                if job is not None and job.cancel_reason is not None:
+                    for _, _, done_name, _ in written:
+                        (self.outputs_dir / done_name).unlink(missing_ok=True)
+                    raise Cancelled("cancelled while writing outputs", detail={"stage": "output_write"})
                 name = secrets.token_hex(16) + ".png"
                 save_png(img.image, img.metadata, self.outputs_dir / name)
                 written.append((secrets.token_hex(16), i, name, img.metadata))
@@ -419,6 +425,7 @@ class JobManager:
                 if self.worker_id is not None and now - last_beat >= HEARTBEAT_S:
                     last_beat = now
                     self.store.heartbeat(self.worker_id)
+                self._police_running(now)
                 if now - last_reap >= REAP_EVERY_S:
                     last_reap = now
                     if n := self.store.reap_dead(self.host, STALE_S):
@@ -430,6 +437,21 @@ class JobManager:
             except Exception:  # keep watching; a closed store at shutdown ends the loop through _halt
                 if not self._halt.is_set():
                     log.exception("job watcher")
+
+    def _police_running(self, now: float) -> None:
+        """Make a deadline, a cancel asked through another process, or a shutdown reach the running job even in
+        the middle of a long stage (the engine checks its stop flag at every layer, engine/stopping.py); the
+        cancel is re-sent each tick, so one that raced the job's start still arrives."""
+        with self._cond:
+            job = self._running
+        if job is None or job.deadline is None:
+            return
+        if job.cancel_reason is None and now > job.deadline:
+            job.cancel_reason = "deadline"
+        if job.cancel_reason is None and self.store.cancel_requested(job.id):
+            job.cancel_reason = "user"
+        if job.cancel_reason is not None:
+            self.client.cancel(job.id)
 
     def _follow_foreign(self, jobs: list[Job]) -> None:
         """Publish what the store says about jobs this process is not running: queue positions, start and progress
