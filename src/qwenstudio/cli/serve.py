@@ -172,6 +172,14 @@ def _graceful_server_class():
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig, frame) -> None:
+            """Stop taking jobs and cancel the running one *now*: uvicorn only runs the app's shutdown after its
+            open connections close, and a client waiting on that job holds one open (SECURITY 24)."""
+            manager = getattr(getattr(self.config.app, "state", None), "jobs", None)
+            if manager is not None:
+                manager.begin_shutdown()
+            super().handle_exit(sig, frame)
+
     return GracefulServer
 
 

@@ -59,6 +59,7 @@ class Job:
     position: int | None = None  # last published queue position
     seen: tuple = ()  # (status, step) last published by the watcher for a job another worker runs
     deadline: float | None = None  # monotonic; set when the job starts running here
+    lease_renewed: float | None = None  # monotonic time of this worker's last lease renewal
     _subscribers: set = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -125,6 +126,8 @@ class JobManager:
         self._accepting = True
         self._stopping = False
         self._halt = threading.Event()
+        self._shutdown_started: float | None = None
+        self._lease_lost: set[str] = set()  # running jobs this worker must not record (lease lost / given up)
         self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True) if worker else None
         self._watcher = threading.Thread(target=self._watch, name="qwenstudio-jobs-watch", daemon=True)
 
@@ -136,13 +139,44 @@ class JobManager:
 
     def start(self) -> None:
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_temp_files()  # left by a crash (kill -9 mid-write)
         if self._thread is not None:
             self._thread.start()
         self._watcher.start()
 
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs and ask the running one to stop at its next check; cheap enough for a signal handler
+        (no store access). ``stop`` does the rest."""
+        if self._shutdown_started is None:
+            self._shutdown_started = time.monotonic()
+        self._accepting = False
+        running = self._running
+        if running is not None:
+            running.cancel_reason = running.cancel_reason or "shutdown"
+            self.client.cancel(running.id)
+
+    def remove_temp_files(self) -> int:
+        """Half-written outputs (``.tmp-*``) and uploads (``.up-*``): never anyone's file, safe to drop."""
+        n = 0
+        folders = [self.outputs_dir] + ([self.uploads.folder] if getattr(self.uploads, "folder", None) else [])
+        for folder in folders:
+            for p in (folder.glob(".tmp-*") if folder.is_dir() else ()):
+                if p.is_file() and not p.is_symlink() and (self._running is None or time.time() - p.stat().st_mtime > 60):
+                    p.unlink(missing_ok=True)
+                    n += 1
+            for p in (folder.glob(".up-*") if folder.is_dir() else ()):
+                if p.is_file() and time.time() - p.stat().st_mtime > 60:
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking jobs, cancel the queued ones submitted here and the running one, wait for the worker
-        (bounded), leave the store consistent. Called on SIGTERM through the app's lifespan."""
+        (bounded by what is left of the grace since ``begin_shutdown``), leave the store consistent: a job still
+        running when the grace is over is recorded ``cancelled (shutdown)`` and its late result is never
+        written (the lease). Called on SIGTERM through the app's lifespan."""
+        self.begin_shutdown()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         with self._cond:
             self._accepting = False
             mine = [j for j in self._jobs.values() if j.terminal is None]
@@ -152,13 +186,20 @@ class JobManager:
                 self.metrics.job_finished("cancelled", 0.0)
                 self._publish_cancelled(job, "shutdown")
         if running is not None:
-            running.cancel_reason = "shutdown"
+            running.cancel_reason = running.cancel_reason or "shutdown"
             self.client.cancel(running.id)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None and self._thread.is_alive():
-            self._thread.join(self.config.shutdown_grace_s if grace_s is None else grace_s)
+            self._thread.join(max(0.5, grace - (time.monotonic() - self._shutdown_started)))
+        with self._cond:
+            late = self._running
+        if late is not None and self._thread is not None and self._thread.is_alive():
+            log.warning("job %s did not stop within the shutdown grace; recorded cancelled (shutdown)", late.id)
+            self._lease_lost.add(late.id)
+            self.store.finish_owned(late.id, self.worker_id, "cancelled", error=("cancelled", "cancelled (shutdown)"))
+        self.remove_temp_files()
         self._halt.set()
         if self._watcher.is_alive():
             self._watcher.join(5)
@@ -294,7 +335,8 @@ class JobManager:
             row = None
             if accepting:
                 try:
-                    row = self.store.claim_next(self.worker_id, [m.id for m in self.client.models()])
+                    row = self.store.claim_next(self.worker_id, [m.id for m in self.client.models()],
+                                                lease_s=self.config.lease_s)
                 except Exception:
                     log.exception("claiming a job failed")
             if row is None:
@@ -335,6 +377,7 @@ class JobManager:
     def _run(self, job: Job) -> None:
         started = time.monotonic()
         deadline = job.deadline = started + self.config.job_deadline_s  # the watcher enforces it mid-stage too
+        job.lease_renewed = started
         job.publish("started", {"job_id": job.id})
         if isinstance(job.request, QwenStudioError):
             self._finish_failed(job, job.request.code, redact_paths(job.request.message), started)
@@ -386,7 +429,9 @@ class JobManager:
             self._finish_failed(job, "internal_error", "the job failed with an internal error; see the server log",
                                 started)
             return
-        self.store.finish_job(job.id, "done", outputs=outputs)
+        if not self.store.finish_owned(job.id, self.worker_id, "done", outputs=outputs):
+            self._lost(job, outputs)
+            return
         self.store.set_progress(job.id, steps_seen[0], steps_seen[0])
         step_s = sum(result.timings.get("steps", []) or []) if isinstance(result.timings, dict) else 0.0
         self.metrics.job_finished("done", time.monotonic() - started, steps=len(result.timings.get("steps", [])),
@@ -450,6 +495,11 @@ class JobManager:
             job.cancel_reason = "deadline"
         if job.cancel_reason is None and self.store.cancel_requested(job.id):
             job.cancel_reason = "user"
+        if job.lease_renewed is None or now - job.lease_renewed >= self.config.lease_s / 5:
+            job.lease_renewed = now
+            if self.worker_id is not None and not self.store.renew_lease(job.id, self.worker_id, self.config.lease_s):
+                job.cancel_reason = job.cancel_reason or "lease_lost"  # stop working on a job we no longer own
+                self.store.fail_lost(job.id, self.worker_id)
         if job.cancel_reason is not None:
             self.client.cancel(job.id)
 
@@ -490,16 +540,32 @@ class JobManager:
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _finish_cancelled(self, job: Job, reason: str, started: float | None = None) -> None:
-        self.store.finish_job(job.id, "cancelled", error=("cancelled", f"cancelled ({reason})"))
+        if not self.store.finish_owned(job.id, self.worker_id, "cancelled", error=("cancelled", f"cancelled ({reason})")):
+            self._lost(job)
+            return
         self.metrics.job_finished("cancelled", time.monotonic() - started if started else 0.0)
         self._publish_cancelled(job, reason)
+
+    def _lost(self, job: Job, outputs: list | None = None) -> None:
+        """This worker no longer owns the job (its lease ran out while it was stalled, or shutdown gave up on
+        it): write nothing, remove what it wrote, and tell local followers what the store says."""
+        log.warning("job %s: lease lost; its result is discarded", job.id)
+        for _, _, name, _ in outputs or ():
+            (self.outputs_dir / name).unlink(missing_ok=True)
+        self.store.fail_lost(job.id, self.worker_id)
+        row = self.store.get_job(job.id)
+        if row is not None:
+            job.publish(*terminal_event(row))
+        self._retire(job)
 
     def _publish_cancelled(self, job: Job, reason: str) -> None:
         job.publish("cancelled", {"job_id": job.id, "reason": reason})
         self._retire(job)
 
     def _finish_failed(self, job: Job, code: str, message: str, started: float) -> None:
-        self.store.finish_job(job.id, "failed", error=(code, message))
+        if not self.store.finish_owned(job.id, self.worker_id, "failed", error=(code, message)):
+            self._lost(job)
+            return
         self.metrics.job_finished("failed", time.monotonic() - started, code=code)
         job.publish("failed", {"job_id": job.id, "error": {"code": code, "message": message}})
         self._retire(job)
