@@ -125,6 +125,9 @@ def serve(
         server.run()
     finally:
         client.close()
+        import gc
+
+        gc.freeze()  # everything is persisted; skip a multi-second final collection of the model's objects at exit
 
 
 def read_keys(api_key: str | None, api_key_file: str | Path | None) -> list[str]:
