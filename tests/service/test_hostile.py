@@ -7,6 +7,9 @@ One server for the module (tiny model, operator caps); the loops are bounded (a 
 from __future__ import annotations
 
 import io
+import os
+import socket
+import time
 
 import httpx
 import pytest
@@ -14,7 +17,8 @@ from svc_helpers import JOB, run_app
 
 DEEP = 100_000
 BIG_INT = "9" * 5000
-CAPS = {"max_steps": 4, "max_pixels": 256 * 256, "max_batch": 2, "queue_size": 8, "job_deadline_s": 20.0}
+CAPS = {"max_steps": 4, "max_pixels": 256 * 256, "max_batch": 2, "queue_size": 8, "job_deadline_s": 20.0,
+        "request_read_timeout_s": 1.0}
 
 # (name, raw JSON body of a generation request) -- each one was a 500 before the one parser.
 HOSTILE_JOB_BODIES = [
@@ -245,3 +249,60 @@ def test_api_keys_from_file_and_env_not_the_command_line(tmp_path, monkeypatch, 
     assert capsys.readouterr().err == ""
     assert read_keys("cli-key", None) == ["env-key", "cli-key"]
     assert "ps" in capsys.readouterr().err  # the deprecated flag still works, with a warning
+
+
+# ---- connections (SECURITY 33) --------------------------------------------------------------------------------------
+def test_half_open_connections_are_dropped(server, http):
+    host, port = server[0].rsplit("//", 1)[1].split(":")
+    partial = [b"", b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty",
+               (b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 1000\r\n\r\n{\"prompt\": ")]
+    socks = []
+    try:
+        for i in range(60):  # nothing sent, half a head, a head and part of the body
+            sock = socket.create_connection((host, int(port)), timeout=6)
+            if partial[i % 3]:
+                sock.sendall(partial[i % 3])
+            socks.append(sock)
+        assert http.get("/healthz").status_code == 200  # served meanwhile
+        t0 = time.monotonic()
+        for sock in socks:
+            try:
+                data = sock.recv(65536)  # the server closes it (EOF); a timeout here is the old behaviour
+            except ConnectionResetError:
+                data = b""
+            assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:80]
+        assert time.monotonic() - t0 < 5
+    finally:
+        for sock in socks:
+            sock.close()
+    assert http.post("/api/jobs?wait=true", json=JOB).json()["status"] == "done"
+
+
+def test_uploads_expire_and_have_a_quota(serve):
+    one = len(_png(64, 64))
+    with serve(upload_quota_bytes=int(one * 2.5), upload_ttl_s=3600) as s, s.client() as http:
+        ids = []
+        for color in range(2):
+            r = http.post("/api/uploads", files={"file": ("a.png", _png_color(color), "image/png")})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        r = http.post("/api/uploads", files={"file": ("c.png", _png_color(7), "image/png")})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "upload_quota_exceeded"
+        again = http.post("/api/uploads", files={"file": ("a.png", _png_color(0), "image/png")})
+        assert again.status_code == 201  # the same bytes again take no new room
+        old = time.time() - 7200
+        for p in s.state.uploads.folder.iterdir():  # two hours pass for the first two uploads
+            os.utime(p, (old, old))
+        r = http.post("/api/uploads", files={"file": ("c.png", _png_color(7), "image/png")})
+        assert r.status_code == 201, r.text
+        r = http.post("/api/jobs", json={**JOB, "images": [ids[0]]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "upload_not_found"  # expired, by id
+
+
+def _png_color(i: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (i * 30 % 256, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()

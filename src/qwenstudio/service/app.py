@@ -31,7 +31,8 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     config = config or ServiceConfig()
     store = Store(settings.home / DB_NAME)
     metrics = Metrics()
-    upload_store = UploadStore(settings.home / "uploads")
+    upload_store = UploadStore(settings.home / "uploads", quota_bytes=config.upload_quota_bytes,
+                               ttl_s=config.upload_ttl_s)
     manager = JobManager(store, engine_client, settings.outputs_dir, config, metrics, upload_store,
                          worker=config.run_worker)
     recovered = manager.register()  # several processes may share this store; see JobManager / SECURITY 26
