@@ -306,3 +306,19 @@ def _png_color(i: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (i * 30 % 256, 200, 30)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_service_config_file_and_its_precedence(tmp_path):
+    from qwenstudio.errors import InvalidRequest
+    from qwenstudio.service.service_file import load_service_config
+
+    f = tmp_path / "caps.toml"
+    f.write_text('max_steps = 3\nmax_pixels = 65536\nallowed_hosts = ["studio.lan"]\nqueue_size = 5\n')
+    c = load_service_config(f, ["k"], defaults={"queue_size": 16, "port": 9000}, overrides={"max_batch": 2})
+    assert (c.max_steps, c.max_pixels, c.max_batch, c.queue_size, c.port) == (3, 65536, 2, 5, 9000)
+    assert c.allowed_hosts == ("studio.lan",) and c.auth_enabled
+    for bad in ('api_key_hashes = ["x"]\n', "max_stepz = 3\n", 'max_steps = "many"\n', "max_steps = 2.5\n"):
+        f.write_text(bad)
+        with pytest.raises(InvalidRequest) as info:
+            load_service_config(f, [])
+        assert info.value.code == "invalid_config"

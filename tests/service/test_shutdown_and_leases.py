@@ -74,13 +74,17 @@ def test_sigterm_during_decode_exits_zero_within_grace_and_cleans_up(tmp_path, t
     keyfile.write_text(KEY + "\n")
     grace = 3.0
     proc, url = _start_serve(home, tiny_link, f"shutdown_grace_s = {grace}\njob_deadline_s = 120.0\n",
-                             "--api-key-file", str(keyfile))
+                             "--api-key-file", str(keyfile), "--max-steps", "1", "--max-pixels", str(1024 * 1024))
     auth = {"Authorization": f"Bearer {KEY}"}
     try:
         _wait_ready(proc, url, auth)
         assert KEY not in " ".join(proc.args)  # the key never was on the command line
         assert httpx.get(url + "/api/jobs", timeout=5).status_code == 401
         assert not any(p.exists() for p in crashed)  # cleaned at start
+        r = httpx.post(url + "/api/jobs", json={**BIG, "steps": 2}, headers=auth, timeout=10)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_steps"  # --max-steps
+        r = httpx.post(url + "/api/jobs", json={**BIG, "width": 1040}, headers=auth, timeout=10)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_size"  # --max-pixels
         waited = {}
 
         def wait_call():  # a client waiting on the job holds a connection open through the shutdown

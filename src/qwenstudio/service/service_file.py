@@ -54,19 +54,25 @@ def coerce_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
         if name not in known or name in NOT_IN_FILE:
             hint = " (keys go in QWENSTUDIO_API_KEY or --api-key-file)" if "key" in name else ""
             raise InvalidRequest(f"{where}: unknown setting '{name}'{hint}", code="invalid_config")
-        default = getattr(ServiceConfig(), name)
-        if isinstance(default, tuple):
+        kind = str(known[name].type)  # "int", "float | None", "tuple[str, ...]", "str | None", "bool"
+        if kind.startswith("tuple"):
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise InvalidRequest(f"{where}: '{name}' must be a list of strings", code="invalid_config")
             value = tuple(value)
-        elif isinstance(default, bool):
+        elif value is None and "None" in kind:
+            pass
+        elif kind.startswith("bool"):
             if not isinstance(value, bool):
                 raise InvalidRequest(f"{where}: '{name}' must be true or false", code="invalid_config")
-        elif isinstance(default, (int, float)) or default is None:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
-                raise InvalidRequest(f"{where}: '{name}' has the wrong type", code="invalid_config")
-            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise InvalidRequest(f"{where}: '{name}' must be an integer", code="invalid_config")
+        elif kind.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequest(f"{where}: '{name}' must be a number", code="invalid_config")
+            value = float(value)
+        elif kind.startswith("str") and not isinstance(value, str):
+            raise InvalidRequest(f"{where}: '{name}' must be a string", code="invalid_config")
         out[name] = value
     return out
 
