@@ -127,7 +127,6 @@ class JobManager:
         self._stopping = False
         self._halt = threading.Event()
         self._shutdown_started: float | None = None
-        self._lease_lost: set[str] = set()  # running jobs this worker must not record (lease lost / given up)
         self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True) if worker else None
         self._watcher = threading.Thread(target=self._watch, name="qwenstudio-jobs-watch", daemon=True)
 
@@ -161,7 +160,8 @@ class JobManager:
         folders = [self.outputs_dir] + ([self.uploads.folder] if getattr(self.uploads, "folder", None) else [])
         for folder in folders:
             for p in (folder.glob(".tmp-*") if folder.is_dir() else ()):
-                if p.is_file() and not p.is_symlink() and (self._running is None or time.time() - p.stat().st_mtime > 60):
+                idle = self._running is None or time.time() - p.stat().st_mtime > 60  # not the running job's write
+                if p.is_file() and not p.is_symlink() and idle:
                     p.unlink(missing_ok=True)
                     n += 1
             for p in (folder.glob(".up-*") if folder.is_dir() else ()):
@@ -197,7 +197,6 @@ class JobManager:
             late = self._running
         if late is not None and self._thread is not None and self._thread.is_alive():
             log.warning("job %s did not stop within the shutdown grace; recorded cancelled (shutdown)", late.id)
-            self._lease_lost.add(late.id)
             self.store.finish_owned(late.id, self.worker_id, "cancelled", error=("cancelled", "cancelled (shutdown)"))
         self.remove_temp_files()
         self._halt.set()
@@ -540,7 +539,8 @@ class JobManager:
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _finish_cancelled(self, job: Job, reason: str, started: float | None = None) -> None:
-        if not self.store.finish_owned(job.id, self.worker_id, "cancelled", error=("cancelled", f"cancelled ({reason})")):
+        error = ("cancelled", f"cancelled ({reason})")
+        if not self.store.finish_owned(job.id, self.worker_id, "cancelled", error=error):
             self._lost(job)
             return
         self.metrics.job_finished("cancelled", time.monotonic() - started if started else 0.0)
