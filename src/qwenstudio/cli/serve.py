@@ -91,21 +91,25 @@ def serve(
     ray: bool = False,
     ray_replicas: int = 1,
     ray_gpus_per_replica: float | None = None,
+    api_key_file: str | Path | None = None,
+    config_file: str | Path | None = None,
+    **overrides,
 ) -> None:
-    """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key."""
+    """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key.
+    ``overrides`` are further ServiceConfig fields (max_steps, allowed_hosts, ...), over ``config_file``'s."""
     import uvicorn
 
     from ..config import Settings
     from ..service.app import create_app
-    from ..service.config import ServiceConfig
     from ..service.ratelimit import parse_rate
+    from ..service.service_file import load_service_config
 
-    keys = [k.strip() for k in (api_key or os.environ.get("QWENSTUDIO_API_KEY", "")).split(",") if k.strip()]
-    config = ServiceConfig.with_keys(keys, host=host, port=port, cors_origins=tuple(cors_origins),
-                                     queue_size=queue_size, job_deadline_s=job_deadline_s,
-                                     max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes,
-                                     preview_every=preview_every,
-                                     rate_limit_per_min=parse_rate(rate_limit) if rate_limit else 0)
+    keys = read_keys(api_key, api_key_file)
+    fields = {"host": host, "port": port, "cors_origins": tuple(cors_origins), "queue_size": queue_size,
+              "job_deadline_s": job_deadline_s, "max_body_bytes": max_body_bytes,
+              "max_upload_bytes": max_upload_bytes, "preview_every": preview_every,
+              "rate_limit_per_min": parse_rate(rate_limit) if rate_limit else 0}
+    config = load_service_config(config_file, keys, defaults=fields, overrides=overrides)
     config.check_bind()  # before loading anything
     from dataclasses import replace
 
@@ -119,11 +123,38 @@ def serve(
         client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload)
     try:
         app = create_app(settings, client, config)
-        server = _graceful_server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                timeout_graceful_shutdown=30))
+        from ..service.server_options import uvicorn_options
+
+        server = _graceful_server(uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level,
+                                                **uvicorn_options(config)))
         server.run()
     finally:
         client.close()
+        import gc
+
+        gc.freeze()  # everything is persisted; skip a multi-second final collection of the model's objects at exit
+
+
+def read_keys(api_key: str | None, api_key_file: str | Path | None) -> list[str]:
+    """Keys from ``--api-key-file`` (one per line, # comments), QWENSTUDIO_API_KEY (comma-separated) and, last and
+    discouraged, ``--api-key`` (the command line is visible to every local user in ``ps``)."""
+    from ..errors import InvalidRequest
+
+    text = os.environ.get("QWENSTUDIO_API_KEY", "")
+    if api_key_file is not None:
+        try:
+            lines = Path(api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidRequest(f"cannot read the API key file: {e.__class__.__name__}", code="invalid_key_file") \
+                from None
+        text += "," + ",".join(line for line in lines if not line.lstrip().startswith("#"))
+    if api_key:
+        import sys
+
+        print("warning: --api-key puts the key on the command line, where `ps` shows it to every local user; "
+              "use QWENSTUDIO_API_KEY or --api-key-file instead", file=sys.stderr)
+        text += "," + api_key
+    return [k.strip() for k in text.split(",") if k.strip()]
 
 
 def _graceful_server_class():
@@ -149,6 +180,14 @@ def _graceful_server_class():
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
+        def handle_exit(self, sig, frame) -> None:
+            """Stop taking jobs and cancel the running one *now*: uvicorn only runs the app's shutdown after its
+            open connections close, and a client waiting on that job holds one open (SECURITY 24)."""
+            manager = getattr(getattr(self.config.app, "state", None), "jobs", None)
+            if manager is not None:
+                manager.begin_shutdown()
+            super().handle_exit(sig, frame)
+
     return GracefulServer
 
 
@@ -165,8 +204,21 @@ def serve_command(
     text_encoder: str | None = typer.Option(None, "--text-encoder", help="Text encoder name (single-file DiTs)."),
     vae: str | None = typer.Option(None, "--vae", help="VAE name (single-file DiTs)."),
     offload: str | None = typer.Option(None, help="auto, resident, model_offload, group_offload, cpu."),
-    api_key: str | None = typer.Option(None, "--api-key", envvar="QWENSTUDIO_API_KEY",
-                                          help="Require this key (comma-separated for several).", show_default=False),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require this key (comma-separated). Deprecated: "
+                                       "`ps` shows it; use QWENSTUDIO_API_KEY or --api-key-file.", show_default=False),
+    api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File with the API keys, one per line."),
+    config_file: Path | None = typer.Option(None, "--config", help="TOML/JSON file of service settings (caps, "
+                                            "hosts, timeouts; see docs/SECURITY-TESTS.md); options override it."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="Also answer for this Host name (repeatable; "
+                                           "loopback names always; '*' for any)."),
+    trusted_proxy: list[str] = typer.Option([], "--trusted-proxy", help="Believe X-Forwarded-For/Forwarded from "
+                                            "this proxy address (repeatable); otherwise they are ignored."),
+    public_url: str | None = typer.Option(None, "--public-url", help="Base of absolute URLs in responses."),
+    max_steps: int | None = typer.Option(None, "--max-steps", min=1, help="Operator cap on steps (422 beyond)."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", min=256, help="Operator cap on width*height."),
+    max_batch: int | None = typer.Option(None, "--max-batch", min=1, help="Operator cap on images per job."),
+    shutdown_grace: float | None = typer.Option(None, "--shutdown-grace", min=0.5, help="Seconds SIGTERM waits for "
+                                                "the running job to stop (default 10)."),
     variant: str | None = typer.Option(None, help="Recipe (spec) to use for the model."),
     device: str | None = typer.Option(None, help="cuda, cuda:1, cpu."),
     cors_origin: list[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (repeatable)."),
@@ -187,12 +239,16 @@ def serve_command(
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
     from ..errors import QwenStudioError
 
+    overrides = {k: v for k, v in (("allowed_hosts", tuple(allowed_host)), ("trusted_proxies", tuple(trusted_proxy)),
+                                   ("public_url", public_url), ("max_steps", max_steps), ("max_pixels", max_pixels),
+                                   ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace)) if v}
     try:
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
               queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
               preview_every=preview_every, models_dirs=tuple(models_dir), text_encoder=text_encoder, vae=vae,
               offload=offload, max_upload_bytes=max_upload, rate_limit=rate_limit, ray=ray,
-              ray_replicas=ray_replicas, ray_gpus_per_replica=ray_gpus_per_replica)
+              ray_replicas=ray_replicas, ray_gpus_per_replica=ray_gpus_per_replica, api_key_file=api_key_file,
+              config_file=config_file, **overrides)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import Settings
 from ..errors import InvalidRequest, ModelNotFound
@@ -139,9 +139,11 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, request: GenerateRequest | None = None, *, on_progress: ProgressCallback | None = None,
-                 preview_every: int = 0, retry_fp32: bool = False, **fields) -> GenerateResult:
+                 preview_every: int = 0, retry_fp32: bool = False, should_stop: Callable[[], bool] | None = None,
+                 **fields) -> GenerateResult:
         """Text-to-image for one request (or keyword fields: ``engine.generate(prompt="...", seed=1)``); a request
-        that is not prepared yet is prepared here, once."""
+        that is not prepared yet is prepared here, once. ``should_stop``: checked inside every long stage (text
+        encode, VAE, each step); True stops the run with Cancelled (engine/stopping.py)."""
         from .pipeline import TextToImage, run
 
         if request is None:
@@ -151,17 +153,18 @@ class Engine:
         if hasattr(request, "controls"):
             raise InvalidRequest("an image-conditioned request runs through engine.edit", code="invalid_mode")
         return run(self, self.prepare(request), TextToImage(), on_progress=on_progress,
-                   preview_every=preview_every, retry_fp32=retry_fp32)
+                   preview_every=preview_every, retry_fp32=retry_fp32, should_stop=should_stop)
 
     def edit(self, request=None, *, images=(), mask=None, controls=(), on_progress: ProgressCallback | None = None,
-             preview_every: int = 0, retry_fp32: bool = False, **fields) -> GenerateResult:
+             preview_every: int = 0, retry_fp32: bool = False, should_stop: Callable[[], bool] | None = None,
+             **fields) -> GenerateResult:
         """Image-conditioned generation: edit (edit variants), img2img (``strength``), inpaint (``mask``),
         edit-inpaint, ControlNet (``controls``; ``controlnet=NAME`` loads one from the models home). Images are
         paths, bytes or PIL images; see ``engine/editing/``. ``retry_fp32``: as in ``generate``."""
         from .editing import run_edit
 
         return run_edit(self, request, images=images, mask=mask, controls=controls, on_progress=on_progress,
-                        preview_every=preview_every, retry_fp32=retry_fp32, **fields)
+                        preview_every=preview_every, retry_fp32=retry_fp32, should_stop=should_stop, **fields)
 
     def load_controlnet(self, source) -> None:
         """Attach a ControlNet for ``controls``: a name from the models home (role ``controlnet``: a diffusers

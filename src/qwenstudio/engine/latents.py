@@ -90,3 +90,22 @@ def preview_rgb(latents):
     bias = torch.tensor(_PREVIEW_BIAS, device=latents.device, dtype=torch.float32)
     rgb = torch.einsum("bchw,cr->bhwr", latents.float(), f) + bias
     return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+def decode_checked(vae, latents, should_stop):
+    """``decode`` that stops (raises Cancelled) at the next decoder layer once ``should_stop()`` is true; the
+    output is bit-identical to ``decode`` (tiled or not: the checks are forward pre-hooks that compute nothing)."""
+    from .stopping import check, stop_checks
+
+    check(should_stop, "vae_decode")
+    with stop_checks(should_stop, {"vae_decode": vae.decoder}):
+        return decode(vae, latents)
+
+
+def encode_checked(vae, pixels, should_stop):
+    """``vae.encode(pixels)`` with the same per-layer stop checks (edit inputs, img2img, masks, controls)."""
+    from .stopping import check, stop_checks
+
+    check(should_stop, "vae_encode")
+    with stop_checks(should_stop, {"vae_encode": vae.encoder}):
+        return vae.encode(pixels)

@@ -266,10 +266,15 @@ def image_metadata(engine, req: GenerateRequest, i: int, timings: dict) -> dict:
 
 # ---- the run ---------------------------------------------------------------------------------------------------
 def run(engine, req: GenerateRequest, conditioner: Conditioner, *, on_progress: ProgressCallback | None = None,
-        preview_every: int = 0, retry_fp32: bool = False) -> GenerateResult:
-    """Run a *prepared* request through ``conditioner`` (see the module docstring)."""
+        preview_every: int = 0, retry_fp32: bool = False, should_stop: Callable[[], bool] | None = None
+        ) -> GenerateResult:
+    """Run a *prepared* request through ``conditioner`` (see the module docstring). ``should_stop`` is checked
+    inside every long stage — text encoding, VAE encode, each step, VAE decode (``engine/stopping.py``)."""
+    from .stopping import stage_modules, stop_checks, stopping_progress
+
     engine.apply_loras(req)
-    with out_of_memory_as_typed_error():
+    on_progress = stopping_progress(on_progress, should_stop)
+    with stop_checks(should_stop, stage_modules(engine.components)), out_of_memory_as_typed_error():
         try:
             return _run_once(engine, req, conditioner, on_progress, preview_every)
         except GenerationFailed as e:
@@ -323,7 +328,11 @@ def out_of_memory_as_typed_error():
 
     try:
         yield
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        # the CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and (
+                "can't allocate memory" not in str(e) and "not enough memory" not in str(e)):
+            raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise GenerationFailed(

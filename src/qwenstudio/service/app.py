@@ -43,7 +43,8 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     config = config or ServiceConfig()
     store = Store(settings.home / DB_NAME)
     metrics = Metrics()
-    upload_store = UploadStore(settings.home / "uploads")
+    upload_store = UploadStore(settings.home / "uploads", quota_bytes=config.upload_quota_bytes,
+                               ttl_s=config.upload_ttl_s)
     manager = JobManager(store, engine_client, settings.outputs_dir, config, metrics, upload_store,
                          worker=config.run_worker)
     recovered = manager.register()  # several processes may share this store; see JobManager / SECURITY 26
@@ -63,6 +64,7 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
         engine_client.preset_lookup = preset_lookup(store)
 
     app = FastAPI(title="qwenstudio", version=__version__, lifespan=lifespan)
+    app.router.redirect_slashes = False  # a slash redirect would echo the client's Host into Location (SECURITY 29)
     app.state.settings = settings
     app.state.config = config
     app.state.client = engine_client

@@ -1,4 +1,5 @@
-"""Request guards as one pure-ASGI middleware, run before any route: API key, body size cap, cross-site posts.
+"""Request guards as one pure-ASGI middleware, run before any route: Host allow-list (DNS rebinding), API key,
+cross-site posts (Origin by scheme+host+port, Sec-Fetch-Site), body size cap.
 
 Why pure ASGI (not BaseHTTPMiddleware): the body cap must count the bytes actually received (a missing or lying
 Content-Length must not get past it) and the client's disconnect must still reach the route that waits on it.
@@ -51,6 +52,10 @@ class GuardMiddleware:
         async def deny(status: int, code: str, message: str, extra: dict | None = None):
             await error_response(path, status, code, message, extra)(scope, receive, send)
 
+        if not self.config.host_allowed(headers.get("host")):
+            return await deny(421, "host_not_allowed", "this server does not answer for that Host name; the "
+                              "operator can add it with --allowed-host")
+
         open_path = path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
         if self.config.auth_enabled and not open_path and scope.get("method") != "OPTIONS":
             key = presented_key(headers)
@@ -58,7 +63,7 @@ class GuardMiddleware:
                 return await deny(401, "invalid_api_key", "missing or invalid API key (Authorization: Bearer KEY)",
                                   {"WWW-Authenticate": "Bearer"})
 
-        if scope.get("method") in STATE_CHANGING and not self._origin_allowed(headers):
+        if scope.get("method") in STATE_CHANGING and not self._origin_allowed(headers, scope.get("scheme", "http")):
             return await deny(403, "cross_origin_forbidden", "cross-site requests are not allowed")
 
         limit = self.config.max_upload_bytes if path in UPLOAD_PATHS else self.config.max_body_bytes
@@ -92,11 +97,39 @@ class GuardMiddleware:
 
         return await self.app(scope, replay, send)
 
-    def _origin_allowed(self, headers: dict[str, str]) -> bool:
-        """Browsers send Origin on cross-site posts; allow same-host and configured CORS origins only."""
+    def _origin_allowed(self, headers: dict[str, str], scheme: str) -> bool:
+        """Browsers send Origin (and Sec-Fetch-Site) on cross-site posts; allow this server's own origin (same
+        scheme, host and port) and the configured CORS origins only."""
         origin = headers.get("origin")
-        if origin is None:
+        configured = origin is not None and (origin in self.config.cors_origins or "*" in self.config.cors_origins)
+        if headers.get("sec-fetch-site", "").lower() == "cross-site" and not configured:
+            return False
+        if origin is None or configured:
             return True
-        if origin in self.config.cors_origins or "*" in self.config.cors_origins:
-            return True
-        return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+        return same_origin(origin, scheme, headers.get("host", ""))
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_tuple(scheme: str, netloc: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urlsplit(f"{scheme}://{netloc}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return scheme.lower(), parts.hostname.lower(), port or _DEFAULT_PORTS.get(scheme.lower(), 0)
+
+
+def same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Origin ``scheme://host[:port]`` equals the request's own scheme, Host name and port (defaults filled)."""
+    try:
+        o = urlsplit(origin)
+    except ValueError:
+        return False
+    if o.scheme not in _DEFAULT_PORTS or o.path not in ("", "/") or o.query or o.username is not None:
+        return False
+    mine, theirs = _origin_tuple(scheme, host), _origin_tuple(o.scheme, o.netloc)
+    return mine is not None and mine == theirs

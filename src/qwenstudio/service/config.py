@@ -41,6 +41,20 @@ class ServiceConfig:
     max_steps: int | None = None
     max_pixels: int | None = None  # width * height
     max_batch: int | None = None
+    # Access (SECURITY 29, 30): names served besides the loopback ones ("*": any), and the proxies whose
+    # X-Forwarded-For / Forwarded headers are believed (none: uvicorn's proxy_headers stay off).
+    allowed_hosts: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    public_url: str | None = None  # base of absolute URLs in responses; default: the local address answered on
+    # Connections (SECURITY 33): a request's head and body must arrive within this; idle keep-alive after it.
+    request_read_timeout_s: float = 30.0
+    keep_alive_s: int = 5
+    max_connections: int = 512  # beyond it uvicorn answers 503 at once (no unbounded fds)
+    # Uploads (SECURITY 34): kept this long after their last use, and at most this many bytes in all.
+    upload_ttl_s: float = 24 * 3600.0
+    upload_quota_bytes: int = 2 << 30
+    # Worker liveness (SECURITY 32): a running job's lease, renewed by its worker every lease_s / 5.
+    lease_s: float = 30.0
 
     @classmethod
     def with_keys(cls, keys: tuple[str, ...] | list[str] = (), **kw) -> ServiceConfig:
@@ -51,12 +65,28 @@ class ServiceConfig:
     def auth_enabled(self) -> bool:
         return bool(self.api_key_hashes)
 
+    def host_allowed(self, host_header: str | None) -> bool:
+        """The Host header names this server: loopback names, the bound address, or an operator-added name."""
+        if "*" in self.allowed_hosts:
+            return True
+        if not host_header:
+            return False
+        name = host_header.strip().lower()
+        if name.startswith("["):
+            name = name[1:name.find("]")] if "]" in name else name
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        allowed = {h.lower().strip("[]") for h in self.allowed_hosts}
+        if self.host not in ("0.0.0.0", "::", ""):
+            allowed.add(self.host.lower().strip("[]"))
+        return name in allowed or is_loopback(name)
+
     def check_bind(self) -> None:
         """Refuse a non-loopback bind without an API key (SECURITY.md 14)."""
         from .errors import UnsafeBind
 
         if not is_loopback(self.host) and not self.auth_enabled:
             raise UnsafeBind(
-                f"refusing to listen on {self.host} without an API key: pass --api-key (or QWENSTUDIO_API_KEY), "
+                f"refusing to listen on {self.host} without an API key: set QWENSTUDIO_API_KEY or --api-key-file, "
                 "or bind 127.0.0.1"
             )

@@ -109,10 +109,13 @@ class InProcessEngineClient:
                 raise self._load_error
             raise QwenStudioError("the model failed to load; see the server log", code="model_load_failed")
 
-        def on_progress(p) -> bool:
+        def should_stop() -> bool:  # checked inside every long stage (engine/stopping.py), not only per step
             with self._lock:
-                if job_id in self._cancelled:
-                    return False
+                return job_id in self._cancelled
+
+        def on_progress(p) -> bool:
+            if should_stop():
+                return False
             return on_event(StepEvent(p.step, p.total, p.elapsed, p.preview)) is not False
 
         with self._lock:
@@ -122,8 +125,9 @@ class InProcessEngineClient:
             if inputs is not None:
                 return self._engine.edit(request, images=inputs["images"], mask=inputs["mask"],
                                          controls=inputs["controls"], on_progress=on_progress,
-                                         preview_every=preview_every)
-            return self._engine.generate(request, on_progress=on_progress, preview_every=preview_every)
+                                         preview_every=preview_every, should_stop=should_stop)
+            return self._engine.generate(request, on_progress=on_progress, preview_every=preview_every,
+                                         should_stop=should_stop)
         finally:
             with self._lock:
                 self._cancelled.discard(job_id)

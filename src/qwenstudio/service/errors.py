@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import QwenStudioError
+from ..errors import InvalidRequest, QwenStudioError
 
 
 class NotFound(QwenStudioError):
@@ -68,3 +68,20 @@ def redact_paths(message: str) -> str:
     """Keep only the file name of any absolute path in a message: errors from loaders name their files, and the
     server's directory layout is nobody's business (SECURITY 6)."""
     return _PATH.sub(lambda m: m.group(1) or "<path>", message)
+
+
+class MalformedBody(InvalidRequest):
+    """A body no route should even look at: not JSON, numbers past the digit cap, nesting past the depth cap,
+    text that is not valid Unicode (lone surrogates). 422 like every bad request (400 on /v1, OpenAI's way)."""
+
+    code = "invalid_json"
+
+
+class UploadQuotaExceeded(QwenStudioError):
+    code = "upload_quota_exceeded"
+    status = 507
+
+
+class MisdirectedRequest(QwenStudioError):
+    code = "host_not_allowed"
+    status = 421

@@ -58,6 +58,8 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)
     position: int | None = None  # last published queue position
     seen: tuple = ()  # (status, step) last published by the watcher for a job another worker runs
+    deadline: float | None = None  # monotonic; set when the job starts running here
+    lease_renewed: float | None = None  # monotonic time of this worker's last lease renewal
     _subscribers: set = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -90,6 +92,13 @@ class Job:
     def terminal(self) -> dict | None:
         with self._lock:
             return self.events[-1] if self.events and self.events[-1]["event"] in TERMINAL_EVENTS else None
+
+    def drop_previews(self) -> None:
+        """Drop preview payloads from the event log, in place (readers hold indexes into it)."""
+        with self._lock:
+            for e in self.events:
+                if e["event"] == "preview":
+                    e["data"] = {"step": e["data"]["step"], "images": []}
 
 
 def terminal_event(row: dict) -> tuple[str, dict]:
@@ -124,6 +133,7 @@ class JobManager:
         self._accepting = True
         self._stopping = False
         self._halt = threading.Event()
+        self._shutdown_started: float | None = None
         self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True) if worker else None
         self._watcher = threading.Thread(target=self._watch, name="qwenstudio-jobs-watch", daemon=True)
 
@@ -135,13 +145,45 @@ class JobManager:
 
     def start(self) -> None:
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_temp_files()  # left by a crash (kill -9 mid-write)
         if self._thread is not None:
             self._thread.start()
         self._watcher.start()
 
+    def begin_shutdown(self) -> None:
+        """Refuse new jobs and ask the running one to stop at its next check; cheap enough for a signal handler
+        (no store access). ``stop`` does the rest."""
+        if self._shutdown_started is None:
+            self._shutdown_started = time.monotonic()
+        self._accepting = False
+        running = self._running
+        if running is not None:
+            running.cancel_reason = running.cancel_reason or "shutdown"
+            self.client.cancel(running.id)
+
+    def remove_temp_files(self) -> int:
+        """Half-written outputs (``.tmp-*``) and uploads (``.up-*``): never anyone's file, safe to drop."""
+        n = 0
+        folders = [self.outputs_dir] + ([self.uploads.folder] if getattr(self.uploads, "folder", None) else [])
+        for folder in folders:
+            for p in (folder.glob(".tmp-*") if folder.is_dir() else ()):
+                idle = self._running is None or time.time() - p.stat().st_mtime > 60  # not the running job's write
+                if p.is_file() and not p.is_symlink() and idle:
+                    p.unlink(missing_ok=True)
+                    n += 1
+            for p in (folder.glob(".up-*") if folder.is_dir() else ()):
+                if p.is_file() and time.time() - p.stat().st_mtime > 60:
+                    p.unlink(missing_ok=True)
+                    n += 1
+        return n
+
     def stop(self, grace_s: float | None = None) -> None:
         """Stop taking jobs, cancel the queued ones submitted here and the running one, wait for the worker
-        (bounded), leave the store consistent. Called on SIGTERM through the app's lifespan."""
+        (bounded by what is left of the grace since ``begin_shutdown``), leave the store consistent: a job still
+        running when the grace is over is recorded ``cancelled (shutdown)`` and its late result is never
+        written (the lease). Called on SIGTERM through the app's lifespan."""
+        self.begin_shutdown()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         with self._cond:
             self._accepting = False
             mine = [j for j in self._jobs.values() if j.terminal is None]
@@ -151,13 +193,19 @@ class JobManager:
                 self.metrics.job_finished("cancelled", 0.0)
                 self._publish_cancelled(job, "shutdown")
         if running is not None:
-            running.cancel_reason = "shutdown"
+            running.cancel_reason = running.cancel_reason or "shutdown"
             self.client.cancel(running.id)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None and self._thread.is_alive():
-            self._thread.join(self.config.shutdown_grace_s if grace_s is None else grace_s)
+            self._thread.join(max(0.5, grace - (time.monotonic() - self._shutdown_started)))
+        with self._cond:
+            late = self._running
+        if late is not None and self._thread is not None and self._thread.is_alive():
+            log.warning("job %s did not stop within the shutdown grace; recorded cancelled (shutdown)", late.id)
+            self.store.finish_owned(late.id, self.worker_id, "cancelled", error=("cancelled", "cancelled (shutdown)"))
+        self.remove_temp_files()
         self._halt.set()
         if self._watcher.is_alive():
             self._watcher.join(5)
@@ -293,7 +341,8 @@ class JobManager:
             row = None
             if accepting:
                 try:
-                    row = self.store.claim_next(self.worker_id, [m.id for m in self.client.models()])
+                    row = self.store.claim_next(self.worker_id, [m.id for m in self.client.models()],
+                                                lease_s=self.config.lease_s)
                 except Exception:
                     log.exception("claiming a job failed")
             if row is None:
@@ -333,7 +382,8 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         started = time.monotonic()
-        deadline = started + self.config.job_deadline_s
+        deadline = job.deadline = started + self.config.job_deadline_s  # the watcher enforces it mid-stage too
+        job.lease_renewed = started
         job.publish("started", {"job_id": job.id})
         if isinstance(job.request, QwenStudioError):
             self._finish_failed(job, job.request.code, redact_paths(job.request.message), started)
@@ -367,7 +417,7 @@ class JobManager:
 
         try:
             result = self.client.submit(job.id, job.model, job.request, on_event, job.preview_every, job.inputs)
-            outputs = self._write_outputs(result)
+            outputs = self._write_outputs(result, job)
         except Cancelled:
             reason = job.cancel_reason or "user"
             if reason == "deadline":
@@ -385,7 +435,9 @@ class JobManager:
             self._finish_failed(job, "internal_error", "the job failed with an internal error; see the server log",
                                 started)
             return
-        self.store.finish_job(job.id, "done", outputs=outputs)
+        if not self.store.finish_owned(job.id, self.worker_id, "done", outputs=outputs):
+            self._lost(job, outputs)
+            return
         self.store.set_progress(job.id, steps_seen[0], steps_seen[0])
         step_s = sum(result.timings.get("steps", []) or []) if isinstance(result.timings, dict) else 0.0
         self.metrics.job_finished("done", time.monotonic() - started, steps=len(result.timings.get("steps", [])),
@@ -394,13 +446,18 @@ class JobManager:
             {"id": oid, "url": f"/api/outputs/{oid}", "metadata": meta} for oid, _, _, meta in outputs]})
         self._retire(job)
 
-    def _write_outputs(self, result: Any) -> list[tuple[str, int, str, dict]]:
-        """Save every image atomically under a random name; on any failure remove this job's files and fail."""
+    def _write_outputs(self, result: Any, job: Job | None = None) -> list[tuple[str, int, str, dict]]:
+        """Save every image atomically under a random name; on any failure remove this job's files and fail. A
+        cancel (user, deadline, shutdown) is honoured between images: the files written so far are removed."""
         from ..outputs import save_png
 
         written: list[tuple[str, int, str, dict]] = []
         try:
             for i, img in enumerate(result.images):
+                if job is not None and job.cancel_reason is not None:
+                    for _, _, done_name, _ in written:
+                        (self.outputs_dir / done_name).unlink(missing_ok=True)
+                    raise Cancelled("cancelled while writing outputs", detail={"stage": "output_write"})
                 name = secrets.token_hex(16) + ".png"
                 save_png(img.image, img.metadata, self.outputs_dir / name)
                 written.append((secrets.token_hex(16), i, name, img.metadata))
@@ -419,6 +476,7 @@ class JobManager:
                 if self.worker_id is not None and now - last_beat >= HEARTBEAT_S:
                     last_beat = now
                     self.store.heartbeat(self.worker_id)
+                self._police_running(now)
                 if now - last_reap >= REAP_EVERY_S:
                     last_reap = now
                     if n := self.store.reap_dead(self.host, STALE_S):
@@ -430,6 +488,26 @@ class JobManager:
             except Exception:  # keep watching; a closed store at shutdown ends the loop through _halt
                 if not self._halt.is_set():
                     log.exception("job watcher")
+
+    def _police_running(self, now: float) -> None:
+        """Make a deadline, a cancel asked through another process, or a shutdown reach the running job even in
+        the middle of a long stage (the engine checks its stop flag at every layer, engine/stopping.py); the
+        cancel is re-sent each tick, so one that raced the job's start still arrives."""
+        with self._cond:
+            job = self._running
+        if job is None or job.deadline is None:
+            return
+        if job.cancel_reason is None and now > job.deadline:
+            job.cancel_reason = "deadline"
+        if job.cancel_reason is None and self.store.cancel_requested(job.id):
+            job.cancel_reason = "user"
+        if job.lease_renewed is None or now - job.lease_renewed >= self.config.lease_s / 5:
+            job.lease_renewed = now
+            if self.worker_id is not None and not self.store.renew_lease(job.id, self.worker_id, self.config.lease_s):
+                job.cancel_reason = job.cancel_reason or "lease_lost"  # stop working on a job we no longer own
+                self.store.fail_lost(job.id, self.worker_id)
+        if job.cancel_reason is not None:
+            self.client.cancel(job.id)
 
     def _follow_foreign(self, jobs: list[Job]) -> None:
         """Publish what the store says about jobs this process is not running: queue positions, start and progress
@@ -468,16 +546,33 @@ class JobManager:
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _finish_cancelled(self, job: Job, reason: str, started: float | None = None) -> None:
-        self.store.finish_job(job.id, "cancelled", error=("cancelled", f"cancelled ({reason})"))
+        error = ("cancelled", f"cancelled ({reason})")
+        if not self.store.finish_owned(job.id, self.worker_id, "cancelled", error=error):
+            self._lost(job)
+            return
         self.metrics.job_finished("cancelled", time.monotonic() - started if started else 0.0)
         self._publish_cancelled(job, reason)
+
+    def _lost(self, job: Job, outputs: list | None = None) -> None:
+        """This worker no longer owns the job (its lease ran out while it was stalled, or shutdown gave up on
+        it): write nothing, remove what it wrote, and tell local followers what the store says."""
+        log.warning("job %s: lease lost; its result is discarded", job.id)
+        for _, _, name, _ in outputs or ():
+            (self.outputs_dir / name).unlink(missing_ok=True)
+        self.store.fail_lost(job.id, self.worker_id)
+        row = self.store.get_job(job.id)
+        if row is not None:
+            job.publish(*terminal_event(row))
+        self._retire(job)
 
     def _publish_cancelled(self, job: Job, reason: str) -> None:
         job.publish("cancelled", {"job_id": job.id, "reason": reason})
         self._retire(job)
 
     def _finish_failed(self, job: Job, code: str, message: str, started: float) -> None:
-        self.store.finish_job(job.id, "failed", error=(code, message))
+        if not self.store.finish_owned(job.id, self.worker_id, "failed", error=(code, message)):
+            self._lost(job)
+            return
         self.metrics.job_finished("failed", time.monotonic() - started, code=code)
         job.publish("failed", {"job_id": job.id, "error": {"code": code, "message": message}})
         self._retire(job)
@@ -500,11 +595,8 @@ class JobManager:
             self._jobs.pop(oldest_id)
 
     def _retire(self, job: Job) -> None:
-        """Drop preview payloads from a finished job's log, in place (readers hold indexes into it)."""
-        with job._lock:
-            for e in job.events:
-                if e["event"] == "preview":
-                    e["data"] = {"step": e["data"]["step"], "images": []}
+        """A finished job keeps its outcome, not its previews."""
+        job.drop_previews()
         job.finished.set()
 
 

@@ -13,17 +13,34 @@ PRESET_FIELDS = REQUEST_FIELDS | {"model"}
 MAX_NAME = 200
 
 
-def validate_params(params: Any) -> dict[str, Any]:
+def validate_params(params: Any, spec: Any = None) -> dict[str, Any]:
+    """Field names and types, then (with the served model's ``spec``) every bound a request has: a preset that
+    could never run (``steps: 0``, a 5000-pixel side) is refused when it is saved, not when it is used."""
     if not isinstance(params, dict):
         raise InvalidRequest("preset params must be a JSON object")
     unknown = sorted(set(params) - PRESET_FIELDS)
     if unknown:
         raise InvalidRequest(f"unknown preset field(s): {', '.join(unknown)}", code="invalid_preset")
     check_field_types({k: v for k, v in params.items() if k != "prompt" or v is not None})
+    if spec is not None:
+        check_request_bounds(params, spec)
     return dict(params)
 
 
-def validate_preset(body: Any) -> tuple[str, dict[str, Any], str, str]:
+def check_request_bounds(params: dict[str, Any], spec: Any) -> None:
+    """The engine's own validation (GenerateRequest.resolve) on the preset's fields; a missing or empty prompt is
+    fine in a preset (the user types one), so a placeholder stands in for it."""
+    from ..engine.requests import GenerateRequest
+
+    fields = {k: v for k, v in params.items() if k in REQUEST_FIELDS}
+    if not (isinstance(fields.get("prompt"), str) and fields["prompt"].strip()):
+        fields["prompt"] = "preset"
+    if fields.get("batch") is None:
+        fields.pop("batch", None)
+    GenerateRequest.from_dict(fields).resolve(spec)
+
+
+def validate_preset(body: Any, spec: Any = None) -> tuple[str, dict[str, Any], str, str]:
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     name = body.get("name")
@@ -33,7 +50,7 @@ def validate_preset(body: Any) -> tuple[str, dict[str, Any], str, str]:
     description, author = body.get("description", ""), body.get("author", "")
     if not isinstance(description, str) or not isinstance(author, str):
         raise InvalidRequest("'description' and 'author' must be strings", code="invalid_preset")
-    return name.strip(), validate_params(body.get("params", {})), description, author
+    return name.strip(), validate_params(body.get("params", {}), spec), description, author
 
 
 def _num(value: Any, kind: type):
@@ -74,7 +91,7 @@ def from_swarmui(data: Any) -> tuple[dict[str, Any], list[str]]:
                 params.setdefault("height", side)
             else:
                 unmapped.append(key)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             unmapped.append(key)
     for k in ("width", "height"):  # SwarmUI sizes need not be multiples of 16; ours must
         if k in params:

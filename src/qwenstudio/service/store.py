@@ -66,7 +66,9 @@ CREATE TABLE IF NOT EXISTS presets (
 
 # Added for several workers on one store: who claimed a running job, a cross-process cancel request, and what a
 # worker in another process needs to run a job (preview interval, edit inputs by upload id).
-_JOB_COLUMNS = (("worker_id", "TEXT"), ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"), ("options", "TEXT"))
+_JOB_COLUMNS = (("worker_id", "TEXT"), ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"), ("options", "TEXT"),
+                ("lease_until", "REAL"))  # the owner's lease on a running job (SECURITY 32); worker_id = owner token
+LEASE_LOST = "the worker running this job stalled past its lease; submit it again"
 INTERRUPTED = "the server stopped before this job finished; submit it again"
 
 
@@ -139,7 +141,8 @@ class Store:
                 raise
         return queued + 1
 
-    def claim_next(self, worker_id: str, models: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+    def claim_next(self, worker_id: str, models: list[str] | tuple[str, ...],
+                   lease_s: float | None = None) -> dict[str, Any] | None:
         """Atomically move the oldest queued job for one of ``models`` to running, owned by ``worker_id``; None when
         nothing waits. ``BEGIN IMMEDIATE`` takes the write lock before the read, so two workers (threads or
         processes) can never claim the same row: each job runs exactly once."""
@@ -153,13 +156,52 @@ class Store:
                     f"SELECT id FROM jobs WHERE status='queued' AND model IN ({marks}) ORDER BY seq LIMIT 1",
                     tuple(models)).fetchone()
                 if row is not None:
-                    self._db.execute("UPDATE jobs SET status='running', started_at=?, worker_id=? WHERE id=?",
-                                     (time.time(), worker_id, row[0]))
+                    now = time.time()
+                    self._db.execute("UPDATE jobs SET status='running', started_at=?, worker_id=?, lease_until=? "
+                                     "WHERE id=?", (now, worker_id, None if lease_s is None else now + lease_s,
+                                                    row[0]))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return None if row is None else self.get_job(row[0])
+
+    def renew_lease(self, job_id: str, worker_id: str, lease_s: float) -> bool:
+        """Extend the owner's lease on its running job; False once it is lost (expired, reaped, or not its job):
+        an expired lease is never revived, even before anyone reaped it."""
+        now = time.time()
+        return self._exec("UPDATE jobs SET lease_until=? WHERE id=? AND worker_id=? AND status='running' AND "
+                          "(lease_until IS NULL OR lease_until >= ?)", (now + lease_s, job_id, worker_id, now)
+                          ).rowcount == 1
+
+    def finish_owned(self, job_id: str, worker_id: str | None, status: str, *, error: tuple[str, str] | None = None,
+                     outputs: list[tuple[str, int, str, dict]] = ()) -> bool:
+        """``finish_job`` only while ``worker_id`` still holds the job's lease (conditional update, one
+        transaction): a worker that lost its job records nothing. Returns whether it did."""
+        now = time.time()
+        code, message = error or (None, None)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._db.execute(
+                    "UPDATE jobs SET status=?, finished_at=?, error_code=?, error_message=? WHERE id=? AND "
+                    "status='running' AND worker_id IS ? AND (lease_until IS NULL OR lease_until >= ?)",
+                    (status, now, code, message, job_id, worker_id, now)).rowcount
+                if n == 1:
+                    for out_id, idx, filename, meta in outputs:
+                        self._db.execute(
+                            "INSERT INTO outputs (id, job_id, idx, filename, metadata, created_at) "
+                            "VALUES (?,?,?,?,?,?)", (out_id, job_id, idx, filename, json.dumps(meta), now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return n == 1
+
+    def fail_lost(self, job_id: str, worker_id: str | None) -> None:
+        """The owner noticed it lost the lease: record that (unless a reaper already did)."""
+        self._exec("UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, error_message=? "
+                   "WHERE id=? AND status='running' AND worker_id IS ?", (time.time(), LEASE_LOST, job_id, worker_id))
 
     def cancel_queued(self, job_id: str, reason: str) -> bool:
         """queued -> cancelled, atomically (a worker's claim and a cancel never both win)."""
@@ -243,7 +285,8 @@ class Store:
         """Forget dead workers; return the live ones (call with the lock held, inside a transaction)."""
         live, dead = [], []
         for r in self._db.execute("SELECT id, host, pid, heartbeat_at FROM workers").fetchall():
-            alive = r["heartbeat_at"] >= now - stale_s and (r["host"] != host or _pid_alive(r["pid"]))
+            # same host: the process exists (a stalled one too: its leases decide for its jobs); elsewhere: heartbeat
+            alive = _pid_alive(r["pid"]) if r["host"] == host else r["heartbeat_at"] >= now - stale_s
             (live if alive else dead).append(r["id"])
         for wid in dead:
             self._db.execute("DELETE FROM workers WHERE id=?", (wid,))
@@ -252,9 +295,12 @@ class Store:
     def _interrupt_running_not_of(self, live: list[str], now: float) -> int:
         marks = ",".join("?" * len(live))
         owned = f"worker_id IS NOT NULL AND worker_id IN ({marks})" if live else "0"
-        return self._db.execute(
+        n = self._db.execute(
             "UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, error_message=? "
             f"WHERE status='running' AND NOT ({owned})", (now, INTERRUPTED, *live)).rowcount
+        return n + self._db.execute(  # a live worker that stalled past its lease lost the job
+            "UPDATE jobs SET status='failed', error_code='interrupted', finished_at=?, error_message=? "
+            "WHERE status='running' AND lease_until IS NOT NULL AND lease_until < ?", (now, LEASE_LOST, now)).rowcount
 
     def mark_running(self, job_id: str) -> bool:
         """queued -> running, atomically; False if the job is no longer queued (cancelled meanwhile)."""

@@ -107,7 +107,7 @@ def load_controlnet(engine, source) -> None:
 
 
 def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_progress=None, preview_every=0,
-             retry_fp32: bool = False, **fields) -> GenerateResult:
+             retry_fp32: bool = False, should_stop=None, **fields) -> GenerateResult:
     spec = engine.spec
     controls = [_coerce_control(c) for c in (controls or ())]
     images = list(images or ())
@@ -155,7 +155,7 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
         mask_img = mask_img.resize(loaded[0].image.size, resample=_bilinear())
     conditioner = EditConditioner([x.image for x in loaded], mask_img, [x.image for x in lctrl], notes)
     return run(engine, req, conditioner, on_progress=on_progress, preview_every=preview_every,
-               retry_fp32=retry_fp32)
+               retry_fp32=retry_fp32, should_stop=should_stop)
 
 
 def _bind_inputs(request: EditRequest, refs: dict) -> EditRequest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
+import math
 import re
 import time
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from ...errors import InvalidRequest, QwenStudioError
+from .bodies import form_text, parse_json_text
 from .files import output_bytes
 from .jobs import cancel_quietly, wait_finished
 from .schemas import json_body, resolve_request
@@ -77,7 +78,7 @@ async def edits(request: Request):
             continue
         if not isinstance(value, str):
             raise InvalidRequest(f"'{key}' must be a text field", code="invalid_multipart")
-        body[key] = _form_value(key, value)
+        body[key] = _form_value(key, form_text(key, value))
     model, fields, fmt = to_request_fields({k: v for k, v in body.items() if k not in EDIT_EXTRA})
     fields.update({k: v for k, v in body.items() if k in EDIT_EXTRA})
     fields["images"] = [(await save_upload(state, part, "image"))["id"] for part in images]
@@ -89,6 +90,7 @@ async def edits(request: Request):
     return await _respond(request, job, fmt)
 
 
+MAX_NUMBER_CHARS = 40
 _FORM_NUMBERS = {"n": int, "steps": int, "seed": int, "feather": int, "cfg": float, "shift": float, "strength": float}
 
 
@@ -99,17 +101,31 @@ def _form_value(key: str, value: str):
             raise InvalidRequest(f"{key} must be true or false", code="invalid_type")
         return value.lower() in ("true", "1")
     if key == "loras":  # JSON text in a multipart field: [{"name": ..., "weight": ...}]
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise InvalidRequest("loras must be a JSON list of {name, weight}", code="invalid_lora") from None
+        return parse_json_text(value, "the 'loras' field")
     conv = _FORM_NUMBERS.get(key)
     if conv is None:
         return value
+    if len(value) > MAX_NUMBER_CHARS:
+        raise InvalidRequest(f"'{key}' is not a number this server accepts ({len(value)} characters)",
+                             code="invalid_type")
     try:
-        return conv(value)
+        number = conv(value)
     except ValueError:
         raise InvalidRequest(f"'{key}' must be a number, got {value!r}", code="invalid_type") from None
+    if isinstance(number, float) and not math.isfinite(number):
+        raise InvalidRequest(f"'{key}' must be a finite number", code="invalid_type")
+    return number
+
+
+def public_base(request: Request) -> str:
+    """Absolute URLs are built from the configured public URL or the local address the request arrived on, never
+    from the client's Host header (SECURITY 29: a rebinding name must not end up in a response)."""
+    configured = request.app.state.config.public_url
+    if configured:
+        return configured.rstrip("/")
+    host, port = (request.scope.get("server") or ("127.0.0.1", request.app.state.config.port))[:2]
+    host = f"[{host}]" if ":" in str(host) else host
+    return f"{request.scope.get('scheme', 'http')}://{host}:{port}"
 
 
 async def _respond(request: Request, job, fmt: str) -> dict:
@@ -127,7 +143,7 @@ async def _respond(request: Request, job, fmt: str) -> dict:
     data = []
     for out in outcome["data"]["outputs"]:
         if fmt == "url":
-            data.append({"url": str(request.base_url).rstrip("/") + out["url"], "revised_prompt": None})
+            data.append({"url": public_base(request) + out["url"], "revised_prompt": None})
         else:
             raw = await output_bytes(state, out["id"])
             data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": None})

@@ -15,6 +15,13 @@ from .schemas import json_body
 router = APIRouter(prefix="/api/presets", tags=["presets"])
 
 
+def served_spec(request: Request):
+    """The default served model's spec: presets are checked with the bounds requests are checked with."""
+    from ...engine.specs import get_spec
+
+    return get_spec(request.app.state.client.models()[0].variant)
+
+
 def _insert(store, name, params, description, author) -> dict:
     preset_id = uuid.uuid4().hex
     try:
@@ -31,14 +38,14 @@ async def list_presets(request: Request):
 
 @router.post("", status_code=201)
 async def create_preset(request: Request):
-    name, params, description, author = validate_preset(await json_body(request))
+    name, params, description, author = validate_preset(await json_body(request), served_spec(request))
     return await asyncio.to_thread(_insert, request.app.state.store, name, params, description, author)
 
 
 @router.post("/import/swarmui", status_code=201, summary="Import a SwarmUI preset; reports what did not map")
 async def import_swarmui(request: Request):
     body, unmapped = from_swarmui(await json_body(request))
-    name, params, description, author = validate_preset(body)
+    name, params, description, author = validate_preset(body, served_spec(request))
     preset = await asyncio.to_thread(_insert, request.app.state.store, name, params, description, author)
     return {"preset": preset, "unmapped": unmapped}
 
@@ -53,7 +60,7 @@ async def get_preset(request: Request, preset_id: str):
 
 @router.put("/{preset_id}")
 async def update_preset(request: Request, preset_id: str):
-    name, params, description, author = validate_preset(await json_body(request))
+    name, params, description, author = validate_preset(await json_body(request), served_spec(request))
     store = request.app.state.store
     try:
         ok = await asyncio.to_thread(store.update_preset, preset_id, name, params, description, author)

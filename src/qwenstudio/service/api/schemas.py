@@ -4,18 +4,15 @@ table (``engine/fields.py``), then the engine's own ``prepare`` for every bound,
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from typing import Any
-
-from fastapi import Request
 
 from ...engine import fields as F
 from ...engine.requests import GenerateRequest
 from ...errors import InvalidRequest, ModelNotFound
 from ..engine_client import EngineClient
-from ..errors import UnsupportedMediaType
 from ..uploads import UploadStore
+from .bodies import check_extra, json_body  # noqa: F401  (json_body: the one body parser, re-exported)
 
 EDIT_INPUTS = ("images", "mask", "controls")  # upload ids; their presence makes a job an edit
 # What a client may send: the request's fields, less the engine's own record of where settings came from.
@@ -23,21 +20,11 @@ REQUEST_FIELDS = frozenset(f.name for f in fields(GenerateRequest)) - {"settings
 MAX_PREVIEW_EVERY = 1000
 
 
-async def json_body(request: Request) -> Any:
-    """The body of a state-changing JSON route. Form posts (the cross-site kind) get 415, not parsing."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json":
-        raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
-    raw = await request.body()
-    try:
-        return json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not valid JSON", code="invalid_json") from None
-
-
 def check_field_types(data: dict[str, Any]) -> None:
     """Reject wrongly typed fields with a 4xx before they can reach engine code that assumes the types."""
     F.check_types(data)
+    if isinstance(data.get("extra"), dict):
+        check_extra(data["extra"])
 
 
 def default_model(client: EngineClient) -> str:
