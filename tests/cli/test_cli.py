@@ -122,3 +122,16 @@ def test_bench_prints_ratios_against_stock_diffusers():
     assert all(v > 0 for v in report["ratio_ours_over_stock"].values())
     assert report["max_pixel_diff"] <= 1  # same weights, same seed: the same image
     assert len(report["steps_last_run"]["ours"]) == 1  # per-step times (after the first step)
+
+
+def test_bad_or_unavailable_device_and_non_png_out_are_one_line_errors(tmp_path):
+    for args, want in [(["--device", "foo"], "error: unknown device 'foo'; available here: cpu"),
+                       (["--device", "cuda"], "error: device 'cuda' is not available on this machine; available: cpu"),
+                       (["--device", "mps"], "error: device 'mps' is not available on this machine; available: cpu"),
+                       (["--out", str(tmp_path / "x.jpg")], "error: --out")]:
+        r = runner.invoke(app, ["generate", "x", "--steps", "1", *args])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip().splitlines() == [r.output.strip()] and r.output.strip().startswith(want), r.output
+    assert not (tmp_path / "x.jpg").exists()
+    r = runner.invoke(app, ["edit", "x", "--image", str(tmp_path / "none.png"), "--device", "cuda:3"])
+    assert r.exit_code == 2 and "not available" in r.output
