@@ -77,7 +77,7 @@ def parse_a1111_parameters(text: str) -> PastedSettings:
     """An A1111/Forge ``parameters`` block -> request fields; keys we have no field for are listed in ``unmapped``."""
     out = PastedSettings(source="a1111")
     *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < 3:
+    if len(_PARAM.findall(last)) < 3 and not re.search(r"\bSteps: \d+", last):  # A1111's test, or a Steps key
         lines.append(last)
         last = ""
     prompt: list[str] = []
