@@ -82,6 +82,9 @@ def generate(
             from ..outputs import read_png_metadata
 
             meta = read_png_metadata(from_image)
+            pasted = meta.get("pasted") or {}  # another tool's PNG: say what was adjusted or not mapped
+            for note in [*pasted.get("warnings", []), *(f"not mapped: {u}" for u in pasted.get("unmapped", []))]:
+                typer.echo(f"note: {note}", err=True)
             data = dict(meta["request"])
             if prompt is not None:
                 data["prompt"] = prompt

@@ -58,7 +58,7 @@ def lora_name(raw: str, out: PastedSettings) -> str:
         if stem.lower().endswith(ext):
             stem = stem[: -len(ext)]
             break
-    if stem != name:
+    if "/" in name:  # the folder is dropped (our LoRAs are named by file); the extension never mattered
         out.warnings.append(f"LoRA {raw!r} is looked up as {stem!r}")
     return stem
 
