@@ -208,7 +208,14 @@ async function savePreset() {
 function loadPreset() {
   const p = presets.find((x) => x.id === $("preset-select").value);
   if (!p) return presetMessage("Pick a preset.", true);
-  applyRequest(p.params, p.params.model);
+  const params = { ...p.params };
+  for (const [key, box] of [["prompt", "prompt"], ["negative_prompt", "negative"]]) {
+    // SwarmUI presets: {value} stands for what the user has typed (SwarmUI's ApplyStringEdit)
+    if (typeof params[key] === "string" && params[key].includes("{value}")) {
+      params[key] = params[key].replaceAll("{value}", field(box).value);
+    }
+  }
+  applyRequest(params, params.model);
   presetMessage(`Loaded “${p.name}”.`);
 }
 
