@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -70,3 +71,11 @@ def test_matches_comfyui_ksampler(case):
     assert max(abs(a - b) for a, b in zip(calls, want_calls)) <= 1e-6  # the model sees the sigmas ComfyUI's sees
     diff = (out - OUTPUTS[f"{case}.out"]).abs().max().item()
     assert diff <= 1e-5, f"{case}: max abs diff {diff:.2e}"
+
+
+def test_brownian_noise_depends_on_values_not_layout():
+    """ComfyUI's Qwen-Image latent is [B, 16, 1, H, W]; the engine may draw in [B, 16, H, W] and pack: same noise."""
+    a = brownian_noise_sampler((2, 16, 1, 2, 4), [1.0, 0.5, 0.0], SEED)
+    b = brownian_noise_sampler((2, 16, 2, 4), [1.0, 0.5, 0.0], SEED)
+    assert torch.equal(a(1.0, 0.5).reshape(2, 16, 2, 4), b(1.0, 0.5))
+    assert not torch.equal(b(1.0, 0.5), brownian_noise_sampler((2, 16, 2, 4), [1.0, 0.5, 0.0], SEED + 1)(1.0, 0.5))
