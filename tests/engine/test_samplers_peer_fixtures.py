@@ -15,6 +15,7 @@ from qwenstudio.engine.sampling import (
     SHIFT_AWARE_SAMPLERS,
     STOCHASTIC_SAMPLERS,
     brownian_noise_sampler,
+    comfy_noise_sampler,
     comfy_sigmas,
     get_sampler,
     seeded_noise,
@@ -53,12 +54,10 @@ def test_matches_comfyui_ksampler(case):
     assert sigmas.shape == want_sigmas.shape
     assert (sigmas - want_sigmas).abs().max().item() <= 1e-7
 
-    if noise_kind == "default" and sampler in ("dpmpp_2m_sde", "dpmpp_sde"):
-        noise = brownian_noise_sampler(SHAPE, sigmas, SEED)  # ComfyUI's BrownianTreeNoiseSampler, cpu=True
-    elif noise_kind in ("default", "injected"):
+    if noise_kind == "injected":  # ComfyUI run with default_noise_sampler(x, SEED) passed in
         noise = seeded_noise(SHAPE, SEED)
-    else:
-        noise = None
+    else:  # what ComfyUI's KSampler picks itself (BrownianTree for the SDE samplers, cpu=True)
+        noise = comfy_noise_sampler(sampler, SHAPE, sigmas, SEED)
     assert (noise is not None) == (sampler in STOCHASTIC_SAMPLERS)
     kwargs = {"shift": SHIFT} if sampler in SHIFT_AWARE_SAMPLERS else {}
 

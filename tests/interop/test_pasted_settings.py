@@ -250,3 +250,16 @@ def test_text_and_file_inputs(tmp_path):
         read_pasted_settings(str(tmp_path / "x.png"))
     s = read_pasted_settings(json.dumps({"sui_image_params": {"prompt": "p", "seed": 5}}))
     assert s.fields == {"prompt": "p", "seed": 5, **COMFY_CONV}
+
+
+@pytest.mark.parametrize("ext", ["jpg", "webp"])
+def test_exif_user_comment_of_jpeg_and_webp(tmp_path, ext):
+    """A1111 and SwarmUI keep the same text in EXIF UserComment for JPEG/WebP (piexif 'UNICODE' = UTF-16 BE)."""
+    text = "a fox\nNegative prompt: fog\nSteps: 3, Sampler: Euler a, Seed: 9, Size: 64x64"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    path = tmp_path / f"x.{ext}"
+    Image.new("RGB", (8, 8)).save(path, exif=exif.tobytes())
+    s = read_pasted_settings(path)
+    assert s.fields == {"prompt": "a fox", "negative_prompt": "fog", "steps": 3, "sampler": "euler_ancestral",
+                        "seed": 9, "width": 64, "height": 64}

@@ -1,6 +1,6 @@
 """Sampling: sigma schedules (``schedules``) and k-diffusion-style samplers (``samplers``)."""
 
-from qwenstudio.engine.sampling.noise import BrownianNoise, brownian_noise_sampler, seeded_noise
+from qwenstudio.engine.sampling.noise import BrownianNoise, brownian_noise_sampler, comfy_noise_sampler, seeded_noise
 from qwenstudio.engine.sampling.samplers import (
     SAMPLERS,
     SHIFT_AWARE_SAMPLERS,
@@ -47,6 +47,7 @@ __all__ = [
     "StepCallback",
     "brownian_noise_sampler",
     "build_sigmas",
+    "comfy_noise_sampler",
     "comfy_sigmas",
     "get_sampler",
     "reference_sigmas",

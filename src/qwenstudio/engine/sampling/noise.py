@@ -52,4 +52,18 @@ def seeded_noise(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.flo
     return lambda sigma, sigma_next: torch.randn(tuple(shape), dtype=dtype, generator=gen)
 
 
-__all__ = ["BrownianNoise", "NoiseFn", "brownian_noise_sampler", "seeded_noise"]
+def comfy_noise_sampler(sampler: str, shape: Sequence[int], sigmas: torch.Tensor | Sequence[float],
+                        seed: int) -> NoiseFn | None:
+    """The per-step noise ComfyUI's KSampler gives ``sampler`` for a job seeded ``seed`` (CPU tensors of ``shape``;
+    ComfyUI's Qwen-Image latent is ``[B, 16, 1, H/8, W/8]``, and any layout with the same element order gives the
+    same values): the Brownian tree for the SDE samplers, ``default_noise_sampler`` (a generator seeded with the
+    job's seed itself) for ancestral/LCM, ``None`` for the deterministic ones.  ComfyUI draws the latter on the
+    latent's device, so a GPU ComfyUI run's ancestral noise is not reproducible on the CPU (nor vice versa)."""
+    if sampler in ("dpmpp_sde", "dpmpp_2m_sde"):
+        return brownian_noise_sampler(shape, sigmas, seed)
+    if sampler in ("euler_ancestral", "lcm"):
+        return seeded_noise(shape, seed)
+    return None
+
+
+__all__ = ["BrownianNoise", "NoiseFn", "brownian_noise_sampler", "comfy_noise_sampler", "seeded_noise"]
