@@ -78,3 +78,10 @@ def test_brownian_noise_depends_on_values_not_layout():
     b = brownian_noise_sampler((2, 16, 2, 4), [1.0, 0.5, 0.0], SEED)
     assert torch.equal(a(1.0, 0.5).reshape(2, 16, 2, 4), b(1.0, 0.5))
     assert not torch.equal(b(1.0, 0.5), brownian_noise_sampler((2, 16, 2, 4), [1.0, 0.5, 0.0], SEED + 1)(1.0, 0.5))
+
+
+def test_uni_pc_refuses_one_step():
+    from qwenstudio.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="at least 2 steps"):
+        get_sampler("uni_pc")(toy_denoiser([]), TOY["noise"].clone(), [1.0, 0.0])

@@ -458,8 +458,8 @@ def _sample_unipc(
     if ts[-1] == 0:
         ts[-1] = float(np.float32(_UNIPC_FINAL_SIGMA))
     steps = len(ts) - 1
-    if steps < 1:
-        return x
+    if steps < 2:  # ComfyUI's UniPC (order min(3, steps - 1) = 0) makes no update at all and returns scaled noise
+        raise InvalidRequest("sampler 'uni_pc' needs at least 2 steps", code="invalid_steps")
     order = min(3, steps - 1)
     step = 0  # the step index a model call belongs to (the corrector's call finishes the previous step)
 
@@ -474,7 +474,7 @@ def _sample_unipc(
     history: list[tuple[float, Tensor]] = [(ts[0], model_fn(x, ts[0]))]
     for j in range(1, steps + 1):
         step = j - 1
-        k = max(min(order, j, steps + 1 - j), 1)
+        k = min(order, j, steps + 1 - j)
         x, model_x = _unipc_update(model_fn, x, history[-k:], ts[j], k, bh2, j < steps)
         if j < steps:
             history.append((ts[j], model_x))
