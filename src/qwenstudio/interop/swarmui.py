@@ -242,8 +242,11 @@ def export_swarmui_presets(presets: list[dict[str, Any]]) -> str:
         if params.get("width") is not None and params.get("height") is not None:
             pm["aspectratio"] = "Custom"  # SwarmUI uses width/height only with a Custom aspect ratio
         if params.get("loras"):
-            pm["loras"] = ",".join(str(lo["name"]) for lo in params["loras"])
-            pm["loraweights"] = ",".join(_swarm_str(float(lo.get("weight", 1.0))) for lo in params["loras"])
+            from ..engine.requests import LoraRef
+
+            loras = [LoraRef.coerce(lo) for lo in params["loras"]]  # stored presets hold any accepted LoRA form
+            pm["loras"] = ",".join(lo.name for lo in loras)
+            pm["loraweights"] = ",".join(_swarm_str(lo.weight) for lo in loras)
         title = preset["name"]
         data[title] = {"author": preset.get("author", ""), "title": title,
                        "description": preset.get("description", ""), "preview_image": "", "is_starred": False,
