@@ -8,19 +8,33 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRequest
-
 JSON_KEY = "qwenstudio"
 
 
+def _a1111_quote(value: Any) -> str:
+    """A1111's infotext quoting: a value holding a comma, colon or newline is written as a JSON string."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def a1111_parameters(meta: dict[str, Any]) -> str:
+    """The ``parameters`` text as A1111 writes it; LoRAs as A1111 carries them: ``<lora:name:weight>`` tags in the
+    prompt line and ``Lora hashes: "name: hash, ..."`` (for LoRAs whose metadata entry has a ``hash``)."""
+    from .interop import lora_hashes_value, lora_prompt_tags
+
     r = meta["request"]
     prompt = r["prompt"] + (f" [magic:{r['magic']}]" if r.get("magic") else "")
+    loras = [dict(lo) for lo in r.get("loras") or []]
+    hashes = {lo.get("name"): lo.get("hash") for lo in meta.get("loras") or [] if isinstance(lo, dict)}
+    for lo in loras:
+        if hashes.get(lo["name"]):
+            lo["hash"] = hashes[lo["name"]]
+    if loras:
+        prompt = f"{prompt} {lora_prompt_tags(loras)}"
     fields = {
         "Steps": r["steps"],
         "Sampler": r["sampler"],
@@ -32,9 +46,11 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         "Model hash": meta.get("model", {}).get("fingerprint", ""),
         "Shift": r.get("shift") if r.get("shift") is not None else "auto",
         "Noise": r["noise"],
+        "Lora hashes": lora_hashes_value(loras),
         "Version": meta.get("generator", ""),
     }
-    tail = ", ".join(f"{k}: {v}" for k, v in fields.items())
+    tail = ", ".join(f"{k}: {v if k == 'Lora hashes' else _a1111_quote(v)}" for k, v in fields.items()
+                     if v is not None)
     return f"{prompt}\nNegative prompt: {r['negative_prompt']}\n{tail}"
 
 
@@ -63,46 +79,25 @@ def save_png(image, meta: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Return the qwenstudio JSON of a PNG; for PNGs from other tools, a request parsed from ``parameters``."""
-    from PIL import Image, UnidentifiedImageError
+    """Return the qwenstudio JSON of a PNG; for images from other tools (A1111/Forge, SwarmUI, ComfyUI) the request
+    their settings map to, with ``pasted`` = what did not map and the warnings (``qwenstudio.interop``)."""
+    from .interop import read_png_settings
 
-    try:
+    settings = read_png_settings(path)  # typed errors for unreadable files and files without metadata
+    if settings.source == "qwenstudio":
+        from PIL import Image
+
         with Image.open(path) as im:
-            text = dict(getattr(im, "text", {}) or {})
-    except (OSError, UnidentifiedImageError) as e:
-        raise InvalidRequest(f"{path}: not a readable image ({e})") from None
-    if JSON_KEY in text:
-        try:
-            return json.loads(text[JSON_KEY])
-        except json.JSONDecodeError:
-            raise InvalidRequest(f"{path}: its qwenstudio metadata is not valid JSON") from None
-    if "parameters" in text:
-        return {"request": parse_a1111(text["parameters"]), "model": {}}
-    raise InvalidRequest(f"{path}: has no generation metadata (no 'qwenstudio' or 'parameters' text chunk)")
-
-
-_A1111_KEYS = {"Steps": ("steps", int), "CFG scale": ("cfg", float), "Seed": ("seed", int),
-               "Sampler": ("sampler", str), "Schedule type": ("scheduler", str), "Shift": ("shift", float)}
+            return json.loads(im.text[JSON_KEY])
+    fields = dict(settings.fields)
+    model = fields.pop("model", None)
+    return {"request": fields, "model": {"name": model} if model else {}, "pasted": settings.to_dict()}
 
 
 def parse_a1111(text: str) -> dict[str, Any]:
-    """Parse an A1111-style ``parameters`` block into request fields (unknown keys are ignored)."""
-    lines = text.strip().split("\n")
-    tail = lines.pop() if lines and re.search(r"\bSteps: \d+", lines[-1]) else ""
-    neg_idx = next((i for i, line in enumerate(lines) if line.startswith("Negative prompt:")), None)
-    prompt = "\n".join(lines[:neg_idx] if neg_idx is not None else lines)
-    req: dict[str, Any] = {"prompt": prompt}
-    if neg_idx is not None:
-        req["negative_prompt"] = "\n".join(lines[neg_idx:])[len("Negative prompt:"):].strip()
-    for key, value in re.findall(r"([A-Za-z][A-Za-z ]*?): ([^,]+)", tail):
-        key = key.strip()
-        if key == "Size" and "x" in value:
-            w, h = value.split("x", 1)
-            req["width"], req["height"] = int(w), int(h)
-        elif key in _A1111_KEYS:
-            name, conv = _A1111_KEYS[key]
-            try:
-                req[name] = conv(value.strip())
-            except ValueError:
-                continue
-    return req
+    """Parse an A1111-style ``parameters`` block into request fields (see ``qwenstudio.interop.a1111``)."""
+    from .interop import parse_a1111_parameters
+
+    fields = dict(parse_a1111_parameters(text).fields)
+    fields.pop("model", None)
+    return fields

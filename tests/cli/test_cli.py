@@ -62,7 +62,7 @@ def test_batch_json_output(tmp_path):
     [
         (["--width", "100"], "width 100 is not a multiple of 16; nearest valid: 96"),
         (["--steps", "0"], "steps 0 out of range"),
-        (["--sampler", "ddim"], "unknown sampler 'ddim'; valid: euler"),
+        (["--sampler", "dpm_fast"], "unknown sampler 'dpm_fast'; valid: euler"),
         (["--model", "/no/such/folder"], "not found"),
     ],
 )

@@ -18,11 +18,13 @@ from qwenstudio.engine.sampling import (
     comfy_sigmas,
     get_sampler,
     reference_sigmas,
+    sample_ddim,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_res_multistep,
+    sample_uni_pc,
 )
 from qwenstudio.engine.specs import QWEN_IMAGE_SCHEDULER_CONFIG
 from qwenstudio.errors import InvalidRequest
@@ -30,6 +32,8 @@ from qwenstudio.errors import InvalidRequest
 QWEN_SCHEDULER_CONFIG = dict(QWEN_IMAGE_SCHEDULER_CONFIG)  # the real Qwen/Qwen-Image scheduler config
 SHAPE = (2, 12, 16)  # (batch, tokens, channels) like packed Qwen-Image latents
 DETERMINISTIC = sorted(set(SAMPLERS) - STOCHASTIC_SAMPLERS)
+# ComfyUI's UniPC stops at sigma 0.001 and rescales (see sample_uni_pc): close to, not exactly on, x0
+NOT_EXACT = {"uni_pc", "uni_pc_bh2"}
 
 
 def tensors(seed=0):
@@ -212,7 +216,7 @@ def test_matches_comfy_port(name, schedule):
     assert (got - want).abs().max().item() < 5e-6
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+@pytest.mark.parametrize("name", sorted(set(DETERMINISTIC) - NOT_EXACT))
 @pytest.mark.parametrize("schedule", ["reference", "simple", "karras", "beta"])
 def test_perfect_denoiser_follows_the_flow_and_lands_on_x0(name, schedule):
     sigmas = schedules()[schedule]
@@ -304,7 +308,11 @@ def test_dtype_follows_x(name):
     assert out.dtype == torch.float64
     # a plain list of sigmas works too
     out_list = get_sampler(name)(perfect_denoiser, start(sigmas), sigmas.tolist(), **kwargs)
-    assert torch.equal(out_list, X0)
+    if name in NOT_EXACT:
+        assert torch.equal(out_list, get_sampler(name)(perfect_denoiser, start(sigmas), sigmas))
+        assert (out_list - X0).abs().max().item() < 0.01
+    else:
+        assert torch.equal(out_list, X0)
 
 
 def test_registry():
@@ -313,7 +321,8 @@ def test_registry():
     assert get_sampler("heun") is sample_heun
     assert get_sampler("dpmpp_2m") is sample_dpmpp_2m
     assert get_sampler("res_multistep") is sample_res_multistep
-    assert STOCHASTIC_SAMPLERS == {"euler_ancestral"}
+    assert STOCHASTIC_SAMPLERS == {"euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde", "lcm"}
+    assert get_sampler("ddim") is sample_ddim and get_sampler("uni_pc") is sample_uni_pc
     with pytest.raises(TypeError):
         SAMPLERS["mine"] = sample_euler  # read-only registry: no global mutable state
 

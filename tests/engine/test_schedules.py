@@ -111,6 +111,9 @@ def expected_comfy(name, steps, shift):
         lc = thr / lin - 2 * diff / quad**2
         sched = [i * thr / lin for i in range(lin)] + [qc * i**2 + lc * i + qc * lin**2 for i in range(lin, steps)]
         return [(1.0 - v) * sigma_max for v in sched + [1.0]]
+    if name == "kl_optimal":  # kl_optimal_scheduler(n, sigma_min, sigma_max): uniform in arctan(sigma)
+        w = np.arange(steps) / (steps - 1)
+        return list(np.tan(w * math.atan(sigma_min) + (1 - w) * math.atan(sigma_max))) + [0.0]
     raise AssertionError(name)
 
 
@@ -120,6 +123,10 @@ def expected_comfy(name, steps, shift):
 @pytest.mark.parametrize("name", COMFY_SCHEDULERS)
 @pytest.mark.parametrize("steps,shift", [(1, 3.1), (4, 3.1), (7, 3.1), (20, 3.1), (9, 1.0), (30, 2.5), (50, 6.0)])
 def test_comfy_schedulers_match_comfy_formulas(name, steps, shift):
+    if name == "kl_optimal" and steps == 1:  # ComfyUI divides by steps - 1 here (NaN sigmas): refused by name
+        with pytest.raises(InvalidRequest, match="'kl_optimal' needs steps >= 2"):
+            comfy_sigmas(name, steps, shift)
+        return
     got = comfy_sigmas(name, steps, shift)
     want = np.array(expected_comfy(name, steps, shift))
     assert got.dtype == torch.float32 and got.device.type == "cpu" and got.ndim == 1

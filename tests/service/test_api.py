@@ -140,8 +140,11 @@ def test_models_health_ready_presets(serve):
         assert r.status_code == 201, r.text
         params = r.json()["preset"]["params"]
         assert params == {"prompt": "a castle", "negative_prompt": "blurry", "steps": 30, "cfg": 4.5,
-                          "width": 1008, "height": 1008, "sampler": "euler", "scheduler": "simple", "shift": 3.1}
-        assert sorted(r.json()["unmapped"]) == ["loras", "model"]
+                          "sampler": "euler", "scheduler": "simple", "shift": 3.1, "model": "qwen_image.safetensors",
+                          "loras": [{"name": "x", "weight": 1.0}]}
+        # SwarmUI uses a side length only with an aspect ratio; -1 is its "random" seed
+        assert r.json()["unmapped"] == ["sidelength: 1000 (aspect ratio unset)"]
+        assert r.json()["warnings"] == ["seed -1 is SwarmUI's 'random': no seed set"]
         assert http.delete(f"/api/presets/{pid}").status_code == 200
         assert http.get(f"/api/presets/{pid}").status_code == 404
 

@@ -162,9 +162,10 @@ def test_presets_save_load_and_swarmui_import(page, server, tmp_path):
 
     swarm = tmp_path / "swarm.json"
     swarm.write_text(json.dumps({"title": "swarm look", "param_map": {"steps": 9, "cfgscale": 3.5, "width": 70,
-                                                                      "height": 64, "model": "x"}}))
+                                                                      "height": 64, "refinermodel": "x"}}))
     page.set_input_files("#preset-import", str(swarm))
-    expect(page.locator("#preset-msg")).to_contain_text("Imported “swarm look”. Not mapped: model")
+    expect(page.locator("#preset-msg")).to_contain_text("Imported “swarm look”. Not mapped: refinermodel: x.")
+    expect(page.locator("#preset-msg")).to_contain_text("width 70 rounded to 64")
     page.click("#preset-load")
     expect(page.locator("#gen-steps")).to_have_value("9")
     expect(page.locator("#gen-cfg")).to_have_value("3.5")

@@ -154,6 +154,9 @@ def _stored_request(path: Path, prompt, fields: dict, stack: list, controlnet, r
     from ..outputs import read_png_metadata
 
     meta = read_png_metadata(path)
+    pasted = meta.get("pasted") or {}  # another tool's PNG: say what was adjusted and what did not map
+    for note in [*pasted.get("warnings", []), *(f"not mapped: {u}" for u in pasted.get("unmapped", []))]:
+        warnings.warn(note, stacklevel=1)
     data = dict(meta["request"])
     controlled = any(data.get(k) for k in ("images", "mask", "controls"))
     request = (EditRequest if controlled else GenerateRequest).from_dict(data)

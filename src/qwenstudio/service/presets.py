@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.requests import nearest_multiple
 from ..errors import InvalidRequest
 from .api.schemas import REQUEST_FIELDS, check_field_types
 
-PRESET_FIELDS = REQUEST_FIELDS | {"model"}
+PRESET_FIELDS = (REQUEST_FIELDS - {"preset"}) | {"model"}  # a preset does not name another preset
 MAX_NAME = 200
 
 
@@ -53,54 +52,15 @@ def validate_preset(body: Any, spec: Any = None) -> tuple[str, dict[str, Any], s
     return name.strip(), validate_params(body.get("params", {}), spec), description, author
 
 
-def _num(value: Any, kind: type):
-    if isinstance(value, bool):
-        raise TypeError
-    return kind(float(value)) if kind is int else kind(value)
+def from_swarmui_file(data: Any) -> list[tuple[dict[str, Any], list[str], list[str]]]:
+    """A SwarmUI preset file (one preset, or the "Export All" file of many) -> ``(our preset body, what did not
+    map, warnings)`` per preset.  The parsing is ``qwenstudio.interop`` (shared with ``--from-image``)."""
+    from ..interop import import_swarmui_presets
+
+    return [(body, settings.unmapped, settings.warnings) for body, settings in import_swarmui_presets(data)]
 
 
 def from_swarmui(data: Any) -> tuple[dict[str, Any], list[str]]:
-    """SwarmUI preset JSON -> (our preset body, names of params that did not map)."""
-    from ..engine.sampling import SAMPLERS, SCHEDULERS
-
-    if not isinstance(data, dict) or not isinstance(data.get("param_map", {}), dict):
-        raise InvalidRequest("not a SwarmUI preset: expected {'title', 'param_map': {...}}", code="invalid_preset")
-    pm: dict[str, Any] = data.get("param_map", {})
-    params: dict[str, Any] = {}
-    unmapped: list[str] = []
-    simple = {"prompt": ("prompt", str), "negativeprompt": ("negative_prompt", str), "steps": ("steps", int),
-              "cfgscale": ("cfg", float), "sigmashift": ("shift", float), "width": ("width", int),
-              "height": ("height", int), "images": ("batch", int), "batchsize": ("batch", int)}
-    for key, value in pm.items():
-        k = key.lower()
-        try:
-            if k in simple:
-                name, kind = simple[k]
-                params[name] = str(value) if kind is str else _num(value, kind)
-            elif k == "seed":
-                seed = _num(value, int)
-                if seed >= 0:  # -1 is SwarmUI's "random": ours is "no seed"
-                    params["seed"] = seed
-            elif k == "sampler" and str(value) in SAMPLERS:
-                params["sampler"] = str(value)
-            elif k == "scheduler" and str(value) in SCHEDULERS:
-                params["scheduler"] = str(value)
-            elif k == "sidelength":
-                side = nearest_multiple(_num(value, int))
-                params.setdefault("width", side)
-                params.setdefault("height", side)
-            else:
-                unmapped.append(key)
-        except (TypeError, ValueError, OverflowError):
-            unmapped.append(key)
-    for k in ("width", "height"):  # SwarmUI sizes need not be multiples of 16; ours must
-        if k in params:
-            params[k] = nearest_multiple(params[k])
-    title = data.get("title")
-    body = {
-        "name": title if isinstance(title, str) and title.strip() else "imported preset",
-        "description": data.get("description", "") if isinstance(data.get("description", ""), str) else "",
-        "author": data.get("author", "") if isinstance(data.get("author", ""), str) else "",
-        "params": params,
-    }
+    """A single SwarmUI preset -> (our preset body, what did not map)."""
+    body, unmapped, _ = from_swarmui_file(data)[0]
     return body, unmapped

@@ -29,6 +29,7 @@ COMFY_SCHEDULERS: tuple[str, ...] = (
     "beta",
     "ddim_uniform",
     "linear_quadratic",
+    "kl_optimal",
 )
 SCHEDULERS: tuple[str, ...] = ("reference", *COMFY_SCHEDULERS)
 DEFAULT_COMFY_SHIFT = 3.1  # the shift ComfyUI's Qwen-Image template puts in ModelSamplingAuraFlow
@@ -286,6 +287,18 @@ def _linear_quadratic(ms: _FlowSampling, steps: int, threshold_noise: float = 0.
     return torch.FloatTensor(sigma_schedule) * ms.sigma_max.cpu()
 
 
+def _kl_optimal(ms: _FlowSampling, steps: int) -> torch.Tensor:
+    """comfy/samplers.py: kl_optimal_scheduler (arXiv 2404.14507): uniform in arctan(sigma) between the table's
+    sigma_max and sigma_min, then 0.  ComfyUI divides by ``steps - 1`` (NaN sigmas at 1 step): refused here."""
+    if steps < 2:
+        raise InvalidRequest("scheduler 'kl_optimal' needs steps >= 2 (ComfyUI's formula gives NaN for 1 step)")
+    sigma_min, sigma_max = float(ms.sigma_min), float(ms.sigma_max)
+    adj = torch.arange(steps, dtype=torch.float).div_(steps - 1)
+    sigmas = adj.new_zeros(steps + 1)
+    sigmas[:-1] = (adj * math.atan(sigma_min) + (1 - adj) * math.atan(sigma_max)).tan_()
+    return sigmas
+
+
 _COMFY_HANDLERS = {
     "simple": _simple,
     "normal": _normal,
@@ -295,19 +308,31 @@ _COMFY_HANDLERS = {
     "beta": _beta,
     "ddim_uniform": _ddim_uniform,
     "linear_quadratic": _linear_quadratic,
+    "kl_optimal": _kl_optimal,
 }
+# ComfyUI's KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS (of the samplers we have): scheduled for steps + 1, then the
+# second-to-last sigma is dropped
+DISCARD_PENULTIMATE_SAMPLERS: frozenset[str] = frozenset({"uni_pc", "uni_pc_bh2"})
 
 
-def comfy_sigmas(scheduler: str, steps: int, shift: float = DEFAULT_COMFY_SHIFT) -> torch.Tensor:
+def comfy_sigmas(
+    scheduler: str, steps: int, shift: float = DEFAULT_COMFY_SHIFT, *, sampler: str | None = None
+) -> torch.Tensor:
     """ComfyUI's ``calculate_sigmas(model_sampling, scheduler, steps)`` for Qwen-Image patched with
     ``ModelSamplingAuraFlow(shift)``.  Float32 CPU, descending, ending in 0; steps+1 long except where ComfyUI
-    itself differs (``ddim_uniform`` stride rounding, ``beta`` de-duplication at very high step counts)."""
+    itself differs (``ddim_uniform`` stride rounding, ``beta`` de-duplication at very high step counts).
+    With ``sampler`` in ``DISCARD_PENULTIMATE_SAMPLERS`` it is ``KSampler.calculate_sigmas`` (steps + 1 scheduled,
+    the penultimate sigma dropped)."""
     handler = _COMFY_HANDLERS.get(scheduler) if isinstance(scheduler, str) else None
     if handler is None:
         raise _unknown("scheduler", scheduler, COMFY_SCHEDULERS)
     _check_steps(steps)
     _check_shift(shift)
-    return handler(_FlowSampling(float(shift)), steps).to(device="cpu", dtype=torch.float32)
+    discard = sampler in DISCARD_PENULTIMATE_SAMPLERS
+    sigmas = handler(_FlowSampling(float(shift)), steps + 1 if discard else steps)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    return sigmas.to(device="cpu", dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- dispatcher
@@ -320,12 +345,14 @@ def build_sigmas(
     image_seq_len: int,
     scheduler_config: Mapping,
     shift: float | None = None,
+    sampler: str | None = None,
 ) -> torch.Tensor:
     """One entry point for every schedule name in ``SCHEDULERS``.
 
     ``reference`` without ``shift`` is the diffusers pipeline schedule (shift from ``image_seq_len``); with
     ``shift`` it is a constant shift (Lightning: shift=3 <=> base_shift = max_shift = ln 3, no shift_terminal).
-    ComfyUI schedules ignore ``image_seq_len``/``scheduler_config`` and default to shift 3.1.
+    ComfyUI schedules ignore ``image_seq_len``/``scheduler_config`` and default to shift 3.1; ``sampler`` applies
+    ComfyUI's per-sampler schedule tweak (``DISCARD_PENULTIMATE_SAMPLERS``).
     """
     if not isinstance(scheduler, str) or scheduler not in SCHEDULERS:
         raise _unknown("scheduler", scheduler, SCHEDULERS)
@@ -335,12 +362,13 @@ def build_sigmas(
     if scheduler == "reference":
         config = scheduler_config if shift is None else _constant_shift_config(scheduler_config, float(shift))
         return reference_sigmas(steps, image_seq_len, config)
-    return comfy_sigmas(scheduler, steps, DEFAULT_COMFY_SHIFT if shift is None else float(shift))
+    return comfy_sigmas(scheduler, steps, DEFAULT_COMFY_SHIFT if shift is None else float(shift), sampler=sampler)
 
 
 __all__ = [
     "COMFY_SCHEDULERS",
     "DEFAULT_COMFY_SHIFT",
+    "DISCARD_PENULTIMATE_SAMPLERS",
     "SCHEDULERS",
     "build_sigmas",
     "comfy_sigmas",

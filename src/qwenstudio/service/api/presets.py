@@ -9,7 +9,7 @@ import uuid
 from fastapi import APIRouter, Request
 
 from ..errors import Conflict, NotFound
-from ..presets import from_swarmui, validate_preset
+from ..presets import from_swarmui_file, validate_preset
 from .schemas import json_body
 
 router = APIRouter(prefix="/api/presets", tags=["presets"])
@@ -42,12 +42,33 @@ async def create_preset(request: Request):
     return await asyncio.to_thread(_insert, request.app.state.store, name, params, description, author)
 
 
-@router.post("/import/swarmui", status_code=201, summary="Import a SwarmUI preset; reports what did not map")
+@router.post("/import/swarmui", status_code=201,
+             summary="Import a SwarmUI preset or preset export file; reports what did not map")
 async def import_swarmui(request: Request):
-    body, unmapped = from_swarmui(await json_body(request))
-    name, params, description, author = validate_preset(body, served_spec(request))
-    preset = await asyncio.to_thread(_insert, request.app.state.store, name, params, description, author)
-    return {"preset": preset, "unmapped": unmapped}
+    parsed = [(validate_preset(body, served_spec(request)), unmapped, warnings)
+              for body, unmapped, warnings in from_swarmui_file(await json_body(request))]
+    store = request.app.state.store
+    names = [v[0] for v, _, _ in parsed]
+    existing = {p["name"] for p in await asyncio.to_thread(store.list_presets)} & set(names)
+    if existing or len(set(names)) != len(names):
+        taken = sorted(existing or {n for n in names if names.count(n) > 1})
+        raise Conflict(f"preset name(s) already taken: {', '.join(taken)}", code="preset_exists")
+    done = []
+    for (name, params, description, author), unmapped, warnings in parsed:
+        preset = await asyncio.to_thread(_insert, store, name, params, description, author)
+        done.append({"preset": preset, "unmapped": unmapped, "warnings": warnings})
+    return {**done[0], "presets": done}
+
+
+@router.get("/export/swarmui", summary="All presets as a SwarmUI preset export file (its 'Import' reads it)")
+async def export_swarmui(request: Request):
+    from fastapi.responses import Response
+
+    from ...interop import export_swarmui_presets
+
+    presets = await asyncio.to_thread(request.app.state.store.list_presets)
+    return Response(export_swarmui_presets(presets), media_type="application/json",
+                    headers={"Content-Disposition": 'attachment; filename="presets.json"'})
 
 
 @router.get("/{preset_id}")

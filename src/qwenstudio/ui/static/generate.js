@@ -220,7 +220,14 @@ async function savePreset() {
 function loadPreset() {
   const p = presets.find((x) => x.id === $("preset-select").value);
   if (!p) return presetMessage("Pick a preset.", true);
-  applyRequest(p.params, p.params.model);
+  const params = { ...p.params };
+  for (const [key, box] of [["prompt", "prompt"], ["negative_prompt", "negative"]]) {
+    // SwarmUI presets: {value} stands for what the user has typed (SwarmUI's ApplyStringEdit)
+    if (typeof params[key] === "string" && params[key].includes("{value}")) {
+      params[key] = params[key].replaceAll("{value}", field(box).value);
+    }
+  }
+  applyRequest(params, params.model);
   presetMessage(`Loaded “${p.name}”.`);
 }
 
@@ -232,8 +239,11 @@ async function importPreset(ev) {
     const json = JSON.parse(await file.text());
     const res = await api.post("/api/presets/import/swarmui", json);
     await loadPresets(res.preset.id);
-    const skipped = res.unmapped?.length ? ` Not mapped: ${res.unmapped.join(", ")}.` : "";
-    presetMessage(`Imported “${res.preset.name}”.${skipped}`);
+    const all = res.presets || [res]; // a SwarmUI "Export All" file holds many presets
+    const skipped = all.flatMap((p) => p.unmapped || []);
+    const notes = all.flatMap((p) => p.warnings || []);
+    presetMessage(`Imported ${all.map((p) => `“${p.preset.name}”`).join(", ")}.` +
+      (skipped.length ? ` Not mapped: ${skipped.join(", ")}.` : "") + (notes.length ? ` Note: ${notes.join("; ")}.` : ""));
   } catch (err) {
     presetMessage(err instanceof SyntaxError ? `Not a JSON file: ${err.message}` : err.message, true);
   }

@@ -1,0 +1,265 @@
+"""Settings pasted from other tools, read from the peers' own files (tests/fixtures/peers: ComfyUI's SaveImage
+output, SwarmUI's metadata and preset export format, A1111's infotext; see SOURCES.md there)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from qwenstudio.engine.requests import GenerateRequest
+from qwenstudio.engine.specs import get_spec
+from qwenstudio.errors import InvalidRequest
+from qwenstudio.interop import (
+    PastedSettings,
+    a1111_short_hash,
+    apply_prompt_template,
+    export_swarmui_presets,
+    import_swarmui_presets,
+    parse_a1111_parameters,
+    read_pasted_settings,
+    sampler_name,
+    scheduler_name,
+    tensor_sha256,
+)
+from qwenstudio.outputs import a1111_parameters
+
+PEERS = Path(__file__).parents[1] / "fixtures" / "peers"
+COMFY, SWARM, A1111 = PEERS / "comfyui", PEERS / "swarmui", PEERS / "a1111"
+COMFY_CONV = {"noise": "comfy", "cfg_norm": False}
+
+
+def runnable(settings: PastedSettings) -> GenerateRequest:
+    """What --from-image does with the fields: build the request and resolve it against the base model."""
+    fields = {k: v for k, v in settings.fields.items() if k != "model"}
+    return GenerateRequest.from_dict(fields).resolve(get_spec("qwen-image"))
+
+
+# ------------------------------------------------------------------ ComfyUI (SaveImage PNGs)
+
+
+def test_comfyui_t2i_template_png():
+    s = read_pasted_settings(COMFY / "qwen_t2i_lightning.png")
+    assert s.source == "comfyui" and s.unmapped == [] and s.warnings == []
+    assert s.fields == {
+        "prompt": 'A coffee shop entrance with a chalkboard sign reading "Qwen Coffee 😊 $2 per cup", neon light',
+        "negative_prompt": "", "seed": 86754231, "steps": 8, "cfg": 1.0, "sampler": "euler", "scheduler": "simple",
+        "shift": 3.1, "width": 1328, "height": 1328, "model": "qwen_image_fp8_e4m3fn.safetensors",
+        "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}], **COMFY_CONV,
+    }
+    assert s.info["compat"] == "comfy"
+    req = runnable(s)
+    assert (req.steps, req.cfg, req.shift, req.noise, req.loras[0].name) == (8, 1.0, 3.1, "comfy",
+                                                                           "Qwen-Image-Lightning-8steps-V1.1")
+
+
+def test_comfyui_edit_graph_lists_what_it_cannot_carry():
+    s = read_pasted_settings(COMFY / "qwen_edit_2509.png")
+    assert s.fields["prompt"] == "Make the cat wear a red hat" and s.fields["shift"] == 3.0
+    assert s.fields["seed"] == 1125488487853216 and "width" not in s.fields
+    assert s.unmapped == [
+        "node 76 (CFGNorm): ComfyUI's per-channel clamped norm is not our cfg-norm",
+        "prompt: edit input image(s) image1 of node 111 (not in the PNG)",
+        "negative_prompt: edit input image(s) image1 of node 110 (not in the PNG)",
+        "latent_image: node 88 (VAEEncode), not an empty latent",
+    ]
+
+
+def test_comfyui_advanced_sampler_primitives_and_lora_stack():
+    s = read_pasted_settings(COMFY / "ksampler_advanced.png")
+    assert s.fields["seed"] == 42 and s.fields["prompt"] == "an ink wash painting of a crane\nmisty"
+    assert s.fields["loras"] == [{"name": "ink_wash", "weight": 0.8}, {"name": "detail", "weight": 0.5}]
+    assert (s.fields["width"], s.fields["height"], s.fields["batch"]) == (1008, 1472, 2)
+    assert s.fields["shift"] == 1.15 and "sampler" not in s.fields  # dpmpp_2m_sde_gpu: a different noise device
+    assert s.unmapped == ["sampler_name: dpmpp_2m_sde_gpu (no such sampler here)"]
+    assert "no ModelSamplingAuraFlow node: ComfyUI's built-in Qwen-Image shift 1.15" in s.warnings
+    assert "width 1000 rounded to 1008 (a multiple of 16)" in s.warnings
+    assert any("strength_clip 0.8 not applied" in w for w in s.warnings)
+
+
+def test_comfyui_graph_errors(tmp_path):
+    with pytest.raises(InvalidRequest, match="no KSampler") as e:
+        read_pasted_settings(json.dumps({"1": {"class_type": "SamplerCustomAdvanced", "inputs": {}}}))
+    assert e.value.code == "unmapped_workflow"
+    info = PngInfo()
+    info.add_text("workflow", json.dumps({"nodes": [], "links": []}))
+    p = tmp_path / "ui_only.png"
+    Image.new("RGB", (4, 4)).save(p, pnginfo=info)
+    with pytest.raises(InvalidRequest, match="only a ComfyUI UI workflow") as e:
+        read_pasted_settings(p)
+    assert e.value.code == "unmapped_workflow"
+
+
+# ------------------------------------------------------------------ SwarmUI
+
+
+def test_swarmui_png_lightning():
+    s = read_pasted_settings(SWARM / "swarmui_qwen_lightning.png")
+    assert s.source == "swarmui"
+    assert s.fields == {
+        "prompt": "a lighthouse on a cliff at dusk, oil painting", "negative_prompt": "", "seed": 1716538929,
+        "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple", "width": 1744,
+        "height": 992, "model": "Qwen/qwen_image_fp8_e4m3fn",
+        "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}], **COMFY_CONV,
+    }
+    assert s.unmapped == ["images: 4", "automaticvae: True"]
+    assert s.info["models"][0] == {"name": "Qwen/qwen_image_fp8_e4m3fn.safetensors", "param": "model",
+                                   "hash": s.info["models"][0]["hash"]}
+    runnable(s)
+
+
+def test_swarmui_png_custom_size_non_ascii_and_new_samplers():
+    s = read_pasted_settings(SWARM / "swarmui_custom_size.png")
+    assert s.fields["prompt"] == "一只戴着红帽子的猫, watercolor"  # SwarmUI writes it \u-escaped
+    assert (s.fields["sampler"], s.fields["scheduler"]) == ("dpmpp_2m_sde", "kl_optimal")
+    assert (s.fields["width"], s.fields["height"]) == (1008, 1472)
+    assert s.unmapped == ["images: 1", "refinerupscale: 1.5"]
+    assert runnable(s).sampler == "dpmpp_2m_sde"
+
+
+def test_swarmui_preset_export_file_imports_every_preset():
+    presets = import_swarmui_presets(json.loads((SWARM / "swarmui_presets.json").read_text("utf-8")))
+    bodies = {b["name"]: (b, s) for b, s in presets}
+    assert list(bodies) == ["Qwen Lightning 8", "Ink wash", "Poster"]
+    light, _ = bodies["Qwen Lightning 8"]
+    assert light["params"] == {"model": "Qwen/qwen_image_fp8_e4m3fn", "steps": 8, "cfg": 1.0, "sampler": "euler",
+                               "scheduler": "simple", "shift": 3.1,
+                               "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}]}
+    ink, ink_s = bodies["Ink wash"]
+    assert ink["params"]["prompt"] == "{value}, ink wash painting, muted colors"
+    assert (ink["params"]["width"], ink["params"]["height"]) == (1584, 1072)  # 3:2 at side length 1328
+    assert ink["params"]["loras"] == [{"name": "ink_wash", "weight": 0.8}, {"name": "detail", "weight": 0.5}]
+    assert "seed" not in ink["params"] and "seed -1 is SwarmUI's 'random': no seed set" in ink_s.warnings
+    assert apply_prompt_template(ink["params"]["prompt"], "a crane") == "a crane, ink wash painting, muted colors"
+    assert apply_prompt_template("{value} at night", "a city <segment:sky> stars") == "a city at night <segment:sky> stars"
+    assert apply_prompt_template("no placeholder", "ignored") == "no placeholder"
+    _, poster_s = bodies["Poster"]
+    assert poster_s.unmapped == ["sampler: dpmpp_3m_sde (no such sampler here)", "refinermodel: sdxl_refiner"]
+
+
+def test_swarmui_export_is_swarmui_format_and_round_trips():
+    ours = [b for b, _ in import_swarmui_presets(json.loads((SWARM / "swarmui_presets.json").read_text("utf-8")))]
+    text = export_swarmui_presets(ours)
+    data = json.loads(text)
+    assert text.startswith('{\n    "Qwen Lightning 8": {\n        "author": "local"')  # JSON.stringify(.., 4)
+    for title, preset in data.items():
+        assert set(preset) == {"author", "title", "description", "preview_image", "is_starred", "param_map"}
+        assert preset["title"] == title and all(isinstance(v, str) for v in preset["param_map"].values())
+    assert data["Qwen Lightning 8"]["param_map"]["loraweights"] == "1"
+    again = [b for b, _ in import_swarmui_presets(data)]
+    assert [b["params"] for b in again] == [b["params"] for b in ours]
+
+
+# ------------------------------------------------------------------ A1111 / Forge
+
+
+def test_forge_png_lora_tags_display_names_and_hashes():
+    s = read_pasted_settings(A1111 / "forge_qwen.png")
+    assert s.source == "a1111"
+    assert s.fields["prompt"] == "a red fox in the snow, national geographic photo"  # tags removed
+    assert s.fields["loras"] == [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0},
+                                 {"name": "fur_detail", "weight": 0.6}]
+    assert (s.fields["sampler"], s.fields["scheduler"], s.fields["shift"]) == ("euler_ancestral", "simple", 3.1)
+    assert (s.fields["steps"], s.fields["cfg"], s.fields["seed"]) == (8, 1.0, 3839105)
+    assert s.info["lora_hashes"] == {"Qwen-Image-Lightning-8steps-V1.1": "2c6f1e3d5b7a", "fur_detail": "7e7e7e7e7e7e"}
+    assert s.unmapped == ["Hires upscale: 1.5", "Hires steps: 4", "Denoising strength: 0.4"]
+    assert "noise" not in s.fields  # A1111's own noise convention is not ComfyUI's: not assumed
+    runnable(s)
+
+
+def test_old_a1111_combined_sampler_name():
+    s = read_pasted_settings(A1111 / "a1111_old_sampler_names.png")
+    assert (s.fields["sampler"], s.fields["scheduler"]) == ("dpmpp_2m", "karras")
+    assert s.unmapped == ["Clip skip: 2"]
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Euler", ("euler", None)), ("Euler a", ("euler_ancestral", None)), ("DPM++ 2M", ("dpmpp_2m", None)),
+    ("DPM++ 2M Karras", ("dpmpp_2m", "karras")), ("DPM++ 2M SDE", ("dpmpp_2m_sde", None)),
+    ("DPM++ 2M SDE Karras", ("dpmpp_2m_sde", "karras")), ("DPM++ SDE", ("dpmpp_sde", None)),
+    ("DDIM", ("ddim", None)), ("UniPC", ("uni_pc", None)), ("LCM", ("lcm", None)), ("Heun", ("heun", None)),
+    ("uni_pc", ("uni_pc", None)), ("DPM++ 3M SDE", (None, None)), ("Restart", (None, None)),
+])
+def test_sampler_display_names(name, want):
+    assert sampler_name(name) == want
+
+
+def test_schedule_types():
+    assert [scheduler_name(n) for n in ("Simple", "Karras", "Exponential", "SGM Uniform", "Beta", "Normal",
+                                        "KL Optimal", "kl_optimal", "Align Your Steps")] == [
+        "simple", "karras", "exponential", "sgm_uniform", "beta", "normal", "kl_optimal", "kl_optimal", None]
+    s = parse_a1111_parameters("p\nSteps: 4, Sampler: Euler, Schedule type: Automatic, Seed: 1")
+    assert "scheduler" not in s.fields and s.warnings == ["Schedule type: Automatic -> the model's default scheduler"]
+    s = parse_a1111_parameters("p\nSteps: 4, Sampler: DPM++ 2M Karras, Schedule type: Exponential, Seed: 1")
+    assert s.fields["scheduler"] == "exponential" and "Schedule type is used" in s.warnings[0]
+
+
+def test_lora_tag_forms():
+    s = parse_a1111_parameters("x <lora:a> y <lora:b:0.5:0.25> <lyco:c:unet=0.7:te=1> <lora::1> z\n"
+                               "Negative prompt: n <lora:d:0.3>\nSteps: 2, Seed: 1, CFG scale: 1")
+    assert s.fields["prompt"] == "x y z"
+    assert s.fields["negative_prompt"] == "n"
+    assert s.fields["loras"] == [{"name": "a", "weight": 1.0}, {"name": "b", "weight": 0.25},
+                                 {"name": "c", "weight": 0.7}, {"name": "d", "weight": 0.3}]
+    assert s.unmapped == ["prompt tag <lora::1>"]
+    assert len([w for w in s.warnings if "text-encoder weight" in w]) == 2
+    assert "<lora:d:0.3> in the negative prompt is applied, as A1111 does" in s.warnings
+
+
+# ------------------------------------------------------------------ our own parameters chunk
+
+
+def test_our_parameters_carry_loras_as_a1111_does(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(6, dtype=torch.float32)}, str(lora), metadata={"x": "y"})
+    raw = lora.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert tensor_sha256(lora) == hashlib.sha256(raw[8 + n:]).hexdigest()  # = A1111 addnet = SwarmUI tensor hash
+    meta = {
+        "generator": "qwenstudio test",
+        "request": {"prompt": "a fox, snow", "negative_prompt": "", "steps": 4, "sampler": "euler",
+                    "scheduler": "simple", "cfg": 1.0, "seed": 3, "width": 64, "height": 64, "shift": None,
+                    "noise": "diffusers", "loras": [{"name": "style", "weight": 0.8}, {"name": "other", "weight": 1.0}]},
+        "model": {"name": "Qwen: Image", "fingerprint": "abc"},
+        "loras": [{"name": "style", "weight": 0.8, "file": "style.safetensors", "hash": a1111_short_hash(lora)}],
+    }
+    text = a1111_parameters(meta)
+    assert text.startswith("a fox, snow <lora:style:0.8> <lora:other:1>\n")
+    assert f'Lora hashes: "style: {a1111_short_hash(lora)}"' in text and 'Model: "Qwen: Image"' in text
+    back = read_pasted_settings(text)
+    assert back.fields["loras"] == meta["request"]["loras"] and back.fields["prompt"] == "a fox, snow"
+    assert back.fields["model"] == "Qwen: Image" and back.info["lora_hashes"] == {"style": a1111_short_hash(lora)}
+
+
+def test_text_and_file_inputs(tmp_path):
+    with pytest.raises(InvalidRequest, match="empty"):
+        read_pasted_settings("   ")
+    with pytest.raises(InvalidRequest, match="do not parse"):
+        read_pasted_settings("{not json")
+    with pytest.raises(InvalidRequest, match="neither SwarmUI"):
+        read_pasted_settings('{"a": 1}')
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(InvalidRequest, match="not a readable image"):
+        read_pasted_settings(str(tmp_path / "x.png"))
+    s = read_pasted_settings(json.dumps({"sui_image_params": {"prompt": "p", "seed": 5}}))
+    assert s.fields == {"prompt": "p", "seed": 5, **COMFY_CONV}
+
+
+@pytest.mark.parametrize("ext", ["jpg", "webp"])
+def test_exif_user_comment_of_jpeg_and_webp(tmp_path, ext):
+    """A1111 and SwarmUI keep the same text in EXIF UserComment for JPEG/WebP (piexif 'UNICODE' = UTF-16 BE)."""
+    text = "a fox\nNegative prompt: fog\nSteps: 3, Sampler: Euler a, Seed: 9, Size: 64x64"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + text.encode("utf-16-be")
+    path = tmp_path / f"x.{ext}"
+    Image.new("RGB", (8, 8)).save(path, exif=exif.tobytes())
+    s = read_pasted_settings(path)
+    assert s.fields == {"prompt": "a fox", "negative_prompt": "fog", "steps": 3, "sampler": "euler_ancestral",
+                        "seed": 9, "width": 64, "height": 64}

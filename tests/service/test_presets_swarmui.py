@@ -1,0 +1,37 @@
+"""SwarmUI preset files over HTTP: a real "Export All" file imports every preset; export is SwarmUI's format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PRESETS = Path(__file__).parents[1] / "fixtures" / "peers" / "swarmui" / "swarmui_presets.json"
+
+
+def test_import_export_file_and_export(serve):
+    data = json.loads(PRESETS.read_text("utf-8"))
+    with serve() as s, s.client() as http:
+        r = http.post("/api/presets/import/swarmui", json=data)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert [p["preset"]["name"] for p in body["presets"]] == ["Qwen Lightning 8", "Ink wash", "Poster"]
+        assert body["preset"]["name"] == "Qwen Lightning 8" and body["unmapped"] == []
+        ink = body["presets"][1]
+        assert ink["preset"]["params"]["prompt"] == "{value}, ink wash painting, muted colors"
+        assert ink["preset"]["params"]["loras"] == [{"name": "ink_wash", "weight": 0.8}, {"name": "detail", "weight": 0.5}]
+        assert body["presets"][2]["unmapped"] == ["sampler: dpmpp_3m_sde (no such sampler here)",
+                                                  "refinermodel: sdxl_refiner"]
+        again = http.post("/api/presets/import/swarmui", json=data)  # names taken: nothing half-imported
+        assert again.status_code == 409 and again.json()["error"]["code"] == "preset_exists"
+        assert len(http.get("/api/presets").json()["presets"]) == 3
+
+        exported = http.get("/api/presets/export/swarmui")
+        assert exported.status_code == 200 and "presets.json" in exported.headers["content-disposition"]
+        out = exported.json()
+        assert sorted(out) == ["Ink wash", "Poster", "Qwen Lightning 8"]
+        assert out["Qwen Lightning 8"]["param_map"] == {
+            "model": "Qwen/qwen_image_fp8_e4m3fn", "steps": "8", "cfgscale": "1", "sampler": "euler",
+            "scheduler": "simple", "sigmashift": "3.1", "loras": "Qwen-Image-Lightning-8steps-V1.1", "loraweights": "1"}
+
+        bad = http.post("/api/presets/import/swarmui", json={"x": 1})
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_preset"
