@@ -224,14 +224,26 @@ def test_engine_record_is_not_a_client_field(server):
 
 
 # ---- the model is called at the sigmas the sampler means ---------------------------------------------------------
-@pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep"])
+def _all_samplers():
+    from qwenstudio.engine.sampling import SAMPLERS
+
+    return sorted(SAMPLERS)
+
+
+@pytest.mark.parametrize("sampler", _all_samplers())
 def test_model_timesteps_follow_the_sigmas_for_every_sampler(engine, sampler):
     """Record the timestep of every transformer call and compare with the sigmas the sampler evaluates (a toy
     denoiser that records its sigma): heun's corrector must run at sigma_next, not at the step's first sigma."""
     import torch
 
     from qwenstudio.engine.pipeline import model_timesteps
-    from qwenstudio.engine.sampling import STOCHASTIC_SAMPLERS, build_sigmas, get_sampler
+    from qwenstudio.engine.sampling import (
+        DEFAULT_COMFY_SHIFT,
+        SHIFT_AWARE_SAMPLERS,
+        STOCHASTIC_SAMPLERS,
+        build_sigmas,
+        get_sampler,
+    )
 
     seen = []
     hook = engine.components.transformer.register_forward_pre_hook(
@@ -240,7 +252,7 @@ def test_model_timesteps_follow_the_sigmas_for_every_sampler(engine, sampler):
         engine.generate(prompt="x", steps=5, seed=1, sampler=sampler, scheduler="simple", cfg=1.0, **SIZE)
     finally:
         hook.remove()
-    sigmas = build_sigmas("simple", 5, image_seq_len=16, scheduler_config={}, shift=None)
+    sigmas = build_sigmas("simple", 5, image_seq_len=16, scheduler_config={}, shift=None, sampler=sampler)
     expected = []
 
     def toy(x, sigma):
@@ -248,8 +260,10 @@ def test_model_timesteps_follow_the_sigmas_for_every_sampler(engine, sampler):
         return x * 0.5
 
     kw = {"noise_sampler": lambda s, n: torch.zeros(1, 4)} if sampler in STOCHASTIC_SAMPLERS else {}
+    if sampler in SHIFT_AWARE_SAMPLERS:
+        kw["shift"] = DEFAULT_COMFY_SHIFT
     get_sampler(sampler)(toy, torch.ones(1, 4), sigmas, **kw)
-    assert seen == expected
+    assert seen == pytest.approx(expected, abs=1e-6)
     if sampler == "heun":
         s = [float(v) for v in model_timesteps(sigmas[:-1])]
         assert seen[:3] == [s[0], s[1], s[1]]  # step 0 at sigma_0, its corrector at sigma_1

@@ -82,3 +82,22 @@ def test_disabled_and_nested_switches_and_no_weight_change(transformer):
 def test_refuses_other_rope_modules():
     with pytest.raises(UnsupportedFormat, match="QwenEmbedRope"):
         ComfyRope(torch.nn.Identity())
+
+
+def test_compat_comfy_request_field_sets_the_conventions_and_positions(tiny_engine):
+    """``compat="comfy"`` through the engine: ComfyUI's noise stream, plain CFG, simple schedule at shift 3.1 fill
+    what the user left unset (recorded as ``compat comfy``), and ComfyUI's RoPE positions are used — which only
+    change the result at an odd patch grid (48 px = 3 patches)."""
+    import torch
+
+    kw = dict(prompt="a lighthouse", seed=3, steps=2, cfg=2.0)
+    for w, h, same in ((48, 80, False), (64, 64, True)):
+        comfy = tiny_engine.generate(compat="comfy", width=w, height=h, **kw)
+        req = comfy.request
+        assert (req.noise, req.cfg_norm, req.scheduler, req.shift) == ("comfy", False, "simple", 3.1)
+        assert comfy.images[0].metadata["settings_from"]["cfg_norm"] == "compat comfy"
+        plain = tiny_engine.generate(noise="comfy", cfg_norm=False, scheduler="simple", shift=3.1, width=w, height=h,
+                                     **kw)
+        assert torch.equal(comfy.latents, plain.latents) is same
+    user = tiny_engine.generate(compat="comfy", cfg_norm=True, width=64, height=64, **kw)
+    assert user.request.cfg_norm is True and user.images[0].metadata["settings_from"]["cfg_norm"] == "user"

@@ -35,6 +35,7 @@ class Engine:
         self.registry = None  # set by Engine.load: where LoRA names are looked up
         self.allow_paths = True  # False in the server: LoRAs by registry name only
         self._lora_manager = None
+        self._lora_hashes: dict[tuple, str] = {}  # (path, size, mtime) -> A1111 short hash, per engine
         self.controlnet = None  # attached by load_controlnet (editing/ControlNet mode)
         self.controlnet_name = None
         self.controlnet_path = None  # the file/folder it came from (None: attached as a module)
@@ -198,8 +199,19 @@ class Engine:
         manager.set_stack([(manager.load(self.lora_path(ref.name)), float(ref.weight)) for ref in req.loras])
 
     def lora_metadata(self) -> list[dict]:
+        """The applied stack as the PNG records it: name, weight, file, A1111's short hash (``Lora hashes``)."""
         stack = self._lora_manager.stack if self._lora_manager else []
-        return [{"name": f.name, "weight": w, "file": f.path.name, **_match_report(f)} for f, w in stack]
+        return [{"name": f.name, "weight": w, "file": f.path.name, "hash": self._lora_hash(f.path), **_match_report(f)}
+                for f, w in stack]
+
+    def _lora_hash(self, path: Path) -> str:
+        from ..interop.settings import a1111_short_hash
+
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._lora_hashes:
+            self._lora_hashes[key] = a1111_short_hash(path)
+        return self._lora_hashes[key]
 
     def lora_path(self, name: str) -> Path:
         if self.registry is not None:

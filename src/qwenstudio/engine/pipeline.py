@@ -88,7 +88,7 @@ def schedule(engine, req: GenerateRequest, image_seq_len: int):
     from .sampling import build_sigmas
 
     return build_sigmas(req.scheduler, req.steps, image_seq_len=image_seq_len,
-                        scheduler_config=engine.components.scheduler_config, shift=req.shift)
+                        scheduler_config=engine.components.scheduler_config, shift=req.shift, sampler=req.sampler)
 
 
 def model_timesteps(sigmas):
@@ -184,19 +184,26 @@ def _pair_embeddings(cond, uncond, batch: int):
     return embeds, mask
 
 
-def noise_sampler(engine, req: GenerateRequest, lh: int, lw: int):
+def noise_sampler(engine, req: GenerateRequest, lh: int, lw: int, sigmas=None):
     """Per-step noise for stochastic samplers, drawn on the CPU in the unpacked latent shape (the same on every
-    device), from generators seeded like the initial noise but on a separate stream (seed + 1)."""
+    device). ``comfy`` convention: what ComfyUI's KSampler draws for the job's seed (the Brownian tree for the SDE
+    samplers, a generator seeded with the seed itself for ancestral/LCM — ``sampling/noise.py``); ``diffusers``:
+    per-image generators seeded like the initial noise but on a separate stream (seed + 1), so image ``i`` of a
+    batch equals the single run at ``seed + i``."""
     import torch
 
     device = engine.components.device
     if req.noise == "comfy":
-        gens, sizes = [torch.Generator().manual_seed(req.seed + 1)], [req.batch]
-    else:
-        gens, sizes = [torch.Generator().manual_seed(s + 1) for s in req.image_seeds()], [1] * req.batch
+        from .sampling.noise import comfy_noise_sampler
+
+        draw = comfy_noise_sampler(req.sampler, (req.batch, L.LATENT_CHANNELS, lh, lw), sigmas, req.seed)
+        if draw is None:
+            return None
+        return lambda sigma, sigma_next: L.pack(draw(sigma, sigma_next)).to(device)
+    gens = [torch.Generator().manual_seed(s + 1) for s in req.image_seeds()]
 
     def sample(sigma, sigma_next):
-        n = torch.cat([torch.randn((k, L.LATENT_CHANNELS, lh, lw), generator=g) for g, k in zip(gens, sizes)])
+        n = torch.cat([torch.randn((1, L.LATENT_CHANNELS, lh, lw), generator=g) for g in gens])
         return L.pack(n).to(device)
 
     return sample
@@ -208,11 +215,14 @@ def denoise(engine, req: GenerateRequest, cond: Conditioning, on_progress: Progr
     sync after the loop (the NaN/inf guard). Returns the final packed latents."""
     import torch
 
-    from .sampling import STOCHASTIC_SAMPLERS, get_sampler
+    from .compat import comfy_positions
+    from .sampling import DEFAULT_COMFY_SHIFT, SHIFT_AWARE_SAMPLERS, STOCHASTIC_SAMPLERS, get_sampler
 
     lh, lw, sigmas = cond.lh, cond.lw, cond.sigmas
     model = make_denoiser(engine, cond.cond, cond.uncond, req, cond.x.shape[0], lh, lw, sigmas, cond.hooks)
-    stochastic = noise_sampler(engine, req, lh, lw) if req.sampler in STOCHASTIC_SAMPLERS else None
+    stochastic = noise_sampler(engine, req, lh, lw, sigmas) if req.sampler in STOCHASTIC_SAMPLERS else None
+    extra = {"shift": req.shift if req.shift is not None else DEFAULT_COMFY_SHIFT} \
+        if req.sampler in SHIFT_AWARE_SAMPLERS else {}
     total = len(sigmas) - 1  # ComfyUI's ddim_uniform/beta may give a different count than req.steps
     step_times: list[float] = []
     t_loop = last = time.perf_counter()
@@ -228,8 +238,9 @@ def denoise(engine, req: GenerateRequest, cond: Conditioning, on_progress: Progr
         if on_progress is not None and on_progress(Progress(i + 1, total, now - t0, preview)) is False:
             raise Cancelled(f"cancelled after step {i + 1} of {total}")
 
-    with engine.stages.on_device("transformer"):
-        x = get_sampler(req.sampler)(model, cond.x, sigmas, callback=callback, noise_sampler=stochastic)
+    comfy = getattr(req, "compat", None) == "comfy"  # ComfyUI's RoPE positions (they differ at odd patch grids)
+    with engine.stages.on_device("transformer"), comfy_positions(engine.components.transformer, enabled=comfy):
+        x = get_sampler(req.sampler)(model, cond.x, sigmas, callback=callback, noise_sampler=stochastic, **extra)
     timings["denoise"] = time.perf_counter() - t_loop
     timings["steps"] = step_times
     if not bool(torch.isfinite(x).all()):  # the one host sync of the run, after the loop

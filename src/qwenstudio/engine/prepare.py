@@ -35,6 +35,7 @@ def prepare_request(engine, request: GenerateRequest) -> GenerateRequest:
         sources["loras"] = "user"
     if request.preset:
         request = _apply_preset(engine.preset_lookup, request, sources)
+    request = _apply_compat(request, sources)
     request = _apply_lora_recipes(engine, request, sources)
     before = {k: getattr(request, k) for k in (*RECIPE_FIELDS, "seed")}
     req = request.resolve(engine.spec)
@@ -71,10 +72,26 @@ def _apply_preset(lookup: PresetLookup | None, request: GenerateRequest, sources
                 updates["loras"] = v
                 sources["loras"] = f"preset {name}"
             continue
-        default = {"batch": 1, "noise": "diffusers"}.get(k)
-        if current is None or (k in ("batch", "noise") and current == default and v != default):
+        if current is None or (k == "batch" and current == 1 and v != 1):
             updates[k] = v
             sources[k] = f"preset {name}"
+    return replace(request, **updates)
+
+
+# What "the same settings" mean in ComfyUI/SwarmUI (REFERENCE.md): ComfyUI's CPU noise stream, plain CFG (no
+# renorm), KSampler's euler/simple with ModelSamplingAuraFlow shift 3.1. RoPE positions: pipeline.denoise.
+COMFY_CONVENTIONS = {"noise": "comfy", "cfg_norm": False, "scheduler": "simple", "shift": 3.1}
+
+
+def _apply_compat(request: GenerateRequest, sources: dict) -> GenerateRequest:
+    if request.compat != "comfy":
+        return request
+    updates = {}
+    for k, v in COMFY_CONVENTIONS.items():
+        current = getattr(request, k)
+        if current is None:
+            updates[k] = v
+            sources[k] = "compat comfy"
     return replace(request, **updates)
 
 

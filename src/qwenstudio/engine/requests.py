@@ -32,7 +32,8 @@ LIMITS = {
     "prompt_chars": F.PROMPT_CHARS,
 }
 # Filled by Engine.prepare: the recipe sources may set these; a user's value always wins.
-RECIPE_FIELDS = ("negative_prompt", "width", "height", "steps", "cfg", "cfg_norm", "sampler", "scheduler", "shift")
+RECIPE_FIELDS = ("negative_prompt", "width", "height", "steps", "cfg", "cfg_norm", "sampler", "scheduler", "shift",
+                 "noise")
 
 
 def nearest_multiple(value: int, multiple: int = 16) -> int:
@@ -70,12 +71,13 @@ class GenerateRequest:
     shift: float | None = None
     seed: int | None = None
     batch: int = 1
-    noise: str = "diffusers"  # seed convention: "diffusers" (seed+i per image) or "comfy" (one CPU stream)
+    noise: str | None = None  # seed convention: "diffusers" (default: seed+i per image) or "comfy" (one CPU stream)
     noise_skip: int = 0  # latent images of the noise stream to skip: re-creates image i of a comfy batch alone
     magic: str | None = None  # append the official "positive magic" suffix: "en" or "zh"
     loras: tuple[LoraRef, ...] = ()  # LoRA stack for this request, by registry name (or path, local callers)
     extra: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None  # a saved preset whose fields fill what this request leaves unset (prepare)
+    compat: str | None = None  # "comfy": reproduce a ComfyUI/SwarmUI render (prepare fills its conventions)
     # Set by Engine.prepare: field -> where its value came from ("user", "preset NAME", "lora NAME", "variant NAME").
     # Not a client field: the edges refuse it (``from_dict(trusted=False)``).
     settings_from: dict[str, str] | None = None
@@ -132,6 +134,7 @@ class GenerateRequest:
             scheduler=d.scheduler if self.scheduler is None else self.scheduler,
             shift=d.shift if self.shift is None else self.shift,
             seed=secrets.randbelow(2**32) if self.seed is None else self.seed,
+            noise=self.noise or "diffusers",
         )
         r.validate(spec)
         return r
