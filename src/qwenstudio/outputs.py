@@ -91,6 +91,8 @@ def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
             return json.loads(im.text[JSON_KEY])
     fields = dict(settings.fields)
     model = fields.pop("model", None)
+    if settings.info.get("compat") and "compat" not in fields:  # a ComfyUI/SwarmUI render: reproduce it as they do
+        fields["compat"] = settings.info["compat"]
     return {"request": fields, "model": {"name": model} if model else {}, "pasted": settings.to_dict()}
 
 

@@ -439,3 +439,23 @@ def test_lightning_lora_and_typed_seed_reach_the_image(page, make_server, home_r
     assert (r["steps"], r["cfg"], r["shift"], r["seed"]) == (8, 1.0, 3.0, 777)
     assert meta["settings_from"]["cfg"] == f"lora {name}" and meta["settings_from"]["seed"] == "user"
     expect(page.locator("#gen-seed")).to_have_value("777")  # kept for the next run
+
+
+def test_load_settings_from_another_tools_png(page, server, tmp_path):
+    """"Load settings from an image": an A1111/Forge PNG fills the form with what maps and lists what does not."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a lighthouse <lora:detail:0.5>\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M, "
+                  "Schedule type: Karras, CFG scale: 2.5, Seed: 4321, Size: 80x64, Hires upscale: 2")
+    src = tmp_path / "forge.png"
+    Image.new("RGB", (80, 64), (10, 20, 30)).save(src, pnginfo=info)
+    open_view(page, server)
+    page.set_input_files("#settings-from-image", str(src))
+    expect(page.locator("#preset-msg")).to_contain_text("Loaded the a1111 settings of forge.png")
+    expect(page.locator("#preset-msg")).to_contain_text("Not mapped: Hires upscale: 2")
+    for name, value in [("prompt", "a lighthouse"), ("negative", "fog"), ("steps", "3"), ("cfg", "2.5"),
+                        ("seed", "4321"), ("sampler", "dpmpp_2m"), ("scheduler", "karras"), ("width", "80")]:
+        expect(page.locator(f"#gen-{name}")).to_have_value(value)
+    expect(page.locator(".lora-name")).to_have_value("detail")

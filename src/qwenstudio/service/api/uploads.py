@@ -41,3 +41,18 @@ async def upload(request: Request):
     if len(files) != 1:
         raise InvalidRequest("send exactly one file part named 'file'", code="invalid_multipart")
     return await save_upload(request.app.state, files[0], "file")
+
+
+@router.get("/uploads/{upload_id}/settings", summary="The generation settings stored in an uploaded image")
+async def upload_settings(request: Request, upload_id: str):
+    """Read the settings an image carries — ours, A1111/Forge ``parameters``, SwarmUI ``sui_image_params``, a ComfyUI
+    workflow (``qwenstudio.interop``) — as request fields, plus what could not be mapped (never guessed). The studio's
+    "load from image" uses it; the image is one the client uploaded (validated by the upload store), never a path."""
+    from ...interop import read_pasted_settings
+
+    path = request.app.state.uploads.path(upload_id)
+    s = await asyncio.to_thread(read_pasted_settings, path)
+    fields = dict(s.fields)
+    if s.info.get("compat") and "compat" not in fields:
+        fields["compat"] = s.info["compat"]
+    return {"source": s.source, "fields": fields, "unmapped": s.unmapped, "warnings": s.warnings}

@@ -7,6 +7,10 @@ import { runJob } from "./live.js";
 const CUSTOM = "custom";
 export const catalog = { models: [], loras: [], samplers: [], schedulers: [], limits: {} };
 let seedLocked = false;
+// Settings a loaded request carries that the form has no control for (compat, noise, cfg_norm, magic): sent with
+// the next runs until "Defaults" or another model clears them, and listed next to the presets.
+const CARRIED = ["compat", "noise", "cfg_norm", "magic"];
+let carried = {};
 let openOutput = null;
 
 const field = (name) => $(`gen-${name}`);
@@ -43,6 +47,7 @@ export function applyDefaults() {
   const m = model();
   if (!m) return;
   const d = m.defaults || {};
+  carried = {};
   fillAspects(m);
   field("aspect").value = d.aspect && m.resolutions?.[d.aspect] ? d.aspect : CUSTOM;
   const show = (name, v, fallback = "") => {
@@ -155,6 +160,7 @@ export function formRequest() {
   if (body.width === undefined && body.height === undefined && chosen) body.aspect = aspect;
   const loras = loraStack();
   if (loras.length) body.loras = loras;
+  Object.assign(body, carried);
   return body;
 }
 
@@ -181,6 +187,7 @@ export function applyRequest(req, modelId) {
     field("aspect").value = req.aspect;
     applyAspect();
   }
+  carried = Object.fromEntries(CARRIED.filter((k) => req[k] !== undefined && req[k] !== null).map((k) => [k, req[k]]));
   syncAspectFromSize();
 }
 
@@ -229,6 +236,31 @@ function loadPreset() {
   }
   applyRequest(params, params.model);
   presetMessage(`Loaded “${p.name}”.`);
+}
+
+/** "Load settings from an image": upload it, read what it carries (GET /api/uploads/{id}/settings) and fill the
+ * form; what did not map is listed, never guessed. */
+async function settingsFromImage(ev) {
+  const file = ev.target.files[0];
+  ev.target.value = "";
+  if (!file) return;
+  try {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const up = await api.request("/api/uploads", { method: "POST", body: form });
+    const res = await api.get(`/api/uploads/${up.id}/settings`);
+    const { model: modelName, ...fields } = res.fields || {};
+    applyRequest(fields, modelName);
+    const notes = [...(res.warnings || [])];
+    if (modelName && !catalog.models.some((m) => m.id === modelName)) notes.push(`model ${modelName} is not served here`);
+    const kept = Object.entries(carried).map(([k, v]) => `${k} ${v}`);
+    if (kept.length) notes.push(`also sent: ${kept.join(", ")}`);
+    presetMessage(`Loaded the ${res.source} settings of ${file.name}.` +
+      (res.unmapped?.length ? ` Not mapped: ${res.unmapped.join(", ")}.` : "") +
+      (notes.length ? ` Note: ${notes.join("; ")}.` : ""));
+  } catch (err) {
+    presetMessage(err.message, true);
+  }
 }
 
 async function importPreset(ev) {
@@ -288,5 +320,6 @@ export function initGenerate({ openOutput: open }) {
   $("preset-save").addEventListener("click", savePreset);
   $("preset-load").addEventListener("click", loadPreset);
   $("preset-import").addEventListener("change", importPreset);
+  $("settings-from-image").addEventListener("change", settingsFromImage);
   setLock(false);
 }
