@@ -295,6 +295,12 @@ def convert(
                     keep=FP8_KEEP_HIGH_PRECISION if keep is None else tuple(keep), scale_input=scale_input)
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(source.config), "qwenstudio.converted_to": to,
                 "qwenstudio.source": src.name}
+    if to == "fp8_scaled":  # the same per-layer table in the header, names relative to the DiT (ComfyUI >= 0.3.7x)
+        from .comfy_quant import METADATA_KEY, quantization_metadata
+
+        layers = {e.key[len(pre): -len(".comfy_quant")]: {"format": fp8_dtype} for e in entries
+                  if e.key.endswith(".comfy_quant")}
+        metadata[METADATA_KEY] = quantization_metadata(layers)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
