@@ -349,9 +349,15 @@ def peft_alpha(metadata: dict[str, str], path: Path) -> tuple[float | None, dict
         conf = json.loads(raw)
     except ValueError:
         raise CorruptFile(f"{path.name}: {where} is not JSON") from None
-    if isinstance(conf, dict) and len(conf) == 1 and isinstance(next(iter(conf.values())), dict) \
-            and "lora_alpha" not in conf:
-        conf = next(iter(conf.values()))  # {"transformer": {...}}: diffusers' per-component layout
+    if isinstance(conf, dict) and "lora_alpha" not in conf:
+        # diffusers' per-component layouts: {"transformer": {...}} or flat {"transformer.lora_alpha": ...}
+        nested = [v for v in conf.values() if isinstance(v, dict) and "lora_alpha" in v]
+        flat = sorted(k[: -len("lora_alpha")] for k in conf if k.endswith(".lora_alpha"))
+        if nested:
+            conf = nested[0]
+        elif flat:
+            pre = "transformer." if "transformer." in flat else flat[0]
+            conf = {k[len(pre):]: v for k, v in conf.items() if k.startswith(pre)}
     if not isinstance(conf, dict) or "lora_alpha" not in conf:
         return None, {}, "none"
     return float(conf["lora_alpha"]), {str(k): float(v) for k, v in (conf.get("alpha_pattern") or {}).items()}, where
