@@ -184,6 +184,17 @@ def test_peft_loras_apply_like_peft_merge(base_model, name, source):
     assert diff <= 2e-6 and report.alpha_source == source and report.complete
 
 
+@pytest.mark.parametrize("name", ["diffsynth_alpha_r", "diffsynth_alpha_2r"])
+def test_diffsynth_loras_apply_like_diffsynth_and_comfyui(base_model, name):
+    """DiffSynth-Studio files carry no alpha (PEFT ``.default`` keys); its own loader and ComfyUI's apply up @ down
+    at scale 1, and so do we."""
+    weights, report = _fused_weights(base_model, LORAS / f"{name}.safetensors")
+    d1 = _max_diff(weights, _ref(LORAS / f"{name}.diffsynth_ref.safetensors"))
+    d2 = _max_diff(weights, _ref(LORAS / f"{name}.ref.safetensors"))
+    print(f"\n{name}: max |ours - DiffSynth loader| = {d1:.1e}, |ours - ComfyUI loader| = {d2:.1e}")
+    assert d1 <= 2e-6 and d2 <= 2e-6 and report.complete and report.alpha_source == "none"
+
+
 def test_dora_is_refused_by_name(base_model):
     with pytest.raises(UnsupportedFormat, match="DoRA"):
         LoraManager(base_model).load(LORAS / "lycoris_dora.safetensors")
