@@ -144,10 +144,9 @@ class _DitSource:
 
     def get(self, key: str):
         """The tensor as stored, except fp8 which comes back dequantized to fp32 (times its scale_weight)."""
-        from ..quant.fp8 import dequantize_fp8, is_fp8
-
         import torch
 
+        from ..quant.fp8 import dequantize_fp8, is_fp8
         from .comfy_quant import WEIGHT_SCALE_SUFFIXES, side_key
 
         t = self._raw(key)
