@@ -412,8 +412,7 @@ class Engine:
             "model": self.describe(),
             "seed": single.seed,
             "noise": single.noise,
-            "loras": [{"name": f.name, "weight": w, "file": f.path.name} for f, w in
-                      (self._lora_manager.stack if self._lora_manager else [])],
+            "loras": [f.as_metadata(w) for f, w in (self._lora_manager.stack if self._lora_manager else [])],
             "timings": {k: round(v, 4) for k, v in timings.items() if isinstance(v, float)},
         }
 

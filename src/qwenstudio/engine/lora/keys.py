@@ -196,6 +196,14 @@ class LoraFile:
     def name(self) -> str:
         return self.path.stem
 
+    def as_metadata(self, weight: float) -> dict:
+        """The entry for a result's ``metadata["loras"]``: name, weight, file name, plus ``match`` (the report) when
+        the file was only partly applied."""
+        entry: dict = {"name": self.name, "weight": weight, "file": self.path.name}
+        if self.report is not None and not self.report.complete:
+            entry["match"] = self.report.as_metadata()
+        return entry
+
 
 def linear_targets(model) -> dict[str, tuple[int, int]]:
     """Module name -> (in_features, out_features) for every linear-like module (nn.Linear or anything exposing

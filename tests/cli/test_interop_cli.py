@@ -1,8 +1,13 @@
-"""``qwenstudio convert`` to the formats peers read: ComfyUI's per-layer fp8_scaled and GGUF K-quants, loaded back."""
+"""The CLI with peers' files: ``convert`` to the formats they read (ComfyUI's per-layer fp8_scaled, GGUF K-quants),
+loaded back; a partly-matching ComfyUI LoraSave file warns on the console and is described in the PNG metadata."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +74,22 @@ def test_convert_to_fp8_scaled_writes_comfyui_per_layer_format(wide_folder, tmp_
     assert r.exit_code != 0 and "fp8_scaled_legacy" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["convert", str(folder), str(tmp_path / "x.gguf"), "--to", "gguf_q2_k"])
     assert r.exit_code != 0 and "Q2_K" in r.output
+
+
+def test_partial_lora_warns_on_console_and_lands_in_metadata(tmp_path):
+    """ComfyUI LoraSave with bias diffs also carries norm ``.diff`` tensors, which are not applied: the CLI says so
+    on stderr (one line) and the PNG metadata lists the keys."""
+    from qwenstudio.outputs import read_png_metadata
+
+    lora = Path(__file__).resolve().parents[1] / "fixtures" / "peers" / "loras" / "comfy_lorasave_bias.safetensors"
+    (tmp_path / "models" / "loras").mkdir(parents=True)
+    shutil.copy(lora, tmp_path / "models" / "loras" / "extracted.safetensors")
+    out = tmp_path / "x.png"
+    p = subprocess.run([sys.executable, "-m", "qwenstudio.cli.main", "generate", "x", "--model", "tiny", "--steps",
+                        "1", "--seed", "1", "--models-dir", str(tmp_path / "models"), "--lora", "extracted:1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "LoRA extracted.safetensors: applied" in p.stderr and "keys matched no module" in p.stderr
+    entry = read_png_metadata(out)["loras"][0]
+    assert entry["name"] == "extracted" and entry["match"]["unmatched_count"] > 0
+    assert all(k.endswith(".diff") for k in entry["match"]["unmatched"])
