@@ -56,7 +56,8 @@ def _max_diff(ours: dict, theirs: dict) -> float:
 
 @pytest.mark.parametrize("name, quant", [("comfyui/model_fp32", None), ("comfyui/model_fp8_e4m3fn", "fp8"),
                                          ("comfyui/model_fp8_scaled", "fp8_scaled"),
-                                         ("comfyui_0.3.64/model_fp8_scaled", "fp8_scaled")])
+                                         ("comfyui_0.3.64/model_fp8_scaled", "fp8_scaled"),
+                                         ("comfyui_0.3.76/model_fp8_scaled", "fp8_scaled")])
 def test_comfyui_saves_load_to_comfyuis_own_weights(name, quant):
     """ComfyUI's ModelSave output (fp32, fp8 cast, per-layer scaled fp8; and an older build's scaled_fp8 layout),
     read by our loader, gives exactly the weights ComfyUI's loader gives."""
