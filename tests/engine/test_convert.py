@@ -49,7 +49,7 @@ def test_diffusers_to_comfy_and_back_is_lossless(tiny_folder, tmp_path, original
 def test_fp8_scaled_round_trip_within_bound(tiny_folder, tmp_path, original):
     from diffusers import QwenImageTransformer2DModel
 
-    fp8 = convert(tiny_folder, tmp_path / "fp8.safetensors", "fp8_scaled", scale_input=True)
+    fp8 = convert(tiny_folder, tmp_path / "fp8.safetensors", "fp8_scaled_legacy", scale_input=True)
     tensors, _ = _tensors(fp8)
     assert tensors["model.diffusion_model.scaled_fp8"].dtype == torch.float8_e4m3fn
     for k, t in tensors.items():

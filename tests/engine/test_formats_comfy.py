@@ -21,7 +21,7 @@ from qwenstudio.engine.quant.fp8 import FP8Linear, fp8_rounding_bound
 from qwenstudio.testing.formats import DIT_VARIANTS, write_comfy_models_dir, write_dit_file, write_text_encoder_file
 
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp8_scaled": torch.float8_e4m3fn,
-       "fp8_scaled_input": torch.float8_e4m3fn}
+       "fp8_scaled_legacy": torch.float8_e4m3fn, "fp8_scaled_input": torch.float8_e4m3fn}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_bf16_dit_equals_folder_rounded_to_bf16(comfy_dir, ref):
     assert load_dit_file(comfy_dir["dit_bf16"], device="cpu", dtype=torch.bfloat16).proj_out.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("variant", ["fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "fp8_scaled_input"])
+@pytest.mark.parametrize("variant", ["fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "fp8_scaled_legacy", "fp8_scaled_input"])
 def test_fp8_dit_stays_fp8_within_rounding_bound(comfy_dir, ref, variant):
     model = load_dit_file(comfy_dir[f"dit_{variant}"], device="cpu")
     theirs = ref.transformer.state_dict()

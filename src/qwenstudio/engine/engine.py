@@ -199,10 +199,10 @@ class Engine:
         manager.set_stack([(manager.load(self.lora_path(ref.name)), float(ref.weight)) for ref in req.loras])
 
     def lora_metadata(self) -> list[dict]:
-        """The applied stack as the PNG records it: name, weight, file, A1111's short hash (``Lora hashes``)."""
+        """The applied stack as the PNG records it: name, weight, file, A1111's short hash (``Lora hashes``), and
+        ``match`` (what did not apply) for a partly applied file — a partial match is never silent."""
         stack = self._lora_manager.stack if self._lora_manager else []
-        return [{"name": f.name, "weight": w, "file": f.path.name, "hash": self._lora_hash(f.path), **_match_report(f)}
-                for f, w in stack]
+        return [{**f.as_metadata(w), "hash": self._lora_hash(f.path)} for f, w in stack]
 
     def _lora_hash(self, path: Path) -> str:
         from ..interop.settings import a1111_short_hash
@@ -251,12 +251,6 @@ class Engine:
             for m in models:
                 m.to(dtype)
             self.components.dtype = dtype
-
-
-def _match_report(lora_file) -> dict:
-    """What the LoRA file's keys matched, when its reader reports it (a partial match is never silent)."""
-    unmatched = getattr(lora_file, "unmatched", None)
-    return {"unmatched_keys": len(unmatched)} if unmatched else {}
 
 
 def available_devices() -> list[str]:

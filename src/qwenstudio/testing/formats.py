@@ -2,7 +2,8 @@
 
 Real files cannot be downloaded here, so each layout is reproduced from the tiny diffusers folder with the real key
 names and dtypes: the DiT with/without ``model.diffusion_model.``, in bf16/fp32/fp8 (e4m3fn, e5m2) and ComfyUI's
-"fp8 scaled" (``scale_weight`` ± ``scale_input`` + ``scaled_fp8`` marker); the Qwen2.5-VL text encoder under HF
+"fp8 scaled" (per-layer ``weight_scale`` + ``comfy_quant``, and the older ``scale_weight`` ± ``scale_input`` +
+``scaled_fp8`` marker); the Qwen2.5-VL text encoder under HF
 names (optionally fp8 scaled like ``qwen_2.5_vl_7b_fp8_scaled.safetensors``); the VAE under Wan 2.1 names. Our
 files carry their exact config in metadata (toy sizes cannot be inferred the way real ones are).
 """
@@ -13,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-DIT_VARIANTS = ("bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "fp8_scaled_input")
+DIT_VARIANTS = ("bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2", "fp8_scaled", "fp8_scaled_legacy", "fp8_scaled_input")
 
 
 def _save(tensors: dict, dst: Path, metadata: dict) -> Path:
@@ -36,8 +37,10 @@ def write_dit_file(tiny_folder: str | Path, dst: str | Path, variant: str = "bf1
         raise ValueError(f"variant must be one of {DIT_VARIANTS}")
     if variant in ("bf16", "fp32"):
         return convert(tiny_folder, dst, "comfy", dtype=variant, prefix=prefix, overwrite=True)
-    if variant.startswith("fp8_scaled"):
-        return convert(tiny_folder, dst, "fp8_scaled", prefix=prefix, scale_input=variant.endswith("input"),
+    if variant == "fp8_scaled":  # ComfyUI's per-layer format
+        return convert(tiny_folder, dst, "fp8_scaled", prefix=prefix, overwrite=True)
+    if variant.startswith("fp8_scaled"):  # the older scaled_fp8-marker layout, optionally with scale_input
+        return convert(tiny_folder, dst, "fp8_scaled_legacy", prefix=prefix, scale_input=variant.endswith("input"),
                        overwrite=True)
     return convert(tiny_folder, dst, "fp8", fp8_dtype="float8_" + variant[4:], prefix=prefix, overwrite=True)
 

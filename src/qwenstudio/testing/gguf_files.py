@@ -1,9 +1,9 @@
 """GGUF test files of the tiny DiT, plus the weights a correct loader must produce from them.
 
-gguf-py can quantize to the legacy types (Q8_0, Q5_x, Q4_x) and floats, so those files are real conversions of the
-tiny diffusers folder. It cannot quantize to K-types (Q4_K, Q5_K, Q6_K: what "Q4_K_M"-style files in the wild are
-made of), so K-quant files hold random blocks whose fp16 scale fields are overwritten with small finite values;
-gguf-py's numpy ``dequantize`` then says what each weight must become. K-blocks are 256 wide, so the K-quant DiT
+gguf-py can quantize to the legacy types (Q8_0, Q5_x, Q4_x) and floats, and our ``quant/kquant.py`` to Q4_K, Q5_K
+and Q6_K, so those files are real conversions of the tiny diffusers folder. Types nothing here writes (Q2_K, Q3_K:
+the low-bit files published for Qwen-Image) are built from random blocks whose fp16 scale fields are overwritten
+with small finite values; gguf-py's numpy ``dequantize`` then says what each weight must become. K-blocks are 256 wide, so the K-quant DiT
 uses a 256-wide inner dim (2 heads x 128); layers whose rows are not whole K-blocks (img_in, txt_in) are Q8_0 —
 which is also what real K-quant conversions do with odd-shaped layers.
 """
@@ -17,12 +17,16 @@ import numpy as np
 
 # Byte offsets of the fp16 scale fields in each K block (ggml-common.h block_q4_K / block_q5_K / block_q6_K).
 K_SCALE_FIELDS: dict[str, dict[str, int]] = {
+    "Q2_K": {"d": 80, "dmin": 82},  # scales[16], qs[64], d, dmin           = 84 bytes
+    "Q3_K": {"d": 108},             # hmask[32], qs[64], scales[12], d      = 110 bytes
     "Q4_K": {"d": 0, "dmin": 2},  # d, dmin, scales[12], qs[128]            = 144 bytes
     "Q5_K": {"d": 0, "dmin": 2},  # d, dmin, scales[12], qh[32], qs[128]    = 176 bytes
     "Q6_K": {"d": 208},           # ql[128], qh[64], scales[16] (int8), d   = 210 bytes
 }
 # Ranges of d (and dmin) that give weights of roughly +-0.02, like a trained DiT.
 _K_SCALE_RANGES = {
+    "Q2_K": {"d": (5e-5, 1.5e-4), "dmin": (5e-5, 1.5e-4)},
+    "Q3_K": {"d": (2e-5, 6e-5)},
     "Q4_K": {"d": (1e-5, 3e-5), "dmin": (1e-4, 2e-4)},
     "Q5_K": {"d": (5e-6, 1.5e-5), "dmin": (1e-4, 2e-4)},
     "Q6_K": {"d": (2e-6, 6e-6)},
@@ -41,7 +45,7 @@ KQUANT_DIT_CONFIG = {
 
 
 def write_tiny_gguf(folder: str | Path, dst: str | Path, qtype: str) -> Path:
-    """The tiny diffusers folder's transformer as a GGUF of ``qtype`` (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, F16, BF16)."""
+    """The tiny diffusers folder's transformer as a GGUF of ``qtype`` (any of ``gguf.WRITABLE_QTYPES``)."""
     from ..engine.formats.gguf import write_dit_gguf
 
     return write_dit_gguf(folder, dst, qtype)

@@ -119,51 +119,67 @@ def _expect(info: FileInfo, role: str, what: str) -> None:
 
 
 def _fp8_layers(model, info: FileInfo, key_map) -> dict[str, tuple[str, Any]]:
-    """Module name -> (file key prefix, fp8 torch dtype) for every Linear whose weight is fp8 in the file."""
+    """Module name -> (file key prefix, fp8 torch dtype) for every Linear whose weight is fp8 in the file: stored as
+    F8_* or, in ComfyUI's per-layer format, as uint8 bytes of the fp8 format its ``comfy_quant`` names."""
     from torch import nn
 
     from ..loading import read_safetensors_header
     from ..quant.fp8 import FP8_DTYPES
+    from .comfy_quant import FP8_FORMATS, check_supported, layer_formats
 
     fp8 = {"F8_E4M3": FP8_DTYPES["float8_e4m3fn"], "F8_E5M2": FP8_DTYPES["float8_e5m2"]}
+    header = read_safetensors_header(info.path)
+    header.pop("__metadata__", None)
+    formats = layer_formats(info.path, header, info.metadata)
+    check_supported(formats, str(info.path))
     modules = dict(model.named_modules())
     layers = {}
-    for key, meta in read_safetensors_header(info.path).items():
-        if key == "__metadata__" or meta["dtype"] not in fp8 or not key.endswith(".weight"):
+    for key, meta in header.items():
+        if not key.endswith(".weight"):
+            continue
+        fpre = key[: -len(".weight")]
+        if meta["dtype"] in fp8:
+            dt = fp8[meta["dtype"]]
+        elif meta["dtype"] == "U8" and fpre in formats:
+            dt = FP8_DTYPES[FP8_FORMATS[formats[fpre]]]
+        else:
             continue
         mkey = key_map(key)
         if mkey is not None and isinstance(modules.get(mkey[: -len(".weight")]), nn.Linear):
-            layers[mkey[: -len(".weight")]] = (key[: -len(".weight")], fp8[meta["dtype"]])
+            layers[mkey[: -len(".weight")]] = (fpre, dt)
     return layers
 
 
 def _load_with_fp8(model, info: FileInfo, *, dtype, device, name: str, key_map, optional=()) -> None:
-    """Fill ``model`` from a (possibly fp8 / fp8 scaled) safetensors file. fp8 Linear weights stay fp8 (with their
-    fp32 scales); any other fp8 tensor is dequantized to ``dtype``; ``scaled_fp8`` markers are skipped."""
+    """Fill ``model`` from a (possibly fp8 / fp8 scaled, old or per-layer layout) safetensors file. fp8 Linear weights
+    stay fp8 (with their fp32 scales); any other fp8 tensor is dequantized to ``dtype``; markers are skipped."""
     import torch
     from safetensors import safe_open
 
     from ..quant.fp8 import dequantize_fp8, is_fp8, swap_linears_to_fp8
+    from .comfy_quant import INPUT_SCALE_SUFFIXES, WEIGHT_SCALE_SUFFIXES, is_side_tensor, side_key
 
     layers = _fp8_layers(model, info, key_map)
     swap_linears_to_fp8(model, set(layers), {m: dt for m, (_, dt) in layers.items()})
     handled: set[str] = set()
     with safe_open(str(info.path), framework="pt") as f:
         keys = set(f.keys())
-        for mname, (fpre, _) in layers.items():
+        for mname, (fpre, dt) in layers.items():
             mod = model.get_submodule(mname)
-            weight = f.get_tensor(fpre + ".weight").to(device)
-            mod.weight = torch.nn.Parameter(weight, requires_grad=False)
+            weight = f.get_tensor(fpre + ".weight")
+            weight = weight.view(dt) if weight.dtype == torch.uint8 else weight
+            mod.weight = torch.nn.Parameter(weight.to(device), requires_grad=False)
             handled.add(fpre + ".weight")
-            for s in ("scale_weight", "scale_input"):
-                if f"{fpre}.{s}" in keys:
-                    mod.register_buffer(s, f.get_tensor(f"{fpre}.{s}").to(device=device, dtype=torch.float32))
+            for buf, suffixes in (("scale_weight", WEIGHT_SCALE_SUFFIXES), ("scale_input", INPUT_SCALE_SUFFIXES)):
+                k = side_key(keys, fpre, suffixes)
+                if k is not None:
+                    mod.register_buffer(buf, f.get_tensor(k).to(device=device, dtype=torch.float32))
         # Scales of fp8 tensors that are not Linear weights are applied when dequantizing them below.
-        scales = {k[: -len(".scale_weight")]: f.get_tensor(k) for k in keys if k.endswith(".scale_weight")}
+        scales = {k.rsplit(".", 1)[0]: f.get_tensor(k) for k in keys if k.endswith(WEIGHT_SCALE_SUFFIXES)}
 
     def tensors():
         for key, t in iter_safetensors([info.path]):
-            if key in handled or key.endswith(("scaled_fp8", ".scale_weight", ".scale_input")):
+            if key in handled or is_side_tensor(key):
                 continue
             if is_fp8(t.dtype):
                 t = dequantize_fp8(t, scales.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None)

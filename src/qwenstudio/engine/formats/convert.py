@@ -20,11 +20,11 @@ from typing import Any
 from ...errors import CorruptFile, IncompatibleWeights, InvalidRequest, ModelNotFound
 from .keymaps import CONFIG_METADATA_KEY, strip_dit_prefix
 
-TARGETS = ("comfy", "diffusers", "fp8", "fp8_scaled")
+TARGETS = ("comfy", "diffusers", "fp8", "fp8_scaled", "fp8_scaled_legacy")
 COMFY_PREFIX = "model.diffusion_model."
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
-             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32"}
+             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "uint8": "U8"}
 
 
 def _torch_dtype(name: str | None):
@@ -121,7 +121,19 @@ class _DitSource:
                     self.where[nk] = (p, k)
                     self.shapes[nk] = tuple(sl.get_shape())
                     self.dtypes[nk] = _torch_dtype(_st_to_torch(sl.get_dtype()))
-        self.weights = [k for k in self.where if not k.endswith(("scaled_fp8", ".scale_weight", ".scale_input"))]
+        from .comfy_quant import FP8_FORMATS, check_supported, is_side_tensor, layer_formats
+
+        self.weights = [k for k in self.where if not is_side_tensor(k)]
+        self.formats: dict[str, str] = {}  # native layer -> ComfyUI per-layer format (uint8-stored fp8 included)
+        for p in self.files:
+            from ..loading import read_safetensors_header
+
+            header = read_safetensors_header(p)
+            meta = header.pop("__metadata__", None) or {}
+            found = layer_formats(p, header, meta)
+            check_supported(found, str(p))
+            self.formats.update({strip_dit_prefix(k): v for k, v in found.items()})
+        self.fp8_views = {layer: _torch_dtype(FP8_FORMATS[f]) for layer, f in self.formats.items()}
 
     def _raw(self, key: str):
         from safetensors import safe_open
@@ -132,13 +144,18 @@ class _DitSource:
 
     def get(self, key: str):
         """The tensor as stored, except fp8 which comes back dequantized to fp32 (times its scale_weight)."""
+        import torch
+
         from ..quant.fp8 import dequantize_fp8, is_fp8
+        from .comfy_quant import WEIGHT_SCALE_SUFFIXES, side_key
 
         t = self._raw(key)
+        layer = key.rsplit(".", 1)[0]
+        if t.dtype == torch.uint8 and key.endswith(".weight") and layer in self.fp8_views:
+            t = t.view(self.fp8_views[layer])
         if is_fp8(t.dtype):
-            layer = key.rsplit(".", 1)[0]
-            scale = self._raw(layer + ".scale_weight") if layer + ".scale_weight" in self.where else None
-            t = dequantize_fp8(t, scale)
+            sk = side_key(self.where, layer, WEIGHT_SCALE_SUFFIXES)
+            t = dequantize_fp8(t, self._raw(sk) if sk else None)
         return t
 
     def source_dtype(self):
@@ -151,7 +168,8 @@ class _DitSource:
             n = 1
             for d in self.shapes[k]:
                 n *= d
-            counts[self.dtypes[k]] = counts.get(self.dtypes[k], 0) + n
+            dt = self.fp8_views.get(k.rsplit(".", 1)[0], self.dtypes[k]) if k.endswith(".weight") else self.dtypes[k]
+            counts[dt] = counts.get(dt, 0) + n
         dt = max(counts, key=counts.get)
         return torch.bfloat16 if is_fp8(dt) else dt
 
@@ -161,19 +179,37 @@ def _st_to_torch(st: str) -> str:
 
 
 def _plan(src: _DitSource, to: str, *, prefix: str, dtype, fp8_dtype, keep, scale_input: bool) -> list[_Entry]:
+    """Entries in file order. ``fp8_scaled`` is ComfyUI's per-layer format (``weight_scale`` + ``comfy_quant`` on
+    each fp8 layer only); ``fp8_scaled_legacy`` the older ``scale_weight`` + ``scaled_fp8`` marker layout."""
     import torch
 
     from ..quant.fp8 import keep_high_precision, quantize_fp8
+    from .comfy_quant import encode_layer_conf
 
     entries: list[_Entry] = []
+    fmt = str(fp8_dtype).replace("torch.", "")
     for k in sorted(src.weights):
         shape = src.shapes[k]
-        fp8 = to in ("fp8", "fp8_scaled") and k.endswith(".weight") and len(shape) == 2 and not keep_high_precision(k, keep)
+        fp8 = (to in ("fp8", "fp8_scaled", "fp8_scaled_legacy") and k.endswith(".weight") and len(shape) == 2
+               and not keep_high_precision(k, keep))
         if not fp8:
             entries.append(_Entry(prefix + k, dtype, shape, lambda k=k: src.get(k).to(dtype)))
             continue
-        scaled = to == "fp8_scaled"
         layer = k[: -len(".weight")]
+        if to == "fp8_scaled":
+            cache_pl: dict = {}
+
+            def quant_pl(k=k, cache=cache_pl):
+                q, s = quantize_fp8(src.get(k), True, fp8_dtype)
+                cache["scale"] = s
+                return q
+
+            conf = encode_layer_conf({"format": fmt})
+            entries.append(_Entry(prefix + k, fp8_dtype, shape, quant_pl))
+            entries.append(_Entry(f"{prefix}{layer}.weight_scale", torch.float32, (), lambda c=cache_pl: c.pop("scale")))
+            entries.append(_Entry(f"{prefix}{layer}.comfy_quant", torch.uint8, tuple(conf.shape), lambda c=conf: c))
+            continue
+        scaled = to == "fp8_scaled_legacy"
         cache: dict = {}
 
         def quant(k=k, cache=cache, scaled=scaled):
@@ -187,7 +223,7 @@ def _plan(src: _DitSource, to: str, *, prefix: str, dtype, fp8_dtype, keep, scal
             if scale_input:
                 entries.append(_Entry(f"{prefix}{layer}.scale_input", torch.float32, (),
                                       lambda: torch.tensor(1.0, dtype=torch.float32)))
-    if to == "fp8_scaled":  # ComfyUI's marker for scaled-fp8 checkpoints; its dtype names the fp8 format
+    if to == "fp8_scaled_legacy":  # older ComfyUI's marker for scaled-fp8 checkpoints; its dtype names the format
         entries.append(_Entry(prefix + "scaled_fp8", fp8_dtype, (0,), lambda: torch.empty(0, dtype=fp8_dtype)))
     return entries
 
@@ -232,7 +268,8 @@ def convert(
     overwrite: bool = False,
 ) -> Path:
     """Convert a Qwen-Image DiT. ``to``: "comfy" (single file, ``model.diffusion_model.`` prefix unless
-    ``prefix=False``), "fp8" / "fp8_scaled" (single file; layers on ``keep`` stay in ``dtype``, default bf16),
+    ``prefix=False``), "fp8" / "fp8_scaled" (ComfyUI's per-layer format) / "fp8_scaled_legacy" (``scaled_fp8``
+    marker layout) (single file; layers on ``keep`` stay in ``dtype``, default bf16),
     "diffusers" (a transformer folder: config.json + diffusion_pytorch_model.safetensors). ``src``: a diffusers
     folder (or its transformer/ folder) or a single file. High-precision output keeps the source dtype unless
     ``dtype`` is given (fp8 sources become bf16). Returns ``dst``."""
@@ -242,6 +279,11 @@ def convert(
         raise InvalidRequest(f"unknown conversion target '{to}'; valid: {', '.join(TARGETS)}")
     if fp8_dtype not in FP8_DTYPES:
         raise InvalidRequest(f"unknown fp8 dtype '{fp8_dtype}'; valid: {', '.join(FP8_DTYPES)}")
+    if scale_input and to != "fp8_scaled_legacy":
+        raise InvalidRequest(
+            "scale_input is written only by the legacy layout (--to fp8_scaled_legacy): ComfyUI's per-layer format "
+            "uses input_scale to quantize activations, and an uncalibrated 1.0 there would cost precision"
+        )
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:
         raise InvalidRequest(f"{dst} already exists (pass overwrite=True to replace it)")
@@ -252,6 +294,12 @@ def convert(
                     keep=FP8_KEEP_HIGH_PRECISION if keep is None else tuple(keep), scale_input=scale_input)
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(source.config), "qwenstudio.converted_to": to,
                 "qwenstudio.source": src.name}
+    if to == "fp8_scaled":  # the same per-layer table in the header, names relative to the DiT (ComfyUI >= 0.3.7x)
+        from .comfy_quant import METADATA_KEY, quantization_metadata
+
+        layers = {e.key[len(pre): -len(".comfy_quant")]: {"format": fp8_dtype} for e in entries
+                  if e.key.endswith(".comfy_quant")}
+        metadata[METADATA_KEY] = quantization_metadata(layers)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ...errors import CorruptFile, ModelNotFound, UnsupportedFormat
 from ..loading import looks_like_pickle, read_safetensors_header
+from .comfy_quant import is_side_tensor
 from .keymaps import dit_prefix
 
 ROLES = ("dit", "text_encoder", "vae", "lora", "controlnet", "unknown")
@@ -66,8 +67,10 @@ def detect(path: str | Path) -> FileInfo:
     role, prefix = classify(shapes)
     dtype = _dominant_dtype({k: (_ST_DTYPES.get(dtypes[k], dtypes[k].lower()), _numel(s)) for k, s in shapes.items()})
     quant = None  # fp8 if any weight is fp8, even where bf16 embeddings dominate (small fp8 text encoders)
-    if any(dtypes[k].startswith("F8_") and not k.endswith("scaled_fp8") for k in shapes):
-        scaled = any(k.endswith((".scale_weight", "scaled_fp8")) for k in shapes)
+    if any(k.endswith(".comfy_quant") for k in shapes) or "_quantization_metadata" in metadata:
+        quant = "fp8_scaled"  # ComfyUI's per-layer format (formats/comfy_quant.py); its loader checks each format
+    elif any(dtypes[k].startswith("F8_") and not k.endswith("scaled_fp8") for k in shapes):
+        scaled = any(k.endswith((".scale_weight", ".weight_scale", "scaled_fp8")) for k in shapes)
         quant = "fp8_scaled" if scaled else "fp8"
     return FileInfo(path, "safetensors", role, dtype, quant, prefix, size, len(shapes), None, metadata, shapes)
 
@@ -107,7 +110,7 @@ def _dominant_dtype(entries: dict[str, tuple[str, int]]) -> str:
     """The dtype holding most elements among matrix-like weights (ignores scales, norms and biases)."""
     counts: Counter = Counter()
     for key, (dt, n) in entries.items():
-        if key.endswith((".scale_weight", ".scale_input", "scaled_fp8")):
+        if is_side_tensor(key):
             continue
         counts[dt] += n
     return counts.most_common(1)[0][0] if counts else "unknown"

@@ -24,7 +24,8 @@ GGUF_MAGIC = b"GGUF"
 ARCH = "qwen_image"
 _GENERIC_ARCHES = (None, "", ARCH, "pig", "cow")  # 'pig'/'cow': city96's pre-arch-field conversions
 _REQUIRED = ("img_in.weight", "txt_in.weight", "proj_out.weight", "transformer_blocks.0.attn.norm_q.weight")
-WRITABLE_QTYPES = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "BF16", "F32")
+WRITABLE_QTYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1", "F16", "BF16", "F32")
+K_QTYPES = ("Q4_K", "Q5_K", "Q6_K")  # encoded by quant/kquant.py (gguf-py cannot quantize to K-types)
 
 TensorEntry = tuple  # (qtype id: int, logical shape: tuple[int, ...], raw: np.ndarray)
 
@@ -187,13 +188,13 @@ def _source(src) -> tuple[dict, Any, Any]:
 
 def _plan_qtype(key: str, shape: tuple[int, ...], qtype: str, keep_f32: tuple[str, ...]) -> str:
     """city96's convert policy: 1-D tensors (norms, biases) and ``keep_f32`` keys in F32; rows that are not whole
-    blocks fall back to F16."""
+    blocks fall back to Q8_0 (K-types: what llama.cpp's quantizer does with odd-shaped rows) or F16."""
     from ..quant.gguf_linear import QTYPES, qtype_id
 
     if len(shape) <= 1 or any(s in key for s in keep_f32):
         return "F32"
     if shape[-1] % QTYPES[qtype_id(qtype)][1]:
-        return "F16"
+        return "Q8_0" if qtype in K_QTYPES and shape[-1] % 32 == 0 else "F16"
     return qtype
 
 
@@ -206,7 +207,8 @@ def write_dit_gguf(
     config: dict | None = None,
 ) -> Path:
     """Write the DiT as a GGUF (arch ``qwen_image``, un-prefixed diffusers names, config in metadata) from a state
-    dict or a diffusers folder. ``qtype``: one of WRITABLE_QTYPES. Written to a temp file, then renamed."""
+    dict or a diffusers folder. ``qtype``: one of WRITABLE_QTYPES (K-types via quant/kquant.py, the rest via
+    gguf-py). Written to a temp file, then renamed."""
     import gguf
     import numpy as np
 
@@ -242,9 +244,11 @@ def write_dit_gguf(
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
+        from ..quant.kquant import quantize as kquantize
+
         for k, qt in plan:
             data = get(k).detach().to("cpu").float().numpy()
-            w.write_tensor_data(gguf.quants.quantize(data, qt))
+            w.write_tensor_data(kquantize(data, qt.name) if qt.name in K_QTYPES else gguf.quants.quantize(data, qt))
         w.close()
         os.replace(tmp, dst)
     finally:

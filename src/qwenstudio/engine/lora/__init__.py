@@ -2,7 +2,7 @@
 switchable low-rank side branches (``adapters``), and Lightning recipe detection (``lightning``)."""
 
 from .adapters import LoraLinear, LoraManager, check_weight, parse_lora_arg, parse_stack_spec
-from .keys import LoraFile, LoraWeights, convert_state_dict, linear_targets, read_lora_file
+from .keys import LoraFile, LoraMatchReport, LoraWeights, convert_state_dict, linear_targets, read_lora_file
 from .lightning import LightningRecipe, apply_recipe, detect_lightning
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "LoraFile",
     "LoraLinear",
     "LoraManager",
+    "LoraMatchReport",
     "LoraWeights",
     "apply_recipe",
     "check_weight",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +25,13 @@ from ...errors import InvalidRequest
 from .keys import LoraFile, linear_targets, read_lora_file
 
 MAX_WEIGHT = 10.0
-Branch = tuple[Any, Any, float]  # (down [r, in], up [out, r], scale) or (None, delta [out, in], weight)
+# (down [r, in], up [out, r], scale, bias [out] or None), or (None, delta [out, in] or None, weight, bias or None);
+# the output gains scale * (up(down(x)) + bias).
+Branch = tuple[Any, Any, float, Any]
 
 
 class LoraLinear(nn.Module):
-    """``y = base(x) + sum_i scale_i * (x @ down_i.T) @ up_i.T``, computed in x's dtype on x's device."""
+    """``y = base(x) + sum_i scale_i * ((x @ down_i.T) @ up_i.T + bias_i)``, computed in x's dtype on x's device."""
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -48,12 +51,16 @@ class LoraLinear(nn.Module):
         if not self.branches:
             return y
         extra = None
-        for down, up, scale in self.branches:
+        for down, up, scale, bias in self.branches:
             # .to() is a no-op when dtype/device already match (why: survives model.to(fp32) retries).
-            up = up.to(device=x.device, dtype=x.dtype)
-            h = nn.functional.linear(x, up) if down is None else nn.functional.linear(
-                nn.functional.linear(x, down.to(device=x.device, dtype=x.dtype)), up
-            )
+            b = None if bias is None else bias.to(device=x.device, dtype=x.dtype)
+            if up is None:  # a bias-only adapter (ComfyUI diff_b)
+                h = b.expand(*y.shape[:-1], b.shape[0])
+            else:
+                up = up.to(device=x.device, dtype=x.dtype)
+                h = nn.functional.linear(x, up, b) if down is None else nn.functional.linear(
+                    nn.functional.linear(x, down.to(device=x.device, dtype=x.dtype)), up, b
+                )
             h = h * scale
             extra = h if extra is None else extra + h
         return y + extra.to(y.dtype)
@@ -74,11 +81,12 @@ class LoraManager:
         self._files: OrderedDict[tuple, LoraFile] = OrderedDict()
         self._prepared: dict[tuple, Branch] = {}
         self._stack: list[tuple[LoraFile, float]] = []
-        self._fused: dict[str, torch.Tensor] | None = None  # module name -> original weight (CPU copy)
+        self._fused: dict[str, tuple] | None = None  # module name -> original (weight, bias or None), CPU copies
 
     # ---- files -------------------------------------------------------------------------------------------------
     def load(self, path: str | Path) -> LoraFile:
-        """Parse (or fetch from cache) a LoRA file for this model."""
+        """Parse (or fetch from cache) a LoRA file for this model. A file that is only partly applied (keys matching
+        no module, text-encoder keys) warns once, and says what in ``LoraFile.report`` (a ``LoraMatchReport``)."""
         path = Path(path).expanduser().resolve()
         st = path.stat() if path.exists() else None
         key = (str(path), st.st_mtime_ns if st else 0, st.st_size if st else 0)
@@ -86,6 +94,8 @@ class LoraManager:
             self._files.move_to_end(key)
             return self._files[key]
         lf = read_lora_file(path, linear_targets(self.model))
+        if lf.report is not None and lf.report.warning():
+            warnings.warn(lf.report.warning(), stacklevel=2)  # partial matches are never silent
         self._files[key] = lf
         while len(self._files) > self.max_files:
             self._files.popitem(last=False)
@@ -147,12 +157,14 @@ class LoraManager:
         if key not in self._prepared:
             w = lf.weights[name]
             kw = {"device": self.device, "dtype": self.dtype}
-            if w.kind == "lora":
-                self._prepared[key] = (w.down.to(**kw), w.up.to(**kw), w.scale)
-            else:  # LoKr/LoHa/full: the dense delta, built once per file and module, when first activated
-                self._prepared[key] = (None, w.delta(**kw), 1.0)
-        down, up, scale = self._prepared[key]
-        return down, up, scale * weight
+            if w.kind == "lora":  # bias in units of the branch scale: scale * (up(down(x)) + bias) = the PEFT output
+                bias = None if w.bias is None else (w.bias_delta() / w.scale if w.scale else None)
+                self._prepared[key] = (w.down.to(**kw), w.up.to(**kw), w.scale, None if bias is None else bias.to(**kw))
+            else:  # LoKr/LoHa/full/bias-only: the dense delta, built once per file and module, when first activated
+                bias = w.bias_delta(**kw)
+                self._prepared[key] = (None, w.delta(**kw), 1.0, bias)
+        down, up, scale, bias = self._prepared[key]
+        return down, up, scale * weight, bias
 
     # ---- fuse / unfuse -----------------------------------------------------------------------------------------
     def fuse(self) -> None:
@@ -172,20 +184,31 @@ class LoraManager:
                 "cannot fuse LoRAs into quantized or non-Linear modules (their weights are not plain float tensors; "
                 f"the side branches keep working unfused): {', '.join(bad[:5])}" + (" ..." if len(bad) > 5 else "")
             )
-        originals: dict[str, torch.Tensor] = {}
+        originals: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with torch.no_grad():
             for n in names:
                 m = self.model.get_submodule(n)
                 base = m.base if isinstance(m, LoraLinear) else m
-                W = base.weight
+                W, B = base.weight, base.bias
                 delta = torch.zeros(W.shape, dtype=torch.float32, device=W.device)
+                bdelta = None
                 for lf, weight in self._stack:
                     if n in lf.weights:
-                        down, up, scale = self._branch(lf, n, weight)
-                        d = up.float() if down is None else up.float() @ down.float()
-                        delta += d.to(W.device) * scale
-                originals[n] = W.detach().to("cpu", copy=True)
+                        down, up, scale, bias = self._branch(lf, n, weight)
+                        if up is not None:
+                            d = up.float() if down is None else up.float() @ down.float()
+                            delta += d.to(W.device) * scale
+                        if bias is not None:
+                            if B is None:
+                                raise InvalidRequest(f"cannot fuse a bias delta into '{n}', which has no bias "
+                                                     "(the side branches keep working unfused)")
+                            bd = bias.float().to(W.device) * scale
+                            bdelta = bd if bdelta is None else bdelta + bd
+                originals[n] = (W.detach().to("cpu", copy=True),
+                                None if bdelta is None else B.detach().to("cpu", copy=True))
                 W.copy_((W.float() + delta).to(W.dtype))
+                if bdelta is not None:
+                    B.copy_((B.float() + bdelta).to(B.dtype))
                 if isinstance(m, LoraLinear):
                     _set_module(self.model, n, base)
         self._fused = originals
@@ -196,10 +219,12 @@ class LoraManager:
         if self._fused is None:
             return
         with torch.no_grad():
-            for n, orig in self._fused.items():
+            for n, (orig, orig_bias) in self._fused.items():
                 m = self.model.get_submodule(n)
                 base = m.base if isinstance(m, LoraLinear) else m
                 base.weight.copy_(orig)
+                if orig_bias is not None:
+                    base.bias.copy_(orig_bias)
         self._fused = None
         if reinstall:
             self._install()

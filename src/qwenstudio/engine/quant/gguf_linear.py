@@ -26,6 +26,8 @@ QTYPES: dict[int, tuple[str, int, int]] = {
     6: ("Q5_0", 32, 22),
     7: ("Q5_1", 32, 24),
     8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
     12: ("Q4_K", 256, 144),
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
@@ -163,6 +165,30 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (d * q).reshape(n, QK_K)
 
 
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales, qs, d, dmin = _split(b, QK_K // 16, QK_K // 4, 2)
+    dl = (_f16(d) * (scales & 0x0F).float()).reshape(n, QK_K // 16, 1)
+    ml = (_f16(dmin) * (scales >> 4).float()).reshape(n, QK_K // 16, 1)
+    q = (qs.reshape(n, -1, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    q = q.reshape(n, QK_K // 16, 16).float()
+    return (dl * q - ml).reshape(n, QK_K)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs, scales, d = _split(b, QK_K // 8, QK_K // 4, 12)
+    lsc = (scales[:, :8].reshape(n, 1, 8) >> _shifts([0, 4], (1, 2, 1), b.device)).reshape(n, 16)
+    hsc = (scales[:, 8:].reshape(n, 1, 4) >> _shifts([0, 2, 4, 6], (1, 4, 1), b.device)).reshape(n, 16)
+    sc = ((lsc & 0x0F) | ((hsc & 0x03) << 4)).to(torch.int8) - 32
+    dl = (_f16(d) * sc.float()).reshape(n, 16, 1)
+    ql = (qs.reshape(n, -1, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)).reshape(n, 16, QK_K // 16) & 3
+    qh = (hmask.reshape(n, -1, 1, 32) >> _shifts(list(range(8)), (1, 1, 8, 1), b.device)).reshape(n, 16, QK_K // 16)
+    qh = (qh & 1) ^ 1  # the offset of 4 applies where the mask bit is 0
+    q = (ql.to(torch.int8) - (qh << 2).to(torch.int8)).float()
+    return (dl * q).reshape(n, QK_K)
+
+
 def _f32(b: torch.Tensor) -> torch.Tensor:
     return b.contiguous().view(torch.float32)
 
@@ -178,7 +204,7 @@ def _bf16(b: torch.Tensor) -> torch.Tensor:
 DEQUANTIZERS: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] = {
     0: _f32, 1: _f16_blocks, 30: _bf16,
     2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0,
-    12: _q4_k, 13: _q5_k, 14: _q6_k,
+    10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k,
 }
 
 
