@@ -186,6 +186,10 @@ def load_dit_file(path: str | Path, *, device=None, dtype=None):
     info = detect(path)
     _expect(info, "dit", "diffusion model (DiT)")
     device, dtype = _resolve(device, dtype)
+    if info.quant is not None and info.quant.startswith(("svdq_", "int4", "bnb_")):
+        from .four_bit import load_dit_four_bit
+
+        return load_dit_four_bit(info, device=device, dtype=dtype)
     shapes = {strip_dit_prefix(k): s for k, s in info.shapes.items()}
     try:
         config = infer_dit_config(shapes, info.metadata)
