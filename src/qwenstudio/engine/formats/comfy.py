@@ -341,6 +341,12 @@ def find_tokenizer(search_dirs=()) -> Path:
     )
 
 
+def _dit_format_name(quant: str | None) -> str:
+    if quant is not None and quant.startswith("svdq_"):
+        return "nunchaku"
+    return "int4" if quant is not None and quant.startswith("int4") else "comfy"
+
+
 def load_single_files(
     dit: str | Path,
     text_encoder: str | Path,
@@ -358,7 +364,8 @@ def load_single_files(
         dirs += [p.parent for p in paths] + [p.parent.parent for p in paths]
         tokenizer_dir = find_tokenizer(list(dict.fromkeys(dirs)))
     tokenizer = load_tokenizer(Path(tokenizer_dir))  # fail fast, before the big files
-    is_gguf = detect(paths[0]).container == "gguf"
+    dit_info = detect(paths[0])
+    is_gguf = dit_info.container == "gguf"
     if is_gguf:
         from .gguf import gguf_fingerprint, load_dit_gguf
 
@@ -369,7 +376,7 @@ def load_single_files(
     vae_model = load_vae_file(paths[2], device=device, dtype=dtype)
     identity = {
         "name": paths[0].stem,
-        "format": "gguf" if is_gguf else "comfy",
+        "format": "gguf" if is_gguf else _dit_format_name(dit_info.quant),
         "class": "QwenImagePipeline",
         "files": [p.stem for p in paths],  # names, never paths: identity ends up in metadata and API responses
         "fingerprint": gguf_fingerprint(paths[0]) if is_gguf else fingerprint(paths),

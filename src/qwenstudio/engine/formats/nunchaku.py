@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from ...errors import IncompatibleWeights, UnsupportedFormat
@@ -118,6 +119,15 @@ def load_dit_svdquant(path: str | Path, *, device=None, dtype=None):
                 yield key, t
 
     fill_module(model, rest(), dtype=dtype, device=device, name=f"transformer ({info.path.name})")
+    if device.type == "cuda":
+        from ..quant.svdquant import attach_kernels, kernel_support
+
+        reason = kernel_support(precision, device)
+        if reason is None:
+            attach_kernels(model, device)
+        else:
+            warnings.warn(f"{info.path.name}: {reason}; running nunchaku's arithmetic with the torch reference "
+                          "implementation (same numbers, several times slower than the kernels)", stacklevel=2)
     return model.eval()
 
 

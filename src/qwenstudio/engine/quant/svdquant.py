@@ -205,6 +205,7 @@ class SVDQuantLinear(nn.Module):
         self.act_unsigned = act_unsigned and precision == "int4"
         self.act_quant = True
         self.wtscale = 1.0
+        self.kernel: nn.Module | None = None  # a nunchaku SVDQW4A4Linear, set by attach_kernels
         for name in ("qweight", "wscales", "smooth", "proj_down", "proj_up", "wcscales"):
             self.register_buffer(name, None)
         self.register_parameter("bias", None)
@@ -247,6 +248,9 @@ class SVDQuantLinear(nn.Module):
         return b.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and x.is_cuda and self.act_quant:
+            return self.kernel(x.reshape(-1, *x.shape[-2:]).to(torch.bfloat16)).to(x.dtype).reshape(
+                *x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         compute = torch.float32 if x.device.type == "cpu" else x.dtype
@@ -364,3 +368,50 @@ def awq_modulation_layer(tensors: dict, *, splits: int = 6, dtype=torch.float32,
         bias[chunk * dim:(chunk + 1) * dim] -= 1.0
     return Int4WeightLinear.from_tensors(pack_nibbles(codes), scales.contiguous(), zeros.contiguous(),
                                          bias.to(dtype))
+
+
+# ---- nunchaku's CUDA kernels, where they exist -----------------------------------------------------------------
+
+def kernel_support(precision: str, device) -> str | None:
+    """Why nunchaku's kernels cannot run ``precision`` on ``device`` (None when they can): they need CUDA, the
+    ``nunchaku`` package, and int4: sm75-sm89 (Turing to Ada), nvfp4: sm120 (Blackwell consumer cards)."""
+    import importlib.util
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "nunchaku's kernels are CUDA-only"
+    if importlib.util.find_spec("nunchaku") is None:
+        return "the 'nunchaku' package is not installed"
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = major * 10 + minor
+    ok = 75 <= cap <= 89 if precision == "int4" else cap >= 120
+    return None if ok else f"{precision} kernels do not support this GPU (sm{cap})"
+
+
+def attach_kernels(model: nn.Module, device) -> int:
+    """Give every SVDQuant layer that the kernels can run alone a nunchaku ``SVDQW4A4Linear`` built from its
+    tensors re-packed into the kernel layout; its forward then calls it (CUDA, activation rounding on). MLP fc2
+    layers (act_unsigned) stay on the reference path: nunchaku runs them only inside its fused GELU MLP kernel.
+    Returns the number of layers attached. Written against nunchaku's API; not run on the development machine."""
+    from nunchaku.models.linear import SVDQW4A4Linear
+
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, SVDQuantLinear) or m.act_unsigned or kernel_support(m.precision, device) is not None:
+            continue
+        k = SVDQW4A4Linear(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None,
+                           precision=m.precision, torch_dtype=torch.bfloat16, device=device)
+        scales = pack_micro_scales(m.wscales) if m.precision == "nvfp4" else pack_scales(m.wscales)
+        tensors = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
+                   "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
+                   "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
+        if m.bias is not None:
+            tensors["bias"] = pack_scales(m.bias.detach())
+        if m.wcscales is not None:
+            tensors["wcscales"] = pack_scales(m.wcscales)
+        for name, t in tensors.items():
+            getattr(k, name).data = t.to(device=device, dtype=getattr(k, name).dtype)
+        k.wtscale = m.wtscale
+        object.__setattr__(m, "kernel", k)  # not a submodule: model.to(dtype) must not re-type the kernel's tensors
+        n += 1
+    return n
