@@ -52,9 +52,10 @@ def loaded():
 
 def _inputs():
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, 64, 64, generator=g), encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
-                encoder_hidden_states_mask=torch.ones(1, 7), timestep=torch.tensor([0.6]), img_shapes=[(1, 8, 8)],
-                return_dict=False)
+    return {"hidden_states": torch.randn(1, 64, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, 7, 32, generator=g),
+            "encoder_hidden_states_mask": torch.ones(1, 7), "timestep": torch.tensor([0.6]),
+            "img_shapes": [(1, 8, 8)], "return_dict": False}
 
 
 def _run(model):
@@ -169,7 +170,7 @@ def test_activation_grids_follow_the_kernels():
 def test_tiny_model_output_vs_fp32(precision, source, loaded):
     model = loaded[precision]
     ref = _run(source)
-    rms = lambda d: (d.pow(2).mean() / ref.pow(2).mean()).sqrt().item()  # noqa: E731
+    rms = lambda d: (d.pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     w4a4 = rms(_run(model) - ref)
     set_activation_quant(model, False)
     try:
@@ -237,8 +238,9 @@ def test_kernels_refused_with_reason_on_cpu():
 
 def test_fused_projections_split_exactly(loaded):
     """to_q/to_k/to_v cut from nunchaku's fused to_qkv give the fused layer's outputs (same activation rounding)."""
-    from qwenstudio.engine.quant.svdquant import from_kernel_layout
     from safetensors.torch import load_file
+
+    from qwenstudio.engine.quant.svdquant import from_kernel_layout
 
     sd = load_file(str(FIXTURES / INT4_FILE))
     layer = "transformer_blocks.0.attn.to_qkv"
@@ -274,11 +276,18 @@ def _generate(engine, **kw):
     return engine.generate(prompt="a red apple", seed=4, steps=2, width=64, height=64, **kw)
 
 
-@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
-def test_engine_runs_nunchaku_file_with_lora_per_request(precision, models_dir):
+@pytest.fixture(scope="module")
+def source_latents(models_dir):
     from qwenstudio import Engine
 
-    ref = _generate(Engine.load("source-fp32", models_dirs=(models_dir,), device="cpu", variant="tiny")).latents
+    return _generate(Engine.load("source-fp32", models_dirs=(models_dir,), device="cpu", variant="tiny")).latents
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_engine_runs_nunchaku_file_with_lora_per_request(precision, models_dir, source_latents):
+    from qwenstudio import Engine
+
+    ref = source_latents
     engine = Engine.load(FILES[precision].removesuffix(".safetensors"), models_dirs=(models_dir,), device="cpu",
                          variant="tiny")
     plain = _generate(engine)
