@@ -132,3 +132,24 @@ def test_four_bit_file_refused_as_conversion_source(files, tmp_path):
 
     with pytest.raises(InvalidRequest, match="int4_g64"):
         convert(dst, tmp_path / "x.safetensors", "comfy")
+
+
+def test_bitsandbytes_nf4_file_is_named_and_refused_with_the_reason_on_cpu(tiny_folder, tmp_path):
+    """A DiT saved by diffusers' bitsandbytes quantizer keeps each 4-bit Linear as packed uint8 + quant-state keys;
+    it is recognised by those keys, listed as bnb_nf4, and refused on CPU (bitsandbytes 4-bit is CUDA-only)."""
+    from qwenstudio.engine.formats.convert import save_tensors
+    from qwenstudio.engine.loading import component_files, iter_safetensors
+    from qwenstudio.errors import UnsupportedFormat
+
+    sd = dict(iter_safetensors(component_files(tiny_folder / "transformer")))
+    w = sd.pop("transformer_blocks.0.attn.to_q.weight")
+    layer = "transformer_blocks.0.attn.to_q.weight"
+    sd[layer] = torch.zeros(w.numel() // 2, 1, dtype=torch.uint8)
+    sd[layer + ".absmax"] = torch.ones(w.numel() // 64)
+    sd[layer + ".quant_map"] = torch.linspace(-1, 1, 16)
+    sd[layer + ".quant_state.bitsandbytes__nf4"] = torch.zeros(64, dtype=torch.uint8)
+    path = save_tensors(sd, tmp_path / "qwen-image-nf4.safetensors", {"format": "pt"})
+    info = detect(path)
+    assert (info.role, info.quant, info.dtype) == ("dit", "bnb_nf4", "nf4")
+    with pytest.raises(UnsupportedFormat, match="CUDA only.*--to int4"):
+        load_dit_file(path, device="cpu")
