@@ -24,11 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# Bits per block-linear weight at Qwen-Image's shapes (3072-wide, MLP 12288; rank 32 int4 / 128 nvfp4).
+# Bits per block-linear weight at Qwen-Image's shapes (per block: attention 4 x 3072-wide incl. fused qkv, MLP
+# 3072 <-> 12288, modulation 3072 -> 18432, img and txt streams). SVDQuant: 4-bit codes + scales (bf16 per 64 =
+# 0.25 bit, fp8 per 16 = 0.5 bit) + the rank-r bf16 branch (r=32: 0.22 bit, r=128: 0.89 bit) on the W4A4 layers,
+# and AWQ int4 g64 (4.5 bits) on the modulation third of the weights.
 REAL_BITS = {
     "fp32": 32.0, "bf16": 16.0, "fp8_scaled": 8.0, "gguf_q8_0": 8.5, "gguf_q4_0": 4.5, "int4_g64": 4.5,
-    # 4 bits + bf16 scale per 64 (0.25) + rank-32 bf16 factors: 32*(in+out)*16/(in*out), averaged over the block
-    "svdq_int4_r32": 4.25 + 0.3, "svdq_nvfp4_r128": 4.5 + 1.2,  # fp8 scale per 16 = 0.5 bit; r128 ~1.2 bit
+    "svdq_int4_r32": (226.5 * 4.47 + 113.2 * 4.5) / 339.7, "svdq_nvfp4_r128": (226.5 * 5.39 + 113.2 * 4.5) / 339.7,
 }
 
 
