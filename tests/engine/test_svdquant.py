@@ -301,3 +301,15 @@ def test_engine_runs_nunchaku_file_with_lora_per_request(precision, models_dir, 
     assert (lora - plain.latents).abs().max() > 1e-3
     assert torch.equal(again, plain.latents)  # the stack is swapped out between requests, base untouched
     assert isinstance(engine.components.transformer.get_submodule("transformer_blocks.0.attn.to_v"), nn.Module)
+
+
+def test_nunchaku_file_of_another_model_is_not_a_qwen_dit(tmp_path):
+    """A nunchaku FLUX file has the same tensor kinds but FLUX's names: not listed as a Qwen-Image DiT."""
+    from qwenstudio.engine.formats.convert import save_tensors
+
+    t = {"transformer_blocks.0.qkv_proj.qweight": torch.zeros(128, 64, dtype=torch.int8),
+         "transformer_blocks.0.qkv_proj.wscales": torch.zeros(2, 128, dtype=torch.bfloat16),
+         "transformer_blocks.0.qkv_proj.proj_down": torch.zeros(128, 16, dtype=torch.bfloat16),
+         "x_embedder.weight": torch.zeros(8, 8)}
+    info = detect(save_tensors(t, tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", {"format": "pt"}))
+    assert info.role == "unknown" and info.quant == "svdq_int4_r16"

@@ -23,7 +23,7 @@ from .keymaps import CONFIG_METADATA_KEY, strip_dit_prefix
 TARGETS = ("comfy", "diffusers", "fp8", "fp8_scaled", "int4")
 COMFY_PREFIX = "model.diffusion_model."
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_ST_NAMES = {"uint8": "U8", "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
+_ST_NAMES = {"uint8": "U8", "int8": "I8", "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
              "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32"}
 
 

@@ -11,9 +11,10 @@ What a nunchaku layer computes (read from nunchaku's CUDA kernels, ``src/kernels
     y    = wtscale * sum_groups (q * s) . (w * wscales) * wcscales + bias + lora @ proj_up.T
 
 ``w`` is the 4-bit residual of the *smoothed* weight after the rank-r SVD branch was taken out. The reference here
-dequantizes activation and weight onto exactly those grids and does one matmul (fp32 on CPU), so it differs from
-the kernels only by accumulation order. ``act_quant=False`` skips the activation rounding: the layer is then
-exactly ``x @ effective_weight().T + bias`` (a W4A16 view of the same file, used to compare LoRAs).
+dequantizes activation and weight onto exactly those grids and does one fp32 matmul (on every device: 4-bit codes
+times bf16 scales are not exact in bf16), so it differs from the kernels only by accumulation order.
+``act_quant=False`` skips the activation rounding: the layer is then exactly ``x @ effective_weight().T +
+effective_bias()`` (a W4A16 view of the same file, used to compare LoRAs).
 
 The tensors in the files are in the kernels' tiled MMA layout (nunchaku ``lora/flux/packer.py``, deepcompressor
 ``backend/nunchaku/utils.py``: weights in 128 x 64 tiles of int32 lanes, scales/bias/smooth in 128-channel warp
@@ -253,7 +254,6 @@ class SVDQuantLinear(nn.Module):
                 *x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        compute = torch.float32 if x.device.type == "cpu" else x.dtype
         lora = nn.functional.linear(nn.functional.linear(x2.float(), self.proj_down.float()), self.proj_up.float())
         shifted = x2 + GELU_SHIFT if self.act_unsigned else x2
         xs = shifted / self.smooth.to(x.dtype)
@@ -262,7 +262,7 @@ class SVDQuantLinear(nn.Module):
         else:
             xq = xs.float()
         w = self.residual_weight()
-        y = nn.functional.linear(xq.to(compute), w.to(compute)).float() + lora
+        y = nn.functional.linear(xq, w) + lora
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
