@@ -82,7 +82,7 @@ def test_converted_file_is_named_and_within_the_int4_step(files, source):
             err = (m.dequantized_weight() - ref[name].weight).abs()
             assert (err <= int4_rounding_bound(m.scales, m.zeros)).all(), name
             n += 1
-    assert n == 14  # every block linear (8 attention, 4 MLP, 2 modulation); img_in/txt_in/proj_out/norm_out/time embeddings stay bf16
+    assert n == 14  # block linears: 8 attention, 4 MLP, 2 modulation; embeddings, norm_out, proj_out stay bf16
     assert type(model.get_submodule("img_in")).__name__ == "Linear"
 
 
@@ -100,7 +100,8 @@ def test_lora_on_int4_base_equals_lora_on_dequantized_base(files, source, tmp_pa
     path, _ = write_lora(tmp_path / "l.safetensors", source, "kohya", seed=4)
     g = torch.Generator().manual_seed(1)
     inputs = {"hidden_states": torch.randn(1, 64, 64, generator=g),
-              "encoder_hidden_states": torch.randn(1, 5, 32, generator=g), "encoder_hidden_states_mask": torch.ones(1, 5),
+              "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
+              "encoder_hidden_states_mask": torch.ones(1, 5),
               "timestep": torch.tensor([0.3]), "img_shapes": [(1, 8, 8)], "return_dict": False}
     with torch.no_grad():
         LoraManager(model).set_stack([(path, 0.7)])

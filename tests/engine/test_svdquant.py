@@ -266,7 +266,8 @@ def models_dir(tmp_path_factory, tiny_folder, source):
     (root / "diffusion_models").mkdir(exist_ok=True)
     for f in FILES.values():
         shutil.copy(FIXTURES / f, root / "diffusion_models" / f)
-    save_tensors({k: v.detach() for k, v in source.state_dict().items()}, root / "diffusion_models" / "source-fp32.safetensors",
+    save_tensors({k: v.detach() for k, v in source.state_dict().items()},
+                 root / "diffusion_models" / "source-fp32.safetensors",
                  {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
     write_lora(root / "loras" / "Qwen-Image-Lightning-8steps-V1.1.safetensors", source, "diffusers", seed=9)
     return root
@@ -313,3 +314,40 @@ def test_nunchaku_file_of_another_model_is_not_a_qwen_dit(tmp_path):
          "x_embedder.weight": torch.zeros(8, 8)}
     info = detect(save_tensors(t, tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", {"format": "pt"}))
     assert info.role == "unknown" and info.quant == "svdq_int4_r16"
+
+
+class _KernelStandIn(nn.Module):
+    """nunchaku's ``SVDQW4A4Linear`` constructor and parameter layout (models/linear.py), computing with our
+    reference from its packed parameters: checks that what ``kernel_layer`` hands the kernels is the file layout."""
+
+    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", torch_dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        gs = 16 if precision == "nvfp4" else 64
+        sdt = torch.float8_e4m3fn if precision == "nvfp4" else torch_dtype
+        p = lambda *s, dt=torch_dtype: nn.Parameter(torch.empty(*s, dtype=dt, device=device), requires_grad=False)
+        self.qweight = p(out_features, in_features // 2, dt=torch.int8)
+        self.wscales = p(in_features // gs, out_features, dt=sdt)
+        self.smooth_factor, self.smooth_factor_orig = p(in_features), p(in_features)
+        self.proj_down, self.proj_up, self.bias = p(in_features, rank), p(out_features, rank), p(out_features)
+        self.wcscales = p(out_features) if precision == "nvfp4" else None
+        self.precision, self.wtscale = precision, 1.0
+
+    def forward(self, x):
+        from qwenstudio.engine.quant.svdquant import from_kernel_layout
+
+        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias")
+        t = {n: getattr(self, n).detach() for n in names}
+        t["wtscale"] = torch.tensor([self.wtscale])
+        return from_kernel_layout(t, self.precision, act_unsigned=False, dtype=torch.float32, device="cpu")(x)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_kernel_layer_gets_the_file_layout(precision, loaded):
+    from qwenstudio.engine.quant.svdquant import kernel_layer
+
+    m = loaded[precision].get_submodule("transformer_blocks.0.attn.to_k")
+    k = kernel_layer(m, _KernelStandIn, "cpu")
+    x = torch.randn(2, 9, 128)
+    assert k.qweight.dtype == torch.int8 and k.proj_down.shape == (128, m.rank)
+    assert torch.allclose(k(x), m(x), atol=1e-5)

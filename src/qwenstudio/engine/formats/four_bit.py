@@ -111,7 +111,8 @@ def load_dit_bnb(info: FileInfo, *, device, dtype):
         for layer in layers:
             name = strip_dit_prefix(layer)
             old = model.get_submodule(name)
-            stats = {k[len(layer) + len(".weight."):]: f.get_tensor(k) for k in f.keys() if k.startswith(layer + ".weight.")}  # noqa: SIM118
+            head = layer + ".weight."
+            stats = {k[len(head):]: f.get_tensor(k) for k in f.keys() if k.startswith(head)}  # noqa: SIM118
             new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=dtype,
                                     quant_type=info.quant.split("_", 1)[1], device=device)
             new.weight = bnb.nn.Params4bit.from_prequantized(f.get_tensor(layer + ".weight"), stats,

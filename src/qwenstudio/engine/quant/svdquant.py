@@ -388,30 +388,37 @@ def kernel_support(precision: str, device) -> str | None:
     return None if ok else f"{precision} kernels do not support this GPU (sm{cap})"
 
 
+def kernel_layer(m: SVDQuantLinear, linear_cls, device) -> nn.Module:
+    """``m`` as a nunchaku ``SVDQW4A4Linear`` (``linear_cls``): its tensors re-packed into the kernel layout under
+    nunchaku's parameter names. The same layout the files have, so a round trip through it is exact."""
+    k = linear_cls(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None, precision=m.precision,
+                   torch_dtype=torch.bfloat16, device=device)
+    scales = pack_micro_scales(m.wscales) if m.precision == "nvfp4" else pack_scales(m.wscales)
+    tensors = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
+               "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
+               "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
+    if m.bias is not None:
+        tensors["bias"] = pack_scales(m.bias.detach())
+    if m.wcscales is not None:
+        tensors["wcscales"] = pack_scales(m.wcscales)
+    for name, t in tensors.items():
+        getattr(k, name).data = t.to(device=device, dtype=getattr(k, name).dtype)
+    k.wtscale = m.wtscale
+    return k
+
+
 def attach_kernels(model: nn.Module, device) -> int:
-    """Give every SVDQuant layer that the kernels can run alone a nunchaku ``SVDQW4A4Linear`` built from its
-    tensors re-packed into the kernel layout; its forward then calls it (CUDA, activation rounding on). MLP fc2
-    layers (act_unsigned) stay on the reference path: nunchaku runs them only inside its fused GELU MLP kernel.
-    Returns the number of layers attached. Written against nunchaku's API; not run on the development machine."""
+    """Give every SVDQuant layer that the kernels can run alone a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``);
+    its forward then calls it (CUDA, activation rounding on). MLP fc2 layers (act_unsigned) stay on the reference
+    path: nunchaku runs them only inside its fused GELU MLP kernel. Returns the number of layers attached. Written
+    against nunchaku's API; not run on the development machine (no nunchaku-capable GPU)."""
     from nunchaku.models.linear import SVDQW4A4Linear
 
     n = 0
     for m in model.modules():
         if not isinstance(m, SVDQuantLinear) or m.act_unsigned or kernel_support(m.precision, device) is not None:
             continue
-        k = SVDQW4A4Linear(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None,
-                           precision=m.precision, torch_dtype=torch.bfloat16, device=device)
-        scales = pack_micro_scales(m.wscales) if m.precision == "nvfp4" else pack_scales(m.wscales)
-        tensors = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
-                   "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
-                   "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
-        if m.bias is not None:
-            tensors["bias"] = pack_scales(m.bias.detach())
-        if m.wcscales is not None:
-            tensors["wcscales"] = pack_scales(m.wcscales)
-        for name, t in tensors.items():
-            getattr(k, name).data = t.to(device=device, dtype=getattr(k, name).dtype)
-        k.wtscale = m.wtscale
-        object.__setattr__(m, "kernel", k)  # not a submodule: model.to(dtype) must not re-type the kernel's tensors
+        # not a submodule: model.to(dtype) must not re-type the kernel's tensors
+        object.__setattr__(m, "kernel", kernel_layer(m, SVDQW4A4Linear, device))
         n += 1
     return n
