@@ -230,8 +230,8 @@ def bench(
 def convert(
     src: Path = typer.Argument(..., help="A diffusers folder (or its transformer/) or a ComfyUI DiT file."),
     dst: Path = typer.Argument(..., help="Output file (or folder for --to diffusers)."),
-    to: str = typer.Option(..., "--to", help="comfy, diffusers, fp8, fp8_scaled, int4, gguf_q8_0, gguf_q5_0, gguf_q4_0, "
-                           "gguf_f16, gguf_bf16"),
+    to: str = typer.Option(..., "--to", help="comfy, diffusers, fp8, fp8_scaled, int4, gguf_q8_0, gguf_q5_0, "
+                           "gguf_q4_0, gguf_f16, gguf_bf16"),
     dtype: Optional[str] = typer.Option(None, help="Float dtype for non-fp8 tensors (bf16, fp16, fp32)."),
     scale_input: bool = typer.Option(False, "--scale-input", help="fp8_scaled: also write scale_input tensors."),
     overwrite: bool = typer.Option(False, "--overwrite"),
