@@ -12,7 +12,8 @@ Every other format is written from that fp32 model by our converters. Per format
 - ``out_rms``: RMS(out - out_fp32) / RMS(out_fp32) of one DiT forward on fixed random inputs,
 - ``MiB``: bytes of the DiT's tensors once loaded (this tiny model: embeddings and low-rank factors weigh more than at
   full size; ``bits/w @20B`` is the block-linear cost at Qwen-Image's real shapes, computed from the format),
-- ``time``: median forward time relative to fp32 on this CPU (no 4-bit kernels here: dequantize + fp32 matmul).
+- ``time``: median single-thread CPU time of a forward relative to fp32 (no 4-bit kernels here: dequantize +
+  fp32 matmul).
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ def _time(model, inputs, repeat: int) -> tuple[float, object]:
         out = model(**inputs)[0]
         times = []
         for _ in range(repeat):
-            t = time.perf_counter()
+            t = time.process_time()  # CPU time of this process: robust to other jobs on a shared machine
             model(**inputs)
-            times.append(time.perf_counter() - t)
+            times.append(time.process_time() - t)
     return statistics.median(times), out
 
 
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(1)  # one thread: CPU time then measures the work, not the scheduling
 
     source = build_source_dit()
     ref_w = _weights(source)

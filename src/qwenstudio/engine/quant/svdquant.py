@@ -161,10 +161,10 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Round float32 to the nearest e2m1 value, ties to the even code, saturating at +-6 (``cvt.rn.satfinite``)."""
     grid = torch.tensor(E2M1_GRID, device=x.device)
     mids = (grid[1:] + grid[:-1]) / 2
-    a = x.abs().clamp_max(6.0)[..., None]
-    odd_low = (torch.arange(7, device=x.device) % 2 == 1)
-    idx = (a > mids).sum(-1) + ((a == mids) & odd_low).sum(-1)
-    return torch.copysign(grid[idx], x)
+    a = x.abs().clamp_max(6.0).contiguous()
+    idx = torch.bucketize(a, mids)  # number of midpoints strictly below |x|; a tie sits at mids[idx]
+    tie = (mids[idx.clamp_max(6)] == a) & (idx % 2 == 1)  # the lower neighbour's code is odd: go up to even
+    return torch.copysign(grid[idx + tie.long()], x)
 
 
 def fake_quant_int4(xs: torch.Tensor, unsigned: bool = False, group: int = 64) -> torch.Tensor:
