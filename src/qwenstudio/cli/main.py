@@ -98,7 +98,7 @@ def convert(
     src: Path = typer.Argument(..., help="A diffusers folder (or its transformer/) or a ComfyUI DiT file."),
     dst: Path = typer.Argument(..., help="Output file (or folder for --to diffusers)."),
     to: str = typer.Option(..., "--to", help="comfy, diffusers, fp8, fp8_scaled (ComfyUI per-layer), fp8_scaled_legacy, "
-                           "gguf_q8_0, gguf_q6_k, gguf_q5_k, gguf_q4_k, gguf_q5_0, gguf_q4_0, gguf_f16, gguf_bf16"),
+                           "int4, gguf_q8_0, gguf_q6_k, gguf_q5_k, gguf_q4_k, gguf_q5_0, gguf_q4_0, gguf_f16, gguf_bf16"),
     dtype: Optional[str] = typer.Option(None, help="Float dtype for non-fp8 tensors (bf16, fp16, fp32)."),
     scale_input: bool = typer.Option(False, "--scale-input", help="fp8_scaled_legacy: also write scale_input tensors."),
     overwrite: bool = typer.Option(False, "--overwrite"),

@@ -202,6 +202,10 @@ def load_dit_file(path: str | Path, *, device=None, dtype=None):
     info = detect(path)
     _expect(info, "dit", "diffusion model (DiT)")
     device, dtype = _resolve(device, dtype)
+    if info.quant is not None and info.quant.startswith(("svdq_", "int4", "bnb_")):
+        from .four_bit import load_dit_four_bit
+
+        return load_dit_four_bit(info, device=device, dtype=dtype)
     shapes = {strip_dit_prefix(k): s for k, s in info.shapes.items()}
     try:
         config = infer_dit_config(shapes, info.metadata)
@@ -358,6 +362,12 @@ def bundled_tokenizer() -> Path:
     return path
 
 
+def _dit_format_name(quant: str | None) -> str:
+    if quant is not None and quant.startswith("svdq_"):
+        return "nunchaku"
+    return "int4" if quant is not None and quant.startswith("int4") else "comfy"
+
+
 def load_single_files(
     dit: str | Path,
     text_encoder: str | Path,
@@ -375,7 +385,8 @@ def load_single_files(
         dirs += [p.parent for p in paths] + [p.parent.parent for p in paths]
         tokenizer_dir = find_tokenizer(list(dict.fromkeys(dirs)))
     tokenizer = load_tokenizer(Path(tokenizer_dir))  # fail fast, before the big files
-    is_gguf = detect(paths[0]).container == "gguf"
+    dit_info = detect(paths[0])
+    is_gguf = dit_info.container == "gguf"
     if is_gguf:
         from .gguf import gguf_fingerprint, load_dit_gguf
 
@@ -386,7 +397,7 @@ def load_single_files(
     vae_model = load_vae_file(paths[2], device=device, dtype=dtype)
     identity = {
         "name": paths[0].stem,
-        "format": "gguf" if is_gguf else "comfy",
+        "format": "gguf" if is_gguf else _dit_format_name(dit_info.quant),
         "class": "QwenImagePipeline",
         "files": [p.stem for p in paths],  # names, never paths: identity ends up in metadata and API responses
         "tokenizer": "bundled Qwen2.5" if Path(tokenizer_dir) == bundled_tokenizer() else "found beside the models",

@@ -20,11 +20,11 @@ from typing import Any
 from ...errors import CorruptFile, IncompatibleWeights, InvalidRequest, ModelNotFound
 from .keymaps import CONFIG_METADATA_KEY, strip_dit_prefix
 
-TARGETS = ("comfy", "diffusers", "fp8", "fp8_scaled", "fp8_scaled_legacy")
+TARGETS = ("comfy", "diffusers", "fp8", "fp8_scaled", "fp8_scaled_legacy", "int4")
 COMFY_PREFIX = "model.diffusion_model."
 _DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
-             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32", "uint8": "U8"}
+_ST_NAMES = {"uint8": "U8", "int8": "I8", "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
+             "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int64": "I64", "int32": "I32"}
 
 
 def _torch_dtype(name: str | None):
@@ -102,6 +102,9 @@ class _DitSource:
             info = detect(src)
             if info.role != "dit" or info.container != "safetensors":
                 raise IncompatibleWeights(f"{src}: not a Qwen-Image DiT safetensors file (detected {info.role})")
+            if info.quant is not None and not info.quant.startswith("fp8"):
+                raise InvalidRequest(f"{src}: a {info.quant} file cannot be a conversion source (4-bit weights do not "
+                                     "convert back losslessly); convert from the bf16/fp8 file or diffusers folder")
             from .keymaps import infer_dit_config
 
             self.files = [src]
@@ -190,6 +193,9 @@ def _plan(src: _DitSource, to: str, *, prefix: str, dtype, fp8_dtype, keep, scal
     fmt = str(fp8_dtype).replace("torch.", "")
     for k in sorted(src.weights):
         shape = src.shapes[k]
+        if to == "int4" and _int4_layer(k, shape, keep):
+            entries += _int4_entries(src, k, prefix)
+            continue
         fp8 = (to in ("fp8", "fp8_scaled", "fp8_scaled_legacy") and k.endswith(".weight") and len(shape) == 2
                and not keep_high_precision(k, keep))
         if not fp8:
@@ -228,6 +234,37 @@ def _plan(src: _DitSource, to: str, *, prefix: str, dtype, fp8_dtype, keep, scal
     return entries
 
 
+def _int4_layer(key: str, shape: tuple[int, ...], keep: tuple[str, ...]) -> bool:
+    from ..quant.fp8 import keep_high_precision
+    from ..quant.int4 import GROUP_SIZE
+
+    return key.endswith(".weight") and len(shape) == 2 and shape[1] % GROUP_SIZE == 0 and not keep_high_precision(
+        key, keep)
+
+
+def _int4_entries(src: _DitSource, key: str, prefix: str) -> list[_Entry]:
+    """``<layer>.weight`` -> ``weight_int4`` / ``weight_scale`` / ``weight_zero`` (quantized once, on first use)."""
+    import torch
+
+    from ..quant.int4 import GROUP_SIZE, quantize_int4
+
+    n, k = src.shapes[key]
+    cache: dict = {}
+
+    def part(i: int):
+        if not cache:
+            cache["q"] = list(quantize_int4(src.get(key)))
+        out = cache["q"][i]
+        if i == 2:
+            cache.clear()
+        return out
+
+    base = prefix + key
+    return [_Entry(base + "_int4", torch.uint8, (n, k // 2), lambda: part(0)),
+            _Entry(base + "_scale", torch.bfloat16, (n, k // GROUP_SIZE), lambda: part(1)),
+            _Entry(base + "_zero", torch.bfloat16, (n, k // GROUP_SIZE), lambda: part(2))]
+
+
 def _validate_file(path: Path, entries: list[_Entry], config: dict | None = None) -> None:
     """Read the written file back: same tensors/shapes/dtypes as planned, detected as a DiT, and a model built from the
     file's own config finds every parameter in it with the right shape."""
@@ -248,6 +285,9 @@ def _validate_file(path: Path, entries: list[_Entry], config: dict | None = None
     if info.role != "dit":
         raise CorruptFile(f"{path}: written file is not detected as a DiT (role {info.role})")
     shapes = {strip_dit_prefix(k): s for k, s in info.shapes.items()}
+    for k, s in list(shapes.items()):  # int4 layers: the logical weight shape of the packed codes
+        if k.endswith(".weight_int4"):
+            shapes[k[: -len("_int4")]] = (s[0], s[1] * 2)
     config = config or infer_dit_config(shapes, info.metadata)
     model = build_empty(lambda: QwenImageTransformer2DModel.from_config(config))
     for k, p in model.state_dict().items():
@@ -300,6 +340,8 @@ def convert(
         layers = {e.key[len(pre): -len(".comfy_quant")]: {"format": fp8_dtype} for e in entries
                   if e.key.endswith(".comfy_quant")}
         metadata[METADATA_KEY] = quantization_metadata(layers)
+    if to == "int4":
+        metadata["qwenstudio.quant"] = "int4_g64"
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:

@@ -17,6 +17,7 @@ from ...errors import CorruptFile, ModelNotFound, UnsupportedFormat
 from ..loading import looks_like_pickle, read_safetensors_header
 from .comfy_quant import is_side_tensor
 from .keymaps import dit_prefix
+from .nunchaku import svdquant_kind
 
 ROLES = ("dit", "text_encoder", "vae", "lora", "controlnet", "unknown")
 
@@ -72,7 +73,23 @@ def detect(path: str | Path) -> FileInfo:
     elif any(dtypes[k].startswith("F8_") and not k.endswith("scaled_fp8") for k in shapes):
         scaled = any(k.endswith((".scale_weight", ".weight_scale", "scaled_fp8")) for k in shapes)
         quant = "fp8_scaled" if scaled else "fp8"
+    four_bit = four_bit_kind(dtypes, shapes, metadata)
+    if four_bit is not None:  # 4-bit files: name the format, not the container dtype of the packed codes
+        quant, dtype = four_bit
     return FileInfo(path, "safetensors", role, dtype, quant, prefix, size, len(shapes), None, metadata, shapes)
+
+
+def four_bit_kind(dtypes: dict[str, str], shapes: dict, metadata: dict) -> tuple[str, str] | None:
+    """(quant, dtype) of a 4-bit safetensors DiT: nunchaku SVDQuant, our groupwise int4, bitsandbytes NF4/FP4."""
+    svdq = svdquant_kind(dtypes, shapes)
+    if svdq is not None:
+        return svdq
+    if any(k.endswith(".weight_int4") for k in shapes):
+        return metadata.get("qwenstudio.quant", "int4_g64"), "int4"
+    bnb = next((k.rsplit("bitsandbytes__", 1)[1] for k in shapes if ".quant_state.bitsandbytes__" in k), None)
+    if bnb is not None:
+        return f"bnb_{bnb}", bnb
+    return None
 
 
 def _detect_gguf(path: Path, size: int) -> FileInfo:

@@ -1,0 +1,139 @@
+"""4-bit DiT files: nunchaku SVDQuant (see nunchaku.py), our portable groupwise int4, bitsandbytes NF4/FP4.
+
+Our int4 file (``qwenstudio convert SRC DST --to int4``) keeps the diffusers names; each quantized Linear stores
+``<layer>.weight_int4`` (uint8 [out, in/2], two codes per byte), ``<layer>.weight_scale`` and ``<layer>.weight_zero``
+(bf16 [out, in/64]) and its bias; the small sensitive layers of ``FP8_KEEP_HIGH_PRECISION`` stay bf16. It loads and
+runs on any device (quant/int4.py). bitsandbytes files (``*.weight.quant_state.bitsandbytes__nf4``) need CUDA and the
+``bitsandbytes`` package: they are recognised everywhere and refused with that reason where they cannot run.
+"""
+
+from __future__ import annotations
+
+from ...errors import IncompatibleWeights, UnsupportedFormat
+from .detect import FileInfo
+
+INT4_SUFFIXES = (".weight_int4", ".weight_scale", ".weight_zero")
+
+
+def load_dit_four_bit(info: FileInfo, *, device, dtype):
+    """Dispatch on the detected 4-bit flavour."""
+    if info.quant.startswith("svdq_"):
+        from .nunchaku import load_dit_svdquant
+
+        return load_dit_svdquant(info.path, device=device, dtype=dtype)
+    if info.quant.startswith("int4"):
+        return load_dit_int4(info, device=device, dtype=dtype)
+    return load_dit_bnb(info, device=device, dtype=dtype)
+
+
+def load_dit_int4(info: FileInfo, *, device, dtype):
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors import safe_open
+
+    from ..loading import build_empty, fill_module, iter_safetensors
+    from ..quant.int4 import Int4WeightLinear
+    from .keymaps import infer_dit_config, strip_dit_prefix
+
+    layers = sorted({k[: -len(".weight_int4")] for k in info.shapes if k.endswith(".weight_int4")})
+    shapes = {strip_dit_prefix(k): s for k, s in info.shapes.items()}
+    for layer in layers:  # the logical weight shape, for config inference
+        n, half = info.shapes[layer + ".weight_int4"]
+        shapes[strip_dit_prefix(layer) + ".weight"] = (n, half * 2)
+    try:
+        config = infer_dit_config(shapes, info.metadata)
+    except (KeyError, ValueError, IndexError) as e:
+        raise IncompatibleWeights(f"{info.path}: cannot infer the DiT configuration (missing {e})") from None
+    model = build_empty(lambda: QwenImageTransformer2DModel.from_config(config))
+    handled: set[str] = set()
+    with safe_open(str(info.path), framework="pt") as f:
+        for layer in layers:
+            name = strip_dit_prefix(layer)
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise IncompatibleWeights(f"{info.path}: '{name}' has no place in a Qwen-Image DiT") from None
+            packed, scale, zero = (f.get_tensor(layer + s).to(device) for s in INT4_SUFFIXES)
+            if tuple(packed.shape) != (old.out_features, old.in_features // 2):
+                raise IncompatibleWeights(f"{info.path}: '{name}' has shape {tuple(packed.shape)} (packed), the "
+                                          f"model expects {(old.out_features, old.in_features // 2)}")
+            bias = f.get_tensor(layer + ".bias").to(device=device, dtype=dtype) if old.bias is not None else None
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, Int4WeightLinear.from_tensors(packed, scale, zero, bias))
+            handled |= {layer + s for s in INT4_SUFFIXES} | {layer + ".bias"}
+
+    def rest():
+        for key, t in iter_safetensors([info.path]):
+            if key not in handled:
+                yield key, t
+
+    fill_module(model, rest(), dtype=dtype, device=device, name=f"transformer ({info.path.name})",
+                key_map=strip_dit_prefix)
+    return model.eval()
+
+
+def nf4_support(device) -> str | None:
+    """Why bitsandbytes 4-bit cannot run on ``device`` here (None when it can)."""
+    import importlib.util
+
+    import torch
+
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return "bitsandbytes 4-bit layers run on CUDA only"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the 'bitsandbytes' package is not installed (pip install bitsandbytes)"
+    return None
+
+
+def load_dit_bnb(info: FileInfo, *, device, dtype):
+    """A pre-quantized bitsandbytes NF4/FP4 DiT (what diffusers' bitsandbytes quantizer saves): each Linear with a
+    ``.weight.quant_state.bitsandbytes__*`` entry becomes ``bnb.nn.Linear4bit`` rebuilt from its stored stats.
+    CUDA only; never run on the CPU-only development machine (refused there with the reason)."""
+    reason = nf4_support(device)
+    if reason is not None:
+        raise UnsupportedFormat(f"{info.path}: {info.quant} (bitsandbytes) weights cannot be loaded: {reason}. "
+                                "Use `qwenstudio convert SRC DST --to int4` for a 4-bit file that runs anywhere.")
+    import bitsandbytes as bnb
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors import safe_open
+
+    from ..loading import build_empty, fill_module, iter_safetensors
+    from .keymaps import infer_dit_config, strip_dit_prefix
+
+    marker = ".weight.quant_state.bitsandbytes__"
+    layers = sorted({k.split(marker)[0] for k in info.shapes if marker in k})
+    shapes = {strip_dit_prefix(k): s for k, s in info.shapes.items()}
+    for layer in layers:  # packed weights are [n*k/2, 1]: the logical shapes come from the stored config
+        shapes.pop(strip_dit_prefix(layer) + ".weight", None)
+    config = infer_dit_config(shapes, info.metadata)
+    model = build_empty(lambda: QwenImageTransformer2DModel.from_config(config))
+    handled: set[str] = set()
+    with safe_open(str(info.path), framework="pt") as f:
+        for layer in layers:
+            name = strip_dit_prefix(layer)
+            old = model.get_submodule(name)
+            head = layer + ".weight."
+            stats = {k[len(head):]: f.get_tensor(k) for k in f.keys() if k.startswith(head)}  # noqa: SIM118
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=dtype,
+                                    quant_type=info.quant.split("_", 1)[1], device=device)
+            new.weight = bnb.nn.Params4bit.from_prequantized(f.get_tensor(layer + ".weight"), stats,
+                                                             requires_grad=False, device=device)
+            if old.bias is not None:
+                new.bias = torch_parameter(f.get_tensor(layer + ".bias").to(device=device, dtype=dtype))
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, new)
+            handled |= {layer + ".weight", layer + ".bias"} | {layer + ".weight." + s for s in stats}
+
+    def rest():
+        for key, t in iter_safetensors([info.path]):
+            if key not in handled:
+                yield key, t
+
+    fill_module(model, rest(), dtype=dtype, device=device, name=f"transformer ({info.path.name})",
+                key_map=strip_dit_prefix)
+    return model.eval()
+
+
+def torch_parameter(t):
+    import torch
+
+    return torch.nn.Parameter(t, requires_grad=False)

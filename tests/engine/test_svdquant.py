@@ -1,0 +1,353 @@
+"""nunchaku SVDQuant files (written by deepcompressor's own nunchaku packer, tests/fixtures/peers/nunchaku): found
+and named by content, unpacked exactly, dequantized within the format's error, run through the engine, with LoRAs."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from qwenstudio.engine.formats.detect import detect
+from qwenstudio.engine.formats.nunchaku import load_dit_svdquant
+from qwenstudio.engine.lora.adapters import LoraManager
+from qwenstudio.engine.quant.int4 import Int4WeightLinear
+from qwenstudio.engine.quant.svdquant import (
+    SVDQuantLinear,
+    e2m1_values,
+    fake_quant_int4,
+    fake_quant_nvfp4,
+    kernel_support,
+    pack_lowrank,
+    pack_micro_scales,
+    pack_scales,
+    pack_weight,
+    round_e2m1,
+    set_activation_quant,
+    unpack_lowrank,
+    unpack_micro_scales,
+    unpack_scales,
+    unpack_weight,
+)
+from qwenstudio.testing.loras import write_lora
+from qwenstudio.testing.svdquant_files import FIXTURES, FP4_FILE, INT4_FILE, SVDQ_DIT_CONFIG, build_source_dit
+
+FILES = {"int4": INT4_FILE, "nvfp4": FP4_FILE}
+# Max |latent difference| vs the fp32 source model after 2 steps at 64x64 (latent std ~1.2), measured on CPU:
+# int4 (W4A4, r16) 0.32, nvfp4 (W4A4, r32) 0.20. Bounds ~1.5x measured.
+LATENT_TOL = {"int4": 0.5, "nvfp4": 0.3}
+
+
+@pytest.fixture(scope="module")
+def source():
+    return build_source_dit()
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {p: load_dit_svdquant(FIXTURES / f, device="cpu", dtype=torch.float32) for p, f in FILES.items()}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return {"hidden_states": torch.randn(1, 64, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, 7, 32, generator=g),
+            "encoder_hidden_states_mask": torch.ones(1, 7), "timestep": torch.tensor([0.6]),
+            "img_shapes": [(1, 8, 8)], "return_dict": False}
+
+
+def _run(model):
+    with torch.no_grad():
+        return model(**_inputs())[0]
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_detected_by_content_and_listed(precision, tmp_path):
+    from qwenstudio.engine.registry import ModelRegistry
+
+    renamed = tmp_path / "diffusion_models" / "some-download.bin"  # the name says nothing
+    renamed.parent.mkdir()
+    shutil.copy(FIXTURES / FILES[precision], renamed)
+    info = detect(renamed)
+    rank = 16 if precision == "int4" else 32
+    assert (info.role, info.quant, info.dtype) == ("dit", f"svdq_{precision}_r{rank}", precision)
+    [entry] = ModelRegistry([tmp_path]).scan()
+    assert entry.public()["quant"] == f"svdq_{precision}_r{rank}" and entry.kind == "dit"
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_kernel_layouts_round_trip_exactly(precision):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(FIXTURES / FILES[precision]))
+    layer = "transformer_blocks.0.attn.to_qkv"
+    qw, ws = sd[f"{layer}.qweight"], sd[f"{layer}.wscales"]
+    n = qw.shape[0]
+    assert torch.equal(pack_weight(unpack_weight(qw)), qw)
+    if precision == "int4":
+        assert torch.equal(pack_scales(unpack_scales(ws, n)), ws)
+    else:
+        assert torch.equal(pack_micro_scales(unpack_micro_scales(ws, n)).view(torch.uint8), ws.view(torch.uint8))
+    for name in ("bias", "smooth_factor"):
+        v = sd[f"{layer}.{name}"]
+        assert torch.equal(pack_scales(unpack_scales(v, v.shape[0])), v)
+    for name, down in (("proj_down", True), ("proj_up", False)):
+        assert torch.equal(pack_lowrank(unpack_lowrank(sd[f"{layer}.{name}"], down), down), sd[f"{layer}.{name}"])
+
+
+def test_hand_computed_weight_element():
+    """The element (n, k) of an int4 weight, located with the tile arithmetic written out by hand (nunchaku's
+    128 x 64 tiles: 8 n-packs of 2 x 8 lanes, 2 k-packs of 4 lanes x 8 nibbles per int32), equals the unpacker's."""
+    from safetensors.torch import load_file
+
+    qw = load_file(str(FIXTURES / INT4_FILE))["transformer_blocks.0.img_mlp.net.2.qweight"]  # [128, 256]: 8 k-tiles
+    codes = unpack_weight(qw)
+    words = qw.contiguous().view(torch.int32).reshape(-1)
+    n_total, k_total = codes.shape
+    for n, k in ((0, 0), (5, 9), (17, 40), (127, 511), (64, 333), (100, 200)):
+        n_tile, r = divmod(n, 128)
+        n_packs, r = divmod(r, 16)
+        n_pack, lane_n = divmod(r, 8)
+        k_tile, kr = divmod(k, 64)
+        k_pack, kr = divmod(kr, 32)
+        lane_k, reg = divmod(kr, 8)
+        word = (((((n_tile * (k_total // 64) + k_tile) * 8 + n_packs) * 8 + lane_n) * 4 + lane_k) * 2 + n_pack) * 2 \
+            + k_pack
+        nibble = (int(words[word]) >> (4 * reg)) & 0xF
+        assert codes[n, k].item() == nibble, (n, k)
+    assert n_total == 128
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_dequantized_weights_equal_source_within_format_error(precision, source, loaded):
+    model = loaded[precision]
+    ref = dict(source.named_modules())
+    n_svdq = n_awq = 0
+    for name, m in model.named_modules():
+        w = ref.get(name)
+        if isinstance(m, SVDQuantLinear):
+            # Half a step of the 4-bit grid at each weight (int4: scale/2; e2m1: half the gap there), in the
+            # smoothed basis, divided back by the smoothing factor; plus bf16 rounding of residual and factors.
+            res = m.residual_weight()
+            step = m.wscales.float().repeat_interleave(m.group_size, 1) * m.wtscale
+            if precision == "nvfp4":
+                mag = (res.abs() / step).clamp_min(0)
+                step = step * torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0))  # gap above a point
+            lowrank = m.proj_up.float().abs() @ m.proj_down.float().abs()
+            bound = (0.5 * step + res.abs() * 2**-8) / m.smooth.float()[None, :] + lowrank * 2**-7 + 1e-6
+            err = (m.effective_weight() - w.weight.float()).abs()
+            assert (err <= bound).all(), f"{name}: {(err / bound).max():.2f}x the bound"
+            assert (m.effective_bias() - w.bias.float()).abs().max() < (0.1 if m.act_unsigned else 1e-3)
+            n_svdq += 1
+        elif isinstance(m, Int4WeightLinear):
+            scale = m.scales.float().repeat_interleave(64, 1)
+            err = (m.dequantized_weight() - w.weight.float()).abs()
+            bound = 0.5 * scale + 7 * scale * 2**-8 + w.weight.float().abs() * 2**-8 + 1e-7  # + bf16 input
+            assert (err <= bound).all(), f"{name}: {(err / bound).max():.2f}x the bound"
+            assert (m.bias - w.bias).abs().max() <= 1.1 * 2**-8  # the file stores bias + 1 in bf16 for the scales
+            n_awq += 1
+    assert (n_svdq, n_awq) == (12, 2)  # q, k, v, add_q/k/v, to_out, to_add_out, 2 MLPs x 2; img_mod, txt_mod
+    norm = model.get_submodule("transformer_blocks.0.attn.norm_q").weight
+    assert torch.equal(norm, source.get_submodule("transformer_blocks.0.attn.norm_q").weight.bfloat16().float())
+
+
+def test_activation_grids_follow_the_kernels():
+    x = torch.tensor([[0.0, 1.0, -2.0, 3.5, 7.0, -7.0, 0.5, 0.25] * 8], dtype=torch.float32)  # one group of 64
+    q = fake_quant_int4(x)  # max 7 -> scale 1: integers round half to even, saturate at -8..7
+    assert q[0, :8].tolist() == [0.0, 1.0, -2.0, 4.0, 7.0, -7.0, 0.0, 0.0]
+    u = fake_quant_int4(x.abs(), unsigned=True)  # max 7 -> scale 7/15
+    assert torch.allclose(u[0, 4], torch.tensor(7.0)) and (u >= 0).all()
+    grid = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.75, -5.1])
+    assert round_e2m1(grid).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -1.0, -6.0]
+    assert e2m1_values(torch.arange(16)).tolist()[:8] == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    f = fake_quant_nvfp4(torch.linspace(-3, 3, 16)[None])  # max 3 -> scale 0.5 (exact in fp8)
+    assert f[0, 0].item() == -3.0 and f[0, -1].item() == 3.0
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_tiny_model_output_vs_fp32(precision, source, loaded):
+    model = loaded[precision]
+    ref = _run(source)
+    rms = lambda d: (d.pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    w4a4 = rms(_run(model) - ref)
+    set_activation_quant(model, False)
+    try:
+        w4a16 = rms(_run(model) - ref)
+    finally:
+        set_activation_quant(model, True)
+    print(f"{precision}: relative RMS error of the DiT output vs fp32: W4A4 {w4a4:.4f}, weights only {w4a16:.4f}")
+    # measured: int4 0.040 / 0.029, nvfp4 0.026 / 0.020
+    assert w4a16 < w4a4 < (0.06 if precision == "int4" else 0.04)
+
+
+def _dense_copy(source, model):
+    """A float diffusers DiT holding every 4-bit layer's effective weights (the 'dequantized base')."""
+    dense = copy.deepcopy(source)
+    ref = dict(dense.named_modules())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, SVDQuantLinear):
+                ref[name].weight.copy_(m.effective_weight())
+                ref[name].bias.copy_(m.effective_bias())
+            elif isinstance(m, Int4WeightLinear):
+                ref[name].weight.copy_(m.dequantized_weight())
+                ref[name].bias.copy_(m.bias)
+        for k, v in model.state_dict().items():  # bf16-rounded unquantized tensors (norms, embeddings)
+            if k in dense.state_dict() and ".attn.to_" not in k and "_mlp." not in k and "add_" not in k \
+                    and "_mod." not in k:
+                dense.state_dict()[k].copy_(v)
+    return dense
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_lora_on_4bit_base_equals_lora_on_dequantized_base(precision, source, loaded, tmp_path):
+    """A Lightning-style LoRA (lightx2v key names, trained on the float model) on the nunchaku file: with the
+    activation rounding off the 4-bit layers are exactly their dequantized weights, so LoRA-on-4bit must equal
+    LoRA-on-dequantized to fp32 noise; with it on, the LoRA's branch is still exactly the branch on a float base."""
+    model = copy.deepcopy(loaded[precision])
+    dense = _dense_copy(source, model)
+    path, _ = write_lora(tmp_path / "Qwen-Image-Lightning-4steps-V1.0.safetensors", source, "lightx2v", seed=5)
+    mq, md = LoraManager(model), LoraManager(dense)
+    set_activation_quant(model, False)
+    base_q, base_d = _run(model), _run(dense)
+    assert (base_q - base_d).abs().max() < 1e-4
+    mq.set_stack([(path, 1.0)])
+    md.set_stack([(path, 1.0)])
+    with_q, with_d = _run(model), _run(dense)
+    diff = ((with_q - base_q) - (with_d - base_d)).abs().max().item()
+    print(f"{precision}: LoRA effect on the 4-bit base vs on the dequantized base {diff:.2e}")
+    assert diff <= 1e-5 and (with_q - base_q).abs().max() > 1e-2
+    assert type(model.get_submodule("transformer_blocks.0.attn.to_q")).__name__ == "LoraLinear"
+    set_activation_quant(model, True)
+    lin = model.get_submodule("transformer_blocks.0.attn.to_k")
+    x = torch.randn(3, 128)
+    branch = lin(x) - lin.base(x)
+    dense_lin = dense.get_submodule("transformer_blocks.0.attn.to_k")
+    assert (branch - (dense_lin(x) - dense_lin.base(x))).abs().max() <= 1e-5
+    mq.clear()
+    assert isinstance(model.get_submodule("transformer_blocks.0.attn.to_q"), SVDQuantLinear)
+    assert torch.equal(_run(model), _run(loaded[precision]))  # hot swap back to no LoRA: exactly the base
+
+
+def test_kernels_refused_with_reason_on_cpu():
+    assert "CUDA" in kernel_support("int4", "cpu")
+    assert "CUDA" in kernel_support("nvfp4", "cpu")
+
+
+def test_fused_projections_split_exactly(loaded):
+    """to_q/to_k/to_v cut from nunchaku's fused to_qkv give the fused layer's outputs (same activation rounding)."""
+    from safetensors.torch import load_file
+
+    from qwenstudio.engine.quant.svdquant import from_kernel_layout
+
+    sd = load_file(str(FIXTURES / INT4_FILE))
+    layer = "transformer_blocks.0.attn.to_qkv"
+    fused = from_kernel_layout({k.rsplit(".", 1)[1]: v for k, v in sd.items() if k.startswith(layer + ".")},
+                               "int4", act_unsigned=False, dtype=torch.float32, device="cpu")
+    x = torch.randn(2, 5, 128)
+    parts = [loaded["int4"].get_submodule(f"transformer_blocks.0.attn.to_{c}")(x) for c in "qkv"]
+    assert torch.allclose(torch.cat(parts, -1), fused(x), atol=1e-6)
+    assert SVDQ_DIT_CONFIG["num_layers"] == 1
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_folder, source):
+    """A ComfyUI models/ tree: both nunchaku files, the fp32 source DiT as a plain file, tiny TE/VAE, a LoRA."""
+    import json
+
+    from qwenstudio.engine.formats.convert import save_tensors
+    from qwenstudio.engine.formats.keymaps import CONFIG_METADATA_KEY
+    from qwenstudio.testing.formats import write_comfy_models_dir
+
+    root = tmp_path_factory.mktemp("svdq-models")
+    write_comfy_models_dir(root, tiny_folder, variants=())
+    (root / "diffusion_models").mkdir(exist_ok=True)
+    for f in FILES.values():
+        shutil.copy(FIXTURES / f, root / "diffusion_models" / f)
+    save_tensors({k: v.detach() for k, v in source.state_dict().items()},
+                 root / "diffusion_models" / "source-fp32.safetensors",
+                 {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+    write_lora(root / "loras" / "Qwen-Image-Lightning-8steps-V1.1.safetensors", source, "diffusers", seed=9)
+    return root
+
+
+def _generate(engine, **kw):
+    return engine.generate(prompt="a red apple", seed=4, steps=2, width=64, height=64, **kw)
+
+
+@pytest.fixture(scope="module")
+def source_latents(models_dir):
+    from qwenstudio import Engine
+
+    return _generate(Engine.load("source-fp32", models_dirs=(models_dir,), device="cpu", variant="tiny")).latents
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_engine_runs_nunchaku_file_with_lora_per_request(precision, models_dir, source_latents):
+    from qwenstudio import Engine
+
+    ref = source_latents
+    engine = Engine.load(FILES[precision].removesuffix(".safetensors"), models_dirs=(models_dir,), device="cpu",
+                         variant="tiny")
+    plain = _generate(engine)
+    meta = plain.images[0].metadata["model"]
+    assert meta["format"] == "nunchaku" and meta["quant"].startswith(f"svdq_{precision}")
+    err = (plain.latents - ref).abs().max().item()
+    print(f"{precision}: max |latent - fp32 source| after 2 steps: {err:.3f} (latent std {ref.std():.2f})")
+    assert torch.isfinite(plain.latents).all() and err < LATENT_TOL[precision]
+    lora = _generate(engine, loras=[("Qwen-Image-Lightning-8steps-V1.1", 1.0)], cfg=1.0).latents
+    again = _generate(engine).latents
+    assert (lora - plain.latents).abs().max() > 1e-3
+    assert torch.equal(again, plain.latents)  # the stack is swapped out between requests, base untouched
+    assert isinstance(engine.components.transformer.get_submodule("transformer_blocks.0.attn.to_v"), nn.Module)
+
+
+def test_nunchaku_file_of_another_model_is_not_a_qwen_dit(tmp_path):
+    """A nunchaku FLUX file has the same tensor kinds but FLUX's names: not listed as a Qwen-Image DiT."""
+    from qwenstudio.engine.formats.convert import save_tensors
+
+    t = {"transformer_blocks.0.qkv_proj.qweight": torch.zeros(128, 64, dtype=torch.int8),
+         "transformer_blocks.0.qkv_proj.wscales": torch.zeros(2, 128, dtype=torch.bfloat16),
+         "transformer_blocks.0.qkv_proj.proj_down": torch.zeros(128, 16, dtype=torch.bfloat16),
+         "x_embedder.weight": torch.zeros(8, 8)}
+    info = detect(save_tensors(t, tmp_path / "svdq-int4_r32-flux.1-dev.safetensors", {"format": "pt"}))
+    assert info.role == "unknown" and info.quant == "svdq_int4_r16"
+
+
+class _KernelStandIn(nn.Module):
+    """nunchaku's ``SVDQW4A4Linear`` constructor and parameter layout (models/linear.py), computing with our
+    reference from its packed parameters: checks that what ``kernel_layer`` hands the kernels is the file layout."""
+
+    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", torch_dtype=torch.bfloat16,
+                 device=None):
+        super().__init__()
+        gs = 16 if precision == "nvfp4" else 64
+        sdt = torch.float8_e4m3fn if precision == "nvfp4" else torch_dtype
+        p = lambda *s, dt=torch_dtype: nn.Parameter(torch.empty(*s, dtype=dt, device=device), requires_grad=False)
+        self.qweight = p(out_features, in_features // 2, dt=torch.int8)
+        self.wscales = p(in_features // gs, out_features, dt=sdt)
+        self.smooth_factor, self.smooth_factor_orig = p(in_features), p(in_features)
+        self.proj_down, self.proj_up, self.bias = p(in_features, rank), p(out_features, rank), p(out_features)
+        self.wcscales = p(out_features) if precision == "nvfp4" else None
+        self.precision, self.wtscale = precision, 1.0
+
+    def forward(self, x):
+        from qwenstudio.engine.quant.svdquant import from_kernel_layout
+
+        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias")
+        t = {n: getattr(self, n).detach() for n in names}
+        t["wtscale"] = torch.tensor([self.wtscale])
+        return from_kernel_layout(t, self.precision, act_unsigned=False, dtype=torch.float32, device="cpu")(x)
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_kernel_layer_gets_the_file_layout(precision, loaded):
+    from qwenstudio.engine.quant.svdquant import kernel_layer
+
+    m = loaded[precision].get_submodule("transformer_blocks.0.attn.to_k")
+    k = kernel_layer(m, _KernelStandIn, "cpu")
+    x = torch.randn(2, 9, 128)
+    assert k.qweight.dtype == torch.int8 and k.proj_down.shape == (128, m.rank)
+    assert torch.allclose(k(x), m(x), atol=1e-5)
