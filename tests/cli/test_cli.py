@@ -108,7 +108,11 @@ def test_lora_flags(tmp_path, monkeypatch, tiny_folder):
     assert r.exit_code == 0, r.output
     meta = read_png_metadata(out)
     assert meta["request"]["loras"] == [{"name": "my_style", "weight": 0.7}]
-    assert meta["loras"] == [{"name": "my_style", "weight": 0.7, "file": "my_style.safetensors"}]
+    from qwenstudio.interop.settings import a1111_short_hash
+
+    assert meta["loras"] == [{"name": "my_style", "weight": 0.7, "file": "my_style.safetensors",
+                              "hash": a1111_short_hash(lora_path)}]
+    assert f'Lora hashes: "my_style: {a1111_short_hash(lora_path)}"' in Image.open(out).text["parameters"]
     r = run("generate", "x", "--steps", "2", "--loras", "my_style : 0.5, missing_one : 1", "--models-dir",
             str(tmp_path / "models"))
     assert r.exit_code == 2 and "missing_one" in r.stderr
