@@ -114,7 +114,7 @@ def _json_events(e) -> None:
 
 
 def _plain_events(e) -> None:
-    if e.kind in ("preflight", "checkpoint", "sample", "done"):
+    if e.kind in ("preflight", "warning", "checkpoint", "sample", "done"):
         typer.echo(f"{e.kind}: {e.message}", err=True)
 
 

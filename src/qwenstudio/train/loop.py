@@ -44,6 +44,7 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     preflight: Any = None
     seconds: float = 0.0
+    base: dict = field(default_factory=dict)  # the base model as the engine describes it (variant, quant, dtype)
 
 
 def sample_dir(out: Path) -> Path:
@@ -73,6 +74,10 @@ def train_lora(config: TrainConfig, *, on_event: Callable[[TrainEvent], Any] | N
         if ckpt.step >= cfg.steps:
             raise InvalidRequest(f"checkpoint '{cfg.resume}' is already at step {ckpt.step} of {cfg.steps}; raise "
                                  "--steps to train further", code="bad_checkpoint")
+    if cfg.format == "peft" and cfg.lora_alpha != cfg.rank:
+        emit(TrainEvent("warning", message=f"alpha {cfg.lora_alpha:g} != rank {cfg.rank}: the peft format keeps alpha "
+                        "in lora_adapter_metadata, which diffusers and qwenstudio read but ComfyUI ignores (it "
+                        "applies scale 1); use --format comfy or kohya for ComfyUI"))
     out = Path(cfg.out)
     run = _Run(cfg, items, emit)
     t0 = time.perf_counter()
@@ -91,7 +96,7 @@ def train_lora(config: TrainConfig, *, on_event: Callable[[TrainEvent], Any] | N
                     "stopped early" if interrupted else "finished"))
     return TrainResult(out=out, checkpoint=checkpoint_dir(out), steps=run.step, losses=run.losses,
                        interrupted=interrupted, loss_plot=loss_plot_path(out), samples=run.samples,
-                       preflight=run.estimate, seconds=time.perf_counter() - t0)
+                       preflight=run.estimate, seconds=time.perf_counter() - t0, base=run.engine.describe())
 
 
 class _Run:
@@ -174,7 +179,6 @@ class _Run:
         on_gpu = device.type == "cuda"
         # On the CPU the DiT is already in the RAM we measure; on a GPU nothing is on the device yet.
         free = info.vram_free if on_gpu else info.ram_free + shape.resident_bytes
-        nbytes = lambda m: sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
         try:
             import bitsandbytes  # noqa: F401
             bnb = True
@@ -183,8 +187,9 @@ class _Run:
         self.estimate = preflight(
             shape, device=str(device), free=free, tokens=tokens, batch=cfg.batch_size, compute_itemsize=itemsize,
             gradient_checkpointing=cfg.gradient_checkpointing, optimizer_8bit=use_8bit(cfg, device),
-            keep_vae_bytes=nbytes(c.vae) if cfg.sample_every else 0, text_encoder_bytes=nbytes(c.text_encoder),
-            vae_bytes=nbytes(c.vae), resolution=cfg.resolution, bitsandbytes_available=bnb)
+            keep_vae_bytes=module_bytes(c.vae) if cfg.sample_every else 0,
+            text_encoder_bytes=module_bytes(c.text_encoder), vae_bytes=module_bytes(c.vae),
+            resolution=cfg.resolution, bitsandbytes_available=bnb)
         self.emit(TrainEvent("preflight", message=self.estimate.describe(), data=self.estimate))
         if not self.estimate.fits and cfg.preflight:
             raise InsufficientMemory(self.estimate.describe() + " (--no-preflight runs anyway)",
@@ -300,6 +305,10 @@ class _Run:
         save_lora(out, self.lora, self.cfg.format, self.cfg, self.step)
         plot_losses(self.losses, loss_plot_path(out), title=f"{out.stem} loss")
         self.emit(TrainEvent("checkpoint", self.step, self.cfg.steps, message=str(folder), data=folder))
+
+
+def module_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def use_8bit(cfg: TrainConfig, device) -> bool:

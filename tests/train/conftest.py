@@ -1,0 +1,47 @@
+"""A synthetic training set (8 images of one red/yellow checker pattern, shifted, with captions) and one training
+run on the tiny model shared by the tests that only read its outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+STEPS = 40
+
+
+def write_dataset(folder, n: int = 8, size: int = 64):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.zeros((size, size, 3), np.uint8)
+        a[...] = (220, 40, 40)
+        yy, xx = np.mgrid[:size, :size]
+        a[((yy // 8 + xx // 8 + i) % 2) == 0] = (240, 200, 30)
+        Image.fromarray(a).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a red and yellow checker pattern, tile {i}")
+    return folder
+
+
+def tiny_config(dataset, out, model, **kw):
+    from qwenstudio.train import TrainConfig
+
+    base = dict(dataset=str(dataset), out=str(out), model=str(model), variant="tiny", steps=STEPS, rank=4,
+                learning_rate=1e-2, resolution=64, bucket_step=16, device="cpu", seed=7)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("train") / "checker")
+
+
+@pytest.fixture(scope="session")
+def trained(dataset, tiny_folder, tmp_path_factory):
+    """(config, result, events) of one 40-step run with a checkpoint every 20 steps."""
+    from qwenstudio.train import train_lora
+
+    out = tmp_path_factory.mktemp("train-out") / "checker.safetensors"
+    cfg = tiny_config(dataset, out, tiny_folder, save_every=20)
+    events = []
+    result = train_lora(cfg, on_event=events.append)
+    return cfg, result, events
