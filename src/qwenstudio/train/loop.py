@@ -133,6 +133,7 @@ class _Run:
         # One engine for caching and samples whose stages never move the DiT (it will live on the device).
         engine = Engine(loaded.components, loaded.spec, plan=Plan("resident" if on_gpu else "cpu", 0, 0))
         engine.registry = loaded.registry
+        del loaded  # its prompt encoder holds the text encoder too: gone before free_text_encoder empties the cache
         self.engine = engine
         c = engine.components
         self.dtype = c.dtype
