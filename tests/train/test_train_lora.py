@@ -169,8 +169,9 @@ def test_lora_grads_flow_through_a_quantized_base_without_touching_it(quantized_
               img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
     out.pow(2).mean().backward()
     assert all(p.grad is None for p in dit.parameters())
-    # the last block's text-stream outputs feed nothing (only image tokens reach proj_out): no grads there only
-    dead = ("transformer_blocks.1.txt_mlp", "transformer_blocks.1.attn.to_add_out")
+    # the last block's text-stream outputs feed nothing (only image tokens reach proj_out), nor do its text
+    # queries: no grads there only
+    dead = tuple(f"transformer_blocks.1.{m}" for m in ("txt_mlp", "attn.to_add_out", "attn.add_q_proj"))
     for name, down, up in lora.factors():
         live = up.grad is not None and bool(up.grad.abs().sum() > 0) and bool(down.grad.abs().sum() > 0)
         assert live != name.startswith(dead), name
