@@ -37,11 +37,12 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(dataset, tiny_folder, tmp_path_factory):
-    """(config, result, events) of one 40-step run with a checkpoint every 20 steps."""
+    """(config, result, events) of one 40-step run with a checkpoint every 20 steps and samples at steps 0 and 40."""
     from qwenstudio.train import train_lora
 
     out = tmp_path_factory.mktemp("train-out") / "checker.safetensors"
-    cfg = tiny_config(dataset, out, tiny_folder, save_every=20)
+    cfg = tiny_config(dataset, out, tiny_folder, save_every=20, sample_every=STEPS, sample_steps=3, sample_cfg=1.0,
+                      sample_prompts=("a red and yellow checker pattern",), sample_seeds=(11,))
     events = []
     result = train_lora(cfg, on_event=events.append)
     return cfg, result, events

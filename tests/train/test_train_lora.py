@@ -54,6 +54,22 @@ def test_output_is_peft_with_alpha_and_config(trained):
     kinds = [e.kind for e in events]
     assert kinds[0] == "preflight" and "fits" in events[0].message
     assert kinds.count("step") == STEPS and kinds.count("checkpoint") == 2 and kinds[-1] == "done"
+    assert [p.name for p in result.samples] == ["step000000-p0-s11.png", f"step{STEPS:06d}-p0-s11.png"]
+
+
+def test_samples_use_fixed_seeds_and_the_live_lora(trained, tiny_folder):
+    """Step 0's sample is exactly the base model's image (LoRA up = 0 at init); the last one is not."""
+    from qwenstudio import Engine
+    from qwenstudio.outputs import read_png_metadata
+
+    _, result, _ = trained
+    engine = Engine.load(tiny_folder, variant="tiny", device="cpu")
+    base = engine.generate(prompt="a red and yellow checker pattern", seed=11, steps=3, cfg=1.0).images[0].image
+    first, last = (np.asarray(Image.open(p), float) for p in result.samples)
+    assert np.array_equal(first, np.asarray(base, float))
+    assert np.abs(last - first).max() > 0
+    meta = read_png_metadata(result.samples[-1])
+    assert meta["train_step"] == STEPS and meta["seed"] == 11
 
 
 def test_lora_pulls_generation_toward_the_dataset(trained, dataset, tiny_folder):
@@ -220,6 +236,52 @@ def test_bad_dataset_is_one_cli_line_naming_the_files(tmp_path):
     for name in ("no_caption.png", "orphan.txt", "broken.png"):
         assert name in lines[0]
     assert "Traceback" not in r.output and "ok.png" not in lines[0]
+
+
+def test_buckets_batches_and_padded_captions(tiny_folder, tmp_path):
+    """Two aspect ratios go to two buckets (2:1 -> 80x48, the nearest of area <= 64²), a batch never mixes them, and captions of different token lengths are
+    padded with a mask (the DiT's masked attention path)."""
+    from qwenstudio.train import train_lora
+    from qwenstudio.train.dataset import epoch_batches, scan
+
+    ds = tmp_path / "mixed"
+    ds.mkdir()
+    for i in range(4):
+        Image.new("RGB", (96, 48) if i % 2 else (64, 64), (200, 30 * i, 40)).save(ds / f"m{i}.png")
+        (ds / f"m{i}.txt").write_text("a tile " + "very " * (3 * i) + "red")
+    items = scan(ds, resolution=64, bucket_step=16, trigger="zq")
+    assert {it.size for it in items} == {(64, 64), (80, 48)} and items[0].caption.startswith("zq, a tile")
+    for batch in epoch_batches(items, repeats=2, batch_size=2, seed=1, epoch=0):
+        assert len({items[i].size for i in batch}) == 1
+    result = train_lora(tiny_config(ds, tmp_path / "m.safetensors", tiny_folder, steps=3, batch_size=2, trigger="zq"))
+    assert len(result.losses) == 3 and all(np.isfinite(result.losses))
+
+
+def test_preflight_for_the_real_model_names_what_would_fit():
+    """The planner on the real DiT (meta device, no weights): bf16 at 1024² does not fit 24 GiB; it says fp8 or
+    GGUF would help and by how much."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenstudio.engine.memory import GiB
+    from qwenstudio.train.config import DEFAULT_TARGETS
+    from qwenstudio.train.lora_modules import match_targets
+    from qwenstudio.train.preflight import dit_shape, preflight
+
+    with torch.device("meta"):
+        dit = QwenImageTransformer2DModel().to(torch.bfloat16)
+    shapes = {n: (m.in_features, m.out_features) for n, m in dit.named_modules() if hasattr(m, "in_features")}
+    lora_params = sum(16 * sum(shapes[n]) for n in match_targets(dit, DEFAULT_TARGETS))
+    shape = dit_shape(dit, lora_params)
+    kw = dict(device="cuda", tokens=4096 + 256, batch=1, compute_itemsize=2, optimizer_8bit=False, keep_vae_bytes=0,
+              text_encoder_bytes=int(9.4 * GiB), vae_bytes=int(0.24 * GiB), resolution=1024,
+              bitsandbytes_available=False)
+    est = preflight(shape, free=24 * GiB, gradient_checkpointing=False, **kw)
+    assert not est.fits and 38 * GiB < est.needed["DiT weights"] < 39 * GiB
+    text = est.describe()
+    assert "does NOT fit" in text and "enable gradient checkpointing" in text and "fp8 or GGUF" in text
+    assert "pip install bitsandbytes" in text
+    assert preflight(shape, free=48 * GiB, gradient_checkpointing=True, **kw).fits
 
 
 def test_empty_or_missing_dataset(tmp_path):
