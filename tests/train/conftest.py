@@ -30,6 +30,18 @@ def tiny_config(dataset, out, model, **kw):
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _one_thread():
+    """The tiny model's ops are microseconds long: on a shared 2-core machine intra-op threads only spin (measured
+    here: 21 steps + load 4 s wall with one thread, ~5x the CPU time with two). Restored for the other tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("train") / "checker")

@@ -206,6 +206,12 @@ def test_cli_train_then_generate_with_the_lora(dataset, tiny_folder, tmp_path):
     assert len(alphas) == 24 and all(float(a) == 2.0 for a in alphas)
     assert all(k.startswith("lora_unet_transformer_blocks_") for k in tensors) and meta["ss_network_dim"] == "4"
 
+    # the saved config re-runs the same training: same tensors, bit for bit
+    again = tmp_path / "again.safetensors"
+    r = runner.invoke(app, ["train-lora", str(dataset), "--out", str(again), "--config", str(out.with_suffix(".json"))])
+    assert r.exit_code == 0, r.output
+    assert all(bool((t == _tensors(again)[0][k]).all()) for k, t in tensors.items())
+
     png, base_png = tmp_path / "with.png", tmp_path / "base.png"
     common = ["generate", "a red and yellow checker pattern", "--model", str(tiny_folder), "--variant", "tiny",
               "--seed", "2", "--steps", "3"]
@@ -239,8 +245,8 @@ def test_bad_dataset_is_one_cli_line_naming_the_files(tmp_path):
 
 
 def test_buckets_batches_and_padded_captions(tiny_folder, tmp_path):
-    """Two aspect ratios go to two buckets (2:1 -> 80x48, the nearest of area <= 64²), a batch never mixes them, and captions of different token lengths are
-    padded with a mask (the DiT's masked attention path)."""
+    """Two aspect ratios go to two buckets (2:1 -> 80x48, the nearest of area <= 64²), a batch never mixes
+    them, and captions of different token lengths are padded with a mask (the DiT's masked attention path)."""
     from qwenstudio.train import train_lora
     from qwenstudio.train.dataset import epoch_batches, scan
 

@@ -83,7 +83,6 @@ def train_lora_command(
             fields["sample_seeds"] = tuple(sample_seed)
         if config is not None:
             saved = TrainConfig.from_file(config).to_dict()
-            saved.pop("config", None)
             fields = {**saved, "dataset": str(dataset), "out": str(out), "resume": fields["resume"]}
         cfg = TrainConfig(**fields)
         if as_json or not sys.stderr.isatty():
@@ -93,6 +92,9 @@ def train_lora_command(
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:  # Ctrl-C while loading/caching, before any step: nothing to keep yet
+        typer.echo("error: interrupted before training started; nothing was written", err=True)
+        raise typer.Exit(130) from None
     summary = {"out": str(result.out), "steps": result.steps, "interrupted": result.interrupted,
                "checkpoint": str(result.checkpoint), "loss_plot": str(result.loss_plot),
                "final_loss": result.losses[-1] if result.losses else None, "samples": [str(p) for p in result.samples],

@@ -138,12 +138,18 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
+        """A plain config JSON, or the ``NAME.json`` written beside a LoRA (``{"config": {...}, "step": ...}``)."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             raise InvalidRequest(f"cannot read training config {path}: {e}", code="bad_train_config") from None
+        return cls.from_dict(data["config"] if isinstance(data.get("config"), dict) else data)
 
     def fixed_differences(self, other: TrainConfig) -> list[str]:
         """The RESUME_FIXED fields where ``other`` differs (a checkpoint from another run must not be resumed)."""
         a, b = self.to_dict(), other.to_dict()
+        for d in (a, b):  # the same folder or file given by another spelling is the same run
+            for k in ("dataset", "model"):
+                if Path(d[k]).expanduser().exists():
+                    d[k] = str(Path(d[k]).expanduser().resolve())
         return [f"{k}: {b[k]!r} -> {a[k]!r}" for k in RESUME_FIXED if a[k] != b[k]]
