@@ -295,3 +295,52 @@ def test_empty_or_missing_dataset(tmp_path):
     assert r.exit_code == 2 and "does not exist" in r.output
     r = runner.invoke(app, ["train-lora", str(tmp_path), "--out", str(tmp_path / "x.safetensors")])
     assert r.exit_code == 2 and "no images" in r.output
+
+
+@pytest.mark.parametrize("fmt", ["peft", "comfy", "kohya"])
+def test_every_export_format_loads_with_its_alpha(fmt, tiny_folder, tmp_path):
+    """rank 4, alpha 2: the engine's loader gives scale 0.5 whether alpha is in lora_adapter_metadata (peft) or in
+    .alpha tensors (comfy, kohya), and the factors come back exactly."""
+    import torch
+
+    from qwenstudio.engine.loading import load_diffusers_folder
+    from qwenstudio.engine.lora.keys import linear_targets, read_lora_file
+    from qwenstudio.train.config import DEFAULT_TARGETS
+    from qwenstudio.train.export import save_lora
+    from qwenstudio.train.lora_modules import TrainableLora, match_targets
+
+    dit = load_diffusers_folder(tiny_folder, device="cpu").transformer
+    shapes = linear_targets(dit)
+    lora = TrainableLora({n: shapes[n] for n in match_targets(dit, DEFAULT_TARGETS)}, 4, 2.0, seed=1)
+    with torch.no_grad():
+        for _, _, up in lora.factors():
+            up.normal_()
+    cfg = tiny_config(tmp_path, tmp_path / f"{fmt}.safetensors", tiny_folder, rank=4, alpha=2.0, format=fmt)
+    path = save_lora(cfg.out, lora, fmt, cfg, step=1)
+    lf = read_lora_file(path, shapes)
+    assert sorted(lf.weights) == lora.module_names and not lf.unmatched
+    for name, down, up in lora.factors():
+        w = lf.weights[name]
+        assert w.scale == 0.5 and torch.equal(w.down, down.detach()) and torch.equal(w.up, up.detach())
+
+
+def test_exported_keys_are_those_comfyui_accepted(tiny_folder):
+    """tests/fixtures/peers/comfy_lora_keys.json records ComfyUI's own key map (commit inside) patching every module
+    from these exact key sets; the exporter must still write them."""
+    from pathlib import Path
+
+    from qwenstudio.engine.loading import load_diffusers_folder
+    from qwenstudio.engine.lora.keys import linear_targets
+    from qwenstudio.train.config import DEFAULT_TARGETS
+    from qwenstudio.train.export import lora_state_dict
+    from qwenstudio.train.lora_modules import TrainableLora, match_targets
+
+    fixture = json.loads((Path(__file__).parent.parent / "fixtures" / "peers" / "comfy_lora_keys.json").read_text())
+    assert fixture["model_class"] == "QwenImage"
+    dit = load_diffusers_folder(tiny_folder, device="cpu").transformer
+    shapes = linear_targets(dit)
+    lora = TrainableLora({n: shapes[n] for n in match_targets(dit, DEFAULT_TARGETS)}, 4, 2.0, seed=0)
+    for fmt, seen in fixture["formats"].items():
+        assert seen["all_modules_patched"] and not seen["not_loaded"]
+        assert sorted(lora_state_dict(lora, fmt)) == seen["keys"], fmt
+    assert fixture["formats"]["peft"]["alpha_seen_by_comfyui"] is None  # README: use comfy/kohya for alpha != rank
