@@ -73,7 +73,7 @@ class TrainableLora(nn.Module):
             if not isinstance(module, LoraLinear):
                 module = LoraLinear(module)
                 _set_module(model, name, module)
-            module.branches = [(down, up, self.scale)]
+            module.branches = [(down, up, self.scale, None)]  # (down, up, scale, bias): no bias delta trained
 
     def remove(self, model: nn.Module) -> None:
         for name in self.module_names:
