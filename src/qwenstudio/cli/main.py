@@ -129,6 +129,10 @@ from .serve import serve_command  # noqa: E402  (light: imports the service lazi
 
 app.command("serve")(serve_command)
 
+from .train import train_lora_command  # noqa: E402  (light: imports torch only when run)
+
+app.command("train-lora")(train_lora_command)
+
 
 def main() -> None:
     app()
