@@ -65,6 +65,7 @@ class Engine:
         self.controlnet_name = None
         self._controlnet_path = None  # the file/folder it came from (None: attached as a module)
         self._vision_prompts = None  # built on the first edit: the VL prompt encoder (editing/run.py)
+        self.acceleration: dict = {}  # speed options applied to the DiT (engine/acceleration.py)
         self.prompts = PromptEncoder(
             components.tokenizer,
             components.text_encoder,
@@ -89,13 +90,20 @@ class Engine:
         offload: str | None = None,
         allow_paths: bool = True,
         keep_lm_head: bool = False,
+        compile: bool | str = "auto",
+        attention: str = "auto",
+        quant: str | None = None,
+        cache=None,
+        long_lived: bool = False,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
         ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe (default: guessed
         from the name, else ``qwen-image``). ``text_encoder``/``vae`` name components for single-file DiTs (default:
         picked from the models dirs). ``offload`` forces a memory strategy (resident, model_offload, group_offload,
         cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
-        is loaded. ``allow_paths=False`` (the server) accepts registry names only."""
+        is loaded. ``allow_paths=False`` (the server) accepts registry names only. Speed options
+        (engine/acceleration.py): ``compile`` (auto: on when ``long_lived``, e.g. a server), ``attention`` backend,
+        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default)."""
         import torch
 
         from .memory import measure, plan_memory
@@ -122,6 +130,10 @@ class Engine:
         engine = cls(components, spec, plan=plan)
         engine.registry = registry
         engine.allow_paths = allow_paths
+        from .acceleration import accelerate_engine
+
+        engine.acceleration = accelerate_engine(engine, compile=compile, attention=attention, quant=quant, cache=cache,
+                                                long_lived=long_lived, home=settings.home)
         return engine
 
     @property
@@ -131,7 +143,8 @@ class Engine:
     def describe(self) -> dict:
         c = self.components
         return {"variant": self.spec.name, **c.identity, "device": str(c.device),
-                "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy}
+                "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy,
+                **({"acceleration": self.acceleration} if self.acceleration else {})}
 
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(
