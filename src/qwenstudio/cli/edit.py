@@ -58,6 +58,10 @@ def edit(
     device: str | None = typer.Option(None, help="cuda, cuda:1, cpu."),
     dtype: str | None = typer.Option(None, help="bfloat16, float16, float32."),
     offload: str = typer.Option("auto", help="auto, resident, model_offload, group_offload, cpu."),
+    compile: str = typer.Option("auto", "--compile", help="Regional compile: auto (off for one run), on, off."),
+    attention: str = typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers."),
+    quant: str | None = typer.Option(None, "--quant", help="fp8: fp8 compute on a bf16/fp32 model."),
+    cache: str | None = typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default)."),
 ) -> None:
     """Edit / img2img / inpaint / ControlNet. Example: qwenstudio edit "make it night" --image in.png --model tiny"""
     from ..errors import InvalidRequest, QwenStudioError
@@ -85,10 +89,12 @@ def edit(
         elif controlnet is not None and spec.is_edit:
             raise InvalidRequest(f"'{spec.name}' takes control images as input images; --controlnet is for base "
                                  "models", code="invalid_control")
+        from ..engine.acceleration import speed_options
         from ..engine.engine import Engine
 
         engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload,
-                             text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir))
+                             text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir),
+                             **speed_options(compile=compile, attention=attention, quant=quant, cache=cache))
         result = engine.edit(request, images=list(image), mask=mask, controls=controls, retry_fp32=retry_fp32,
                              **fields)
         if spec.builtin and not as_json:

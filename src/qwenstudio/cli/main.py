@@ -71,6 +71,10 @@ def generate(
                                               "(default 1.0; one value applies to all)."),
     controlnet: Optional[str] = typer.Option(None, "--controlnet", help="ControlNet name from the models dirs "
                                              "(or a path) that --control images drive."),
+    compile: str = typer.Option("auto", "--compile", help="Regional compile: auto (off for one run), on, off."),
+    attention: str = typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="fp8: fp8 compute on a bf16/fp32 model."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default)."),
 ) -> None:
     """Text-to-image. Example: qwenstudio generate "a red fox" --model tiny --seed 1"""
     from ..engine.editing import EditRequest
@@ -116,10 +120,12 @@ def generate(
                                                  else Path(model).name))
         if not isinstance(request, EditRequest):  # (an edit is validated once its control images are read)
             request = request.resolve(spec)  # validate before spending time on loading
+        from ..engine.acceleration import speed_options
         from ..engine.engine import Engine
 
         engine = Engine.load(model, variant=spec.name, device=device, dtype=dtype, offload=offload,
-                             text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir))
+                             text_encoder=text_encoder, vae=vae, models_dirs=tuple(models_dir),
+                             **speed_options(compile=compile, attention=attention, quant=quant, cache=cache))
         if spec.builtin and not as_json:
             typer.echo("note: the 'tiny' model has random weights; its images are noise (smoke test only).", err=True)
         if isinstance(request, EditRequest):  # ControlNet text-to-image runs on the image-conditioned path

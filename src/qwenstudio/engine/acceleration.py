@@ -207,3 +207,18 @@ def accelerate_engine(engine, *, compile=False, attention="auto", quant=None, ca
     if quant:
         done["quant"] = quant
     return done
+
+
+def speed_options(*, compile="auto", attention="auto", quant=None, cache=None) -> dict:
+    """The CLI's ``--compile/--attention/--quant/--cache`` as ``Engine.load`` keywords, checked before any loading
+    (a typo is a one-line error, not a failure after minutes of reading weights)."""
+    from .step_cache import parse_cache
+
+    compile = parse_compile(compile)
+    name = (attention or "auto").lower()
+    if name != "auto" and name not in ATTENTION_BACKENDS:
+        select_attention(name, "cpu")  # raises the unknown-backend error
+    quant = None if quant in (None, "", "none") else quant.lower()
+    if quant not in QUANT_VALUES:
+        raise InvalidRequest(f"unknown quant '{quant}'; valid: fp8", code="invalid_quant")
+    return {"compile": compile, "attention": name, "quant": quant, "cache": parse_cache(cache)}
