@@ -74,7 +74,9 @@ def build_wide_components(spec: WideSpec = WideSpec(), *, device="cpu", dtype=No
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config)
-    models = [m.to(device=device, dtype=dtype).eval() for m in (transformer, vae, text_encoder)]
+    models = [m.eval() for m in (transformer, vae, text_encoder)]
+    if dtype != torch.float32 or torch.device(device).type != "cpu":  # built in fp32 on the CPU
+        models = [m.to(device=device, dtype=dtype) for m in models]
     identity = {"name": f"wide-{spec.layers}L", "format": "random",
                 "shape": {"layers": spec.layers, "text_layers": spec.text_layers, "vae": spec.vae}}
     return Components(*models, tokenizer, dict(QWEN_IMAGE_SCHEDULER_CONFIG), torch.device(device), dtype, identity)
