@@ -65,3 +65,8 @@ def test_gpu_check_dry_run_exercises_every_section_on_cpu(tmp_path):
     assert e2e["lightning_4step_cfg1"]["variants"][0]["name"] == "fp8" and e2e["lightning_4step_cfg1"]["cfg"] == 1.0
     assert e2e["20step_cfg4"]["variants"][0]["name"].startswith("step cache")
     assert set(report["memory_caps"]) == {"24GB", "16GB", "12GB", "8GB"}
+
+
+def test_serve_checks_speed_options_before_binding():
+    r = run("serve", "--attention", "warp", "--port", "1")
+    assert r.exit_code == 2 and "unknown attention backend 'warp'" in r.output

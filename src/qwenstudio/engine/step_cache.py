@@ -142,8 +142,11 @@ def _make_block_list_class():
         """``transformer_blocks`` with the step cache in its iteration (see the module docstring)."""
 
         def __iter__(self):
-            cache: StepCache = self.step_cache
+            cache: StepCache | None = self.__dict__.get("step_cache")
             blocks = list(self._modules.values())
+            if cache is None:  # a slice of the list (``blocks[1:]``) is a plain list of blocks
+                yield from blocks
+                return
             yield _FirstBlock(blocks[0], cache)
             if cache.reuse_now:
                 yield _ApplyCached(cache)
