@@ -46,9 +46,9 @@ def main() -> None:
         m.compute = "emulate"
 
     def run(names):
-        for n in linears:
+        for n, float_linear in linears.items():
             parent, _, leaf = n.rpartition(".")
-            setattr(tr.transformer_blocks.get_submodule(parent), leaf, fp8[n] if n in names else linears[n])
+            setattr(tr.transformer_blocks.get_submodule(parent), leaf, fp8[n] if n in names else float_linear)
         with torch.inference_mode():
             return tr(**kw)[0]
 

@@ -175,7 +175,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if emulate:
         out = (xq.float() @ weight.float().t()) * (sx * sw)
     else:
-        out = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw,
+        out = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw,  # noqa: SLF001  (no public name yet)
                                out_dtype=torch.bfloat16 if rowwise else x.dtype)
     out = out.to(x.dtype)
     if bias is not None:
