@@ -1,9 +1,19 @@
-"""GPU acceptance run: the CUDA paths the CPU test suite cannot reach, in one command for a machine with a GPU.
+"""GPU acceptance run: the CUDA paths the CPU test suite cannot reach, in one offline command for a GPU machine.
 
 1. The tiny model on CUDA in bf16 under every memory strategy (resident, model_offload, group_offload) gives the same
    image as the fp32 CPU run within bf16 tolerance, and a LoRA / GGUF / fp8 base runs there too.
-2. ``qwenstudio bench --random-full``: full-size random Qwen-Image, stock diffusers vs ours, per-stage times.
-Usage: python benchmarks/gpu_check.py [--skip-full] [--json out.json]   (exits 2 with a message when no CUDA)
+2. Speed (issue 12), full-size random Qwen-Image weights at 1024², stock diffusers beside each number:
+   DiT forward bf16 eager (= stock) / + regional compile / fp8 scaled-mm + compile (and the fp8 error vs bf16);
+   Lightning settings 4 steps CFG 1 end to end; 20 steps CFG 4 (+ the step cache); VAE decode; peak memory.
+   Targets (H100-class): DiT forward <= 130 ms bf16 / <= 90 ms fp8; Lightning 4-step <= 0.40 s; 50-step CFG 4 <= 9 s.
+3. Memory caps 24/16/12/8 GB (``torch.cuda.set_per_process_memory_fraction``): the placement the planner picks for
+   the bf16, fp8 and GGUF-Q4 DiT sizes, and (fp8, in memory) the Lightning run's time under that placement vs resident.
+Everything it needs is in the project's dependencies (no downloads: random weights are made on the device).
+
+Usage: python benchmarks/gpu_check.py [--skip-tiny] [--skip-full] [--size 1024] [--json out.json]
+       python benchmarks/gpu_check.py --dry-run   # CPU, the tiny model at 64², no compile: exercises every
+                                                  # section's code offline in seconds (numbers meaningless)
+Exits 2 with a message when there is no CUDA device (and no --dry-run).
 """
 
 from __future__ import annotations
@@ -12,19 +22,45 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+GIB = 2**30
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--skip-full", action="store_true", help="skip the full-size random-weights benchmark")
+    ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny-model strategy/format checks")
+    ap.add_argument("--skip-full", action="store_true", help="skip the full-size speed and memory sections")
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no compile: check the script runs")
     ap.add_argument("--json")
     args = ap.parse_args()
     import torch
 
-    if not torch.cuda.is_available():
-        print("no CUDA device: this check is for a GPU machine", file=sys.stderr)
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: this check is for a GPU machine (or pass --dry-run)", file=sys.stderr)
         return 2
+    report: dict = {"device": torch.cuda.get_device_name(0) if not args.dry_run else "cpu (dry run)",
+                    "torch": torch.__version__}
+    ok = True
+    if not args.skip_tiny and not args.dry_run:
+        report["tiny"] = tiny_checks()
+        ok = all(d < 0.1 for d in report["tiny"]["strategies"].values())
+    if not args.skip_full:
+        size = 64 if args.dry_run else args.size
+        report["dit_forward"] = dit_forward(size, args.dry_run)
+        report["end_to_end"] = end_to_end(size, args.dry_run)
+        report["memory_caps"] = memory_caps(size, args.dry_run)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if ok else 1
+
+
+def tiny_checks() -> dict:
+    import torch
+
     from qwenstudio import Engine
     from qwenstudio.config import Settings
     from qwenstudio.engine.formats.gguf import write_dit_gguf
@@ -33,18 +69,15 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="qs-gpu-"))
     settings = Settings(home=root / "home")
-    report: dict = {"device": torch.cuda.get_device_name(0), "strategies": {}, "formats": {}}
-    kw = dict(prompt="a red fox", seed=3, steps=4, cfg=3.0, width=128, height=96)
+    out: dict = {"strategies": {}, "formats": {}}
+    kw = {"prompt": "a red fox", "seed": 3, "steps": 4, "cfg": 3.0, "width": 128, "height": 96}
     ref = Engine.load("tiny", device="cpu", settings=settings).generate(**kw).latents
     folder = settings.cache_dir / next(p.name for p in settings.cache_dir.iterdir() if p.name.startswith("tiny-"))
-
     for strategy in ("resident", "model_offload", "group_offload"):
         engine = Engine.load("tiny", device="cuda", settings=settings, offload=strategy)
-        out = engine.generate(**kw).latents.float().cpu()
-        report["strategies"][strategy] = float((out - ref).abs().max())
+        out["strategies"][strategy] = float((engine.generate(**kw).latents.float().cpu() - ref).abs().max())
         del engine
         torch.cuda.empty_cache()
-
     models = root / "models"
     write_comfy_models_dir(models, folder, variants=("bf16", "fp8_e4m3fn", "fp8_scaled"))
     write_dit_gguf(folder, models / "diffusion_models" / "qwen_image_Q8_0.gguf", "Q8_0")
@@ -54,20 +87,180 @@ def main() -> int:
         engine = Engine.load(name, variant="tiny", device="cuda", settings=settings, models_dirs=(models,))
         plain = engine.generate(**kw).latents.float().cpu()
         lora = engine.generate(**kw, loras=[("check", 1.0)]).latents.float().cpu()
-        report["formats"][name] = {"max_diff_vs_cpu_fp32": float((plain - ref).abs().max()),
-                                   "lora_changes_output": bool((lora - plain).abs().max() > 1e-3)}
+        out["formats"][name] = {"max_diff_vs_cpu_fp32": float((plain - ref).abs().max()),
+                                "lora_changes_output": bool((lora - plain).abs().max() > 1e-3)}
         del engine
         torch.cuda.empty_cache()
+    # fp8 compute on the tiny model: scaled_mm (compiled) vs the CPU emulation of the same arithmetic
+    from qwenstudio.engine.quant.fp8 import scaled_mm_supported
 
-    if not args.skip_full:
-        from qwenstudio.bench import run_bench
+    if scaled_mm_supported("cuda"):
+        gpu = Engine.load("tiny", device="cuda", dtype="bfloat16", settings=settings, quant="fp8", compile=True)
+        cpu = Engine.load("tiny", device="cpu", settings=settings, quant="fp8")
+        a, b = gpu.generate(**kw).latents.float().cpu(), cpu.generate(**kw).latents.float()
+        out["fp8_scaled_mm_vs_cpu_emulation_rel_l2"] = float((a - b).norm() / b.norm())
+    return out
 
-        report["bench_random_full"] = run_bench(random_full=True, steps=4, cfg=4.0, width=1024, height=1024)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    bad = [s for s, d in report["strategies"].items() if not d < 0.1]
-    return 1 if bad else 0
+
+def _components(dry_run: bool):
+    """Full-size random Qwen-Image in bf16 on the GPU, or (dry run) the tiny model on the CPU."""
+    import torch
+
+    if dry_run:
+        from qwenstudio import Engine
+
+        return Engine.load("tiny", device="cpu").components
+    from qwenstudio.bench import full_size_components
+
+    return full_size_components(torch.device("cuda"), torch.bfloat16)
+
+
+def _timed(fn, device, repeats: int = 5) -> float:
+    """Median seconds of ``fn()`` after one warm-up call, with device syncs."""
+    import statistics
+
+    import torch
+
+    def sync():
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak_gib(dry_run: bool) -> float | None:
+    import torch
+
+    return None if dry_run else round(torch.cuda.max_memory_allocated() / GIB, 2)
+
+
+def dit_forward(size: int, dry_run: bool) -> dict:
+    """One DiT forward at ``size``² with 128 text tokens: stock eager, regional compile, fp8 + compile."""
+    import torch
+
+    from qwenstudio.engine.acceleration import apply_acceleration, fp8_compute_mode
+    from qwenstudio.engine.quant.fp8 import quantize_model_fp8, set_fp8_compute
+
+    c = _components(dry_run)
+    tr, dev, dt = c.transformer, c.device, c.dtype
+    del c.text_encoder, c.vae
+    g = torch.Generator(device=dev).manual_seed(0)
+    n = (size // 16) ** 2
+    text = torch.randn(1, 128, tr.config.joint_attention_dim, generator=g, device=dev).to(dt)
+    kw = {"hidden_states": torch.randn(1, n, 64, generator=g, device=dev).to(dt), "encoder_hidden_states": text,
+          "timestep": torch.tensor([0.5], device=dev), "img_shapes": [[(1, size // 16, size // 16)]],
+          "return_dict": False}
+    out: dict = {"size": size, "text_tokens": 128}
+    with torch.inference_mode():
+        ref = tr(**kw)[0].float()
+        out["eager_ms (stock)"] = round(_timed(lambda: tr(**kw), dev) * 1e3, 2)
+        if not dry_run:
+            t = time.perf_counter()
+            apply_acceleration(tr, compile=True, device=dev)
+            tr(**kw)
+            out["compile_warmup_s"] = round(time.perf_counter() - t, 1)
+            out["compiled_bf16_ms"] = round(_timed(lambda: tr(**kw), dev) * 1e3, 2)
+        quantize_model_fp8(tr)
+        mode = fp8_compute_mode(dev, not dry_run, True)
+        set_fp8_compute(tr, mode)
+        t = time.perf_counter()
+        got = tr(**kw)[0].float()
+        out[f"fp8_{mode}_first_call_s"] = round(time.perf_counter() - t, 1)
+        out[f"fp8_{mode}_ms"] = round(_timed(lambda: tr(**kw), dev) * 1e3, 2)
+        out["fp8_rel_l2_vs_bf16"] = round(float((got - ref).norm() / ref.norm()), 5)
+    out["peak_gib"] = _peak_gib(dry_run)
+    if not dry_run:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def end_to_end(size: int, dry_run: bool) -> dict:
+    """``run_bench`` (stock QwenImagePipeline vs ours, same modules): Lightning settings (4 steps, CFG 1) with fp8,
+    then 20 steps CFG 4 with the step cache. VAE decode and text encode come with each report."""
+    import torch
+
+    from qwenstudio.bench import run_bench
+
+    common = {"random_full": not dry_run, "width": size, "height": size, "repeats": 1 if dry_run else 2,
+              "compile": "off" if dry_run else "on"}
+    out = {"lightning_4step_cfg1": run_bench(steps=2 if dry_run else 4, cfg=1.0, quant="fp8", **common)}
+    out["lightning_4step_cfg1"]["peak_gib"] = _peak_gib(dry_run)
+    if not dry_run:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    out["20step_cfg4"] = run_bench(steps=3 if dry_run else 20, cfg=4.0, cache=0.08, **common)
+    out["20step_cfg4"]["peak_gib"] = _peak_gib(dry_run)
+    return out
+
+
+def memory_caps(size: int, dry_run: bool) -> dict:
+    """What the planner picks under each cap for the bf16 / fp8 / GGUF-Q4 DiT sizes of the real model, and the fp8
+    Lightning run's time under that placement (the model is built in memory; files would only change load time)."""
+    from qwenstudio.engine.memory import MemoryInfo, plan_memory
+    from qwenstudio.errors import QwenStudioError
+
+    params = {"transformer": 20.43e9, "text_encoder": 8.29e9, "vae": 0.127e9}  # Qwen-Image, in parameters
+    bytes_per = {"bf16": 2.0, "fp8": 1.0, "gguf_q4_k_m": 0.6}
+    ram = MemoryInfo(ram_free=120 * GIB, ram_total=128 * GIB)
+    out: dict = {}
+    for cap in (24, 16, 12, 8):
+        info = MemoryInfo(ram.ram_free, ram.ram_total, vram_free=cap * GIB, vram_total=cap * GIB)
+        row = {}
+        for dit, b in bytes_per.items():
+            sizes = {"transformer": int(params["transformer"] * b), "text_encoder": int(params["text_encoder"] * 2),
+                     "vae": int(params["vae"] * 2)}
+            try:
+                row[dit] = plan_memory(sizes, info, device="cuda", width=size, height=size, compute_itemsize=2).strategy
+            except QwenStudioError as e:  # the planner refuses what cannot fit: that is the answer for this cap
+                row[dit] = f"refused: {type(e).__name__}"
+        out[f"{cap}GB"] = row
+    if not dry_run:
+        out["fp8_runs"] = _fp8_under_caps(size, {k: v["fp8"] for k, v in out.items()})
+    return out
+
+
+def _fp8_under_caps(size: int, placements: dict) -> dict:
+    """Lightning 4 steps with the fp8 DiT under each cap's placement, vs resident (same process, same weights)."""
+    import torch
+
+    from qwenstudio.engine.engine import Engine
+    from qwenstudio.engine.memory import Plan
+    from qwenstudio.engine.quant.fp8 import quantize_model_fp8
+    from qwenstudio.engine.specs import get_spec
+
+    c = _components(False)
+    quantize_model_fp8(c.transformer)
+    kw = {"prompt": "a red fox", "seed": 1, "steps": 4, "cfg": 1.0, "width": size, "height": size}
+    out = {}
+    resident = Engine(c, get_spec("qwen-image"), plan=Plan("resident", 0, 0))
+    out["resident_s"] = round(_timed(lambda: resident.generate(**kw), "cuda", repeats=2), 3)
+    total = torch.cuda.get_device_properties(0).total_memory
+    for cap, strategy in placements.items():
+        if strategy.startswith("refused") or strategy == "resident":
+            out[cap] = strategy
+            continue
+        for m in (c.transformer, c.text_encoder, c.vae):
+            m.to("cpu")
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap[:-2]) * GIB / total))
+        try:
+            engine = Engine(c, get_spec("qwen-image"), plan=Plan(strategy, 0, 0))
+            t = _timed(lambda e=engine: e.generate(**kw), "cuda", repeats=2)
+            out[cap] = {"strategy": strategy, "seconds": round(t, 3), "slowdown": round(t / out["resident_s"], 2)}
+        except Exception as e:  # noqa: BLE001  (a GPU report: record any failure and go on to the next cap)
+            out[cap] = {"strategy": strategy, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    return out
 
 
 if __name__ == "__main__":

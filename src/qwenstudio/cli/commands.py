@@ -107,9 +107,9 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
     lora_args, loras_text = loras
     stack = [parse_lora_arg(x) for x in lora_args] + (parse_stack_spec(loras_text) if loras_text else [])
     check_bounds(fields)  # a typo'd number fails before anything is loaded
-    variant = run.variant
+    variant, stored_cache = run.variant, None
     if run.from_image is not None:
-        request, made_with = _stored_request(run.from_image, prompt, fields, stack, controlnet, run)
+        request, made_with, stored_cache = _stored_request(run.from_image, prompt, fields, stack, controlnet, run)
         variant = variant or made_with
         edit_mode = edit_mode or isinstance(request, EditRequest)
     else:
@@ -119,8 +119,12 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
         if controlnet is not None:
             data["controlnet"] = controlnet
         request = (EditRequest if edit_mode else GenerateRequest)(**data)
+    from ..engine.acceleration import speed_options
+
+    cache = run.cache if run.cache is not None else stored_cache
+    speed = speed_options(compile=run.compile, attention=run.attention, quant=run.quant, cache=cache)
     engine = Engine.load(run.model, variant=variant, device=run.device, dtype=run.dtype, offload=run.offload,
-                         text_encoder=run.text_encoder, vae=run.vae, models_dirs=run.models_dir)
+                         text_encoder=run.text_encoder, vae=run.vae, models_dirs=run.models_dir, **speed)
     if request.preset:
         engine.preset_lookup = _local_presets()
     if engine.spec.builtin:
@@ -172,7 +176,9 @@ def _stored_request(path: Path, prompt, fields: dict, stack: list, controlnet, r
     made_with = meta.get("model", {}).get("variant")
     if run.model == "tiny" and made_with not in (None, "tiny", "tiny-edit", "tiny-edit-plus", "tiny-edit-2511"):
         raise InvalidRequest(f"{path} was made with '{meta['model'].get('name')}'; pass --model with that model")
-    return request, made_with
+    # the step cache changes the pixels: a re-run uses the one the image was made with (unless --cache is given)
+    stored_cache = (meta.get("model", {}).get("acceleration") or {}).get("cache")
+    return request, made_with, stored_cache
 
 
 def _local_presets():

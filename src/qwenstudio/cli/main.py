@@ -66,34 +66,6 @@ def models(
 
 
 @app.command()
-def bench(
-    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' or a diffusers folder."),
-    random_full: bool = typer.Option(False, "--random-full", help="Full-size random weights built on the device."),
-    steps: int = typer.Option(4),
-    cfg: float = typer.Option(4.0),
-    width: int = typer.Option(0, help="0: 64 for tiny, 1024 otherwise."),
-    height: int = typer.Option(0),
-    repeats: int = typer.Option(2, help="Timed runs per implementation (after one warm-up)."),
-    device: Optional[str] = typer.Option(None),
-    dtype: Optional[str] = typer.Option(None),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Time stock diffusers QwenImagePipeline vs our engine on the same weights; print per-stage times and ratios."""
-    from ..bench import print_report, run_bench
-
-    try:
-        report = run_bench(model=model, random_full=random_full, steps=steps, cfg=cfg, width=width, height=height,
-                           repeats=repeats, device=device, dtype=dtype)
-    except QwenStudioError as e:
-        _fail(e)
-        return
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
-    else:
-        print_report(report)
-
-
-@app.command()
 def convert(
     src: Path = typer.Argument(..., help="A diffusers folder (or its transformer/) or a ComfyUI DiT file."),
     dst: Path = typer.Argument(..., help="Output file (or folder for --to diffusers)."),
@@ -132,6 +104,10 @@ app.command("serve")(serve_command)
 from .train import train_lora_command  # noqa: E402  (light: imports torch only when run)
 
 app.command("train-lora")(train_lora_command)
+
+from .bench import bench  # noqa: E402
+
+app.command()(bench)
 
 
 def main() -> None:

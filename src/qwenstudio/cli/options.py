@@ -33,6 +33,10 @@ class RunOptions:
     out: Optional[Path]
     as_json: bool
     from_image: Optional[Path]
+    compile: str
+    attention: str
+    quant: Optional[str]
+    cache: Optional[str]
 
 
 _RUN = [
@@ -53,6 +57,13 @@ _RUN = [
     ("as_json", bool, typer.Option(False, "--json", help="Print results as JSON, no progress bar.")),
     ("from_image", Optional[Path], typer.Option(None, "--from-image", help="Re-create a PNG from its metadata "
                                                 "(edits: give the same input images).")),
+    # speed (engine/acceleration.py; README "Speed"): load-time options, recorded in the metadata
+    ("compile", str, typer.Option("auto", "--compile", help="Regional compile of the DiT blocks: auto (off for a "
+                                  "one-shot run: warm-up costs more than it saves), on, off.")),
+    ("attention", str, typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers.")),
+    ("quant", Optional[str], typer.Option(None, "--quant", help="fp8: fp8 compute on a bf16/fp32 model.")),
+    ("cache", Optional[str], typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default; "
+                                          "lossy: see README Speed).")),
 ]
 _LORA = [
     ("lora", list[str], typer.Option([], "--lora", help="LoRA as NAME[:WEIGHT] (repeatable; a name from the models "

@@ -29,9 +29,11 @@ def _model_identity(model: str, variant: str | None, settings=None) -> tuple[str
 
 def build_client(model: str, variant: str | None = None, device: str | None = None,
                  settings=None, *, text_encoder: str | None = None, vae: str | None = None,
-                 offload: str | None = None):
+                 offload: str | None = None, speed: dict | None = None):
     """An in-process engine client whose worker thread loads ``model`` (``/readyz`` is false until it has).
-    The operator names the model (a path is fine here); clients then name LoRAs by registry name only."""
+    The operator names the model (a path is fine here); clients then name LoRAs by registry name only.
+    ``speed``: Engine.load's speed options (compile, attention, quant, cache); a server is long-lived, so
+    ``compile="auto"`` compiles (engine/acceleration.py)."""
     from ..config import Settings
     from ..service.engine_client import InProcessEngineClient
 
@@ -42,7 +44,7 @@ def build_client(model: str, variant: str | None = None, device: str | None = No
         from ..engine.engine import Engine
 
         engine = Engine.load(model, variant=spec_name, device=device, settings=settings,
-                             text_encoder=text_encoder, vae=vae, offload=offload)
+                             text_encoder=text_encoder, vae=vae, offload=offload, long_lived=True, **(speed or {}))
         engine.allow_paths = False  # LoRA (and ControlNet) names from clients resolve in the models dirs only
         return engine
 
@@ -93,6 +95,7 @@ def serve(
     ray_gpus_per_replica: float | None = None,
     api_key_file: str | Path | None = None,
     config_file: str | Path | None = None,
+    speed: dict | None = None,
     **overrides,
 ) -> None:
     """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key.
@@ -120,7 +123,8 @@ def serve(
         client = build_ray_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae,
                                   offload=offload, replicas=ray_replicas, gpus_per_replica=ray_gpus_per_replica)
     else:
-        client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload)
+        client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload,
+                              speed=speed)
     try:
         app = create_app(settings, client, config)
         from ..service.server_options import uvicorn_options
@@ -235,20 +239,27 @@ def serve_command(
     ray_gpus_per_replica: float | None = typer.Option(None, "--ray-gpus-per-replica", min=0,
                                                       help="GPUs per replica (with --ray; default 1 when the "
                                                       "cluster has GPUs, else 0)."),
+    compile: str = typer.Option("auto", "--compile", help="Regional compile of the DiT blocks: auto (on, except "
+                                "the tiny model), on, off."),
+    attention: str = typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers."),
+    quant: str | None = typer.Option(None, "--quant", help="fp8: fp8 compute on a bf16/fp32 model."),
+    cache: str | None = typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default)."),
 ) -> None:
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
+    from ..engine.acceleration import speed_options
     from ..errors import QwenStudioError
 
     overrides = {k: v for k, v in (("allowed_hosts", tuple(allowed_host)), ("trusted_proxies", tuple(trusted_proxy)),
                                    ("public_url", public_url), ("max_steps", max_steps), ("max_pixels", max_pixels),
                                    ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace)) if v}
     try:
+        speed = speed_options(compile=compile, attention=attention, quant=quant, cache=cache)
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
               queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
               preview_every=preview_every, models_dirs=tuple(models_dir), text_encoder=text_encoder, vae=vae,
               offload=offload, max_upload_bytes=max_upload, rate_limit=rate_limit, ray=ray,
               ray_replicas=ray_replicas, ray_gpus_per_replica=ray_gpus_per_replica, api_key_file=api_key_file,
-              config_file=config_file, **overrides)
+              config_file=config_file, speed=speed, **overrides)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

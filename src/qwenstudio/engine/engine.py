@@ -42,6 +42,7 @@ class Engine:
         self.batch_cfg = True  # CFG's two passes as one batched forward (exact; pipeline.make_denoiser)
         self.preset_lookup = None  # name -> preset params, for requests naming a preset (set by the service/CLI)
         self._vision_prompts = None  # built on the first edit: the VL prompt encoder
+        self.acceleration: dict = {}  # speed options applied to the DiT (engine/acceleration.py)
         self.prompts = PromptEncoder(
             components.tokenizer,
             components.text_encoder,
@@ -66,6 +67,11 @@ class Engine:
         offload: str | None = None,
         allow_paths: bool = True,
         keep_lm_head: bool = False,
+        compile: bool | str = "auto",
+        attention: str = "auto",
+        quant: str | None = None,
+        cache=None,
+        long_lived: bool = False,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
         ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe
@@ -73,7 +79,9 @@ class Engine:
         reason). ``text_encoder``/``vae`` name components for single-file DiTs (default: picked from the models
         dirs, else a diffusers folder's). ``offload`` forces a memory strategy (resident, model_offload, group_offload,
         cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
-        is loaded. ``allow_paths=False`` (the server) accepts registry names only."""
+        is loaded. ``allow_paths=False`` (the server) accepts registry names only. Speed options
+        (engine/acceleration.py): ``compile`` (auto: on when ``long_lived``, e.g. a server), ``attention`` backend,
+        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default)."""
         import torch
 
         from .memory import measure, plan_memory
@@ -104,6 +112,10 @@ class Engine:
         engine = cls(components, spec, plan=plan)
         engine.registry = registry
         engine.allow_paths = allow_paths
+        from .acceleration import accelerate_engine
+
+        engine.acceleration = accelerate_engine(engine, compile=compile, attention=attention, quant=quant, cache=cache,
+                                                long_lived=long_lived, home=settings.home)
         return engine
 
     @property
@@ -113,7 +125,8 @@ class Engine:
     def describe(self) -> dict:
         c = self.components
         return {"variant": self.spec.name, **c.identity, "device": str(c.device),
-                "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy}
+                "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy,
+                **({"acceleration": self.acceleration} if self.acceleration else {})}
 
     # ---- requests -----------------------------------------------------------------------------------------
     def prepare(self, request: GenerateRequest) -> GenerateRequest:

@@ -5,6 +5,12 @@ scaled" files where each quantized layer carries a per-tensor ``<layer>.scale_we
 ``fp8_weight.float() * scale_weight``) and optionally ``<layer>.scale_input`` (used by fp8 matmul kernels; the
 upcast path here does not need it but keeps it so a round trip loses nothing). Keeping the weights fp8 halves the
 DiT's memory against bf16; the per-call upcast costs one temporary weight per layer at a time.
+
+fp8 *compute* (``compute="scaled_mm"``): the activation is quantized too (per-tensor from the file's ``scale_input``,
+else dynamic per row) and the product runs as one fp8 matmul, ``torch._scaled_mm`` — the tensor cores' fp8 path on
+GPUs of compute capability 8.9+ (Ada, Hopper, Blackwell). ``compute="emulate"`` is the same arithmetic written out
+(quantize with the scale, matmul in fp32, rescale): it runs anywhere, so the numbers of the fp8 path are tested on a
+CPU. Layers on ``FP8_COMPUTE_KEEP`` keep high-precision activations (weights may still be stored fp8).
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ FP8_KEEP_HIGH_PRECISION = (
     "time_text_embed",
     "pos_embed",
 )
+
+# Layers whose *activations* stay high precision under fp8 compute (in addition to FP8_KEEP_HIGH_PRECISION): the
+# image MLP's down projection sees the widest activation range of the block (after GELU, 12288 wide); rounding its
+# input to fp8 costs the most image quality for ~1/6 of a block's FLOPs. Matched as a suffix of the module name.
+FP8_COMPUTE_KEEP_SUFFIXES = ("img_mlp.net.2",)
+FP8_COMPUTE_MODES = ("upcast", "scaled_mm", "emulate")
 
 FP8_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 _MANTISSA_AND_MIN_EXP = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}
@@ -76,11 +88,15 @@ class FP8Linear(nn.Module):
         self.scale_input: torch.Tensor | None
         self.register_buffer("scale_weight", None)
         self.register_buffer("scale_input", None)
+        self.compute = "upcast"  # see the module docstring; set by ``set_fp8_compute``
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_fp8(self.weight, self.scale_weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compute != "upcast":
+            return fp8_linear(x, self.weight, self.scale_weight, self.bias, input_scale=self.scale_input,
+                              emulate=self.compute == "emulate")
         w = self.dequantized_weight(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return nn.functional.linear(x, w, b)
@@ -102,7 +118,8 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         scaled = ", scaled" if self.scale_weight is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}{scaled}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.weight.dtype}{scaled}, "
+                f"compute={self.compute}")
 
 
 def swap_linears_to_fp8(model: nn.Module, names: set[str], weight_dtypes: dict[str, torch.dtype] | None = None) -> None:
@@ -123,3 +140,98 @@ def swap_linears_to_fp8(model: nn.Module, names: set[str], weight_dtypes: dict[s
 def keep_high_precision(key: str, keep: tuple[str, ...] = FP8_KEEP_HIGH_PRECISION) -> bool:
     """True if the (un-prefixed) parameter ``key`` belongs to a layer on the keep-list."""
     return key.split(".", 1)[0] in keep
+
+
+# ---- fp8 compute ---------------------------------------------------------------------------------------------------
+
+def quantize_activation(x2d: torch.Tensor, scale: torch.Tensor | None = None, dtype=torch.float8_e4m3fn):
+    """Activations [M, K] -> (fp8 tensor, fp32 scale). ``scale`` given (the file's ``scale_input``): per tensor;
+    otherwise dynamic per row (amax of each row / fp8 max), which follows outlier tokens instead of letting one
+    token flatten every other row's resolution."""
+    fmax = torch.finfo(dtype).max
+    if scale is None:
+        amax = x2d.detach().abs().amax(dim=-1, keepdim=True).float()
+        scale = (amax / fmax).clamp_min(1e-12)
+    else:
+        scale = scale.detach().float().reshape(())
+    q = (x2d.float() / scale).clamp(-fmax, fmax).to(dtype)
+    return q, scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
+               *, input_scale: torch.Tensor | None = None, emulate: bool = False) -> torch.Tensor:
+    """``x @ W.T + b`` with both operands fp8: ``(q(x) @ W8.T) * (s_x * s_w) + b``. ``weight_scale``: a scalar
+    (per tensor, ComfyUI files) or [out, 1] (per row, ``quantize_linear_fp8``); None means 1. ``emulate`` runs the
+    formula in fp32 (any device); otherwise ``torch._scaled_mm`` (fp8 tensor cores)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, sx = quantize_activation(x2, input_scale)
+    sw = (weight_scale.detach().float() if weight_scale is not None
+          else torch.ones((), device=weight.device, dtype=torch.float32))
+    rowwise = sx.dim() > 0 or sw.dim() > 0
+    if rowwise:  # _scaled_mm's row-wise mode wants (M, 1) and (1, N) scales for both operands
+        sx = sx.reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
+        sw = sw.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+    if emulate:
+        out = (xq.float() @ weight.float().t()) * (sx * sw)
+    else:
+        out = torch._scaled_mm(xq, weight.t(), scale_a=sx, scale_b=sw,  # noqa: SLF001  (no public name yet)
+                               out_dtype=torch.bfloat16 if rowwise else x.dtype)
+    out = out.to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+def scaled_mm_supported(device) -> bool:
+    """fp8 tensor cores: CUDA compute capability 8.9+ (the CPU has a reference ``_scaled_mm``, slower than fp32)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def keep_activations_high_precision(name: str, keep: tuple[str, ...] = FP8_KEEP_HIGH_PRECISION,
+                                    suffixes: tuple[str, ...] = FP8_COMPUTE_KEEP_SUFFIXES) -> bool:
+    return name.split(".", 1)[0] in keep or any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def quantize_linear_fp8(linear: nn.Linear, dtype=torch.float8_e4m3fn) -> FP8Linear:
+    """A float ``nn.Linear`` -> ``FP8Linear`` with per-row weight scales ([out, 1]: amax of each output row)."""
+    w = linear.weight.detach().float()
+    fmax = torch.finfo(dtype).max
+    scale = (w.abs().amax(dim=1, keepdim=True) / fmax).clamp_min(1e-12)
+    new = FP8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, device="meta")
+    new.weight = nn.Parameter((w / scale).clamp(-fmax, fmax).to(dtype), requires_grad=False)
+    new.scale_weight = scale
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return new
+
+
+def quantize_model_fp8(model: nn.Module, *, keep=FP8_KEEP_HIGH_PRECISION,
+                       suffixes=FP8_COMPUTE_KEEP_SUFFIXES) -> list[str]:
+    """``--quant fp8`` on a float model: every ``nn.Linear`` not on the keep-lists becomes an ``FP8Linear`` (per-row
+    scales), in place. Returns the names quantized."""
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not
+             keep_activations_high_precision(n, keep, suffixes)]
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, quantize_linear_fp8(getattr(parent, leaf)))
+    return names
+
+
+def set_fp8_compute(model: nn.Module, compute: str, *, keep=FP8_KEEP_HIGH_PRECISION,
+                    suffixes=FP8_COMPUTE_KEEP_SUFFIXES) -> int:
+    """Set how every ``FP8Linear`` in ``model`` multiplies (``upcast``/``scaled_mm``/``emulate``); layers on the
+    keep-lists stay ``upcast`` (fp8 storage, high-precision activations). Returns how many use fp8 compute."""
+    if compute not in FP8_COMPUTE_MODES:
+        raise ValueError(f"unknown fp8 compute '{compute}'")
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, FP8Linear):
+            # fp8 tensor cores want K and N in multiples of 16; a smaller odd layer just keeps upcasting
+            fp8_ok = (compute != "upcast" and not keep_activations_high_precision(name, keep, suffixes)
+                      and (compute == "emulate" or (m.in_features % 16 == 0 and m.out_features % 16 == 0)))
+            m.compute = compute if fp8_ok else "upcast"
+            n += m.compute != "upcast"
+    return n
