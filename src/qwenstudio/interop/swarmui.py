@@ -48,7 +48,14 @@ def _params_to_fields(params: dict[str, Any], out: PastedSettings, *, preset: bo
         v = p[key]
         if isinstance(v, bool):
             raise TypeError(key)
-        return kind(float(v)) if kind is int else kind(v)
+        if kind is int and (isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())):
+            if len(str(v).strip()) > 20:  # a seed fits 2**63; longer is not a setting
+                raise ValueError(key)
+            return int(v)  # exactly (large seeds lose digits through float)
+        f = float(v)
+        if f != f or f in (float("inf"), float("-inf")):  # "1e400", "nan": not a setting, reported as unmapped
+            raise ValueError(key)
+        return int(f) if kind is int else kind(f)
 
     for key, name, kind in (("steps", "steps", int), ("cfgscale", "cfg", float), ("sigmashift", "shift", float)):
         if key in p:
