@@ -64,12 +64,15 @@ def test_stop_checks_change_no_pixel_and_leave_no_hooks(tiny_engine):
 
 
 def test_decode_checked_matches_decode_and_stops(tiny_engine):
+    """512x512: 4096 latent positions, so the mid-block attention runs chunked (4 blocks of 1024 query rows)."""
     import torch
 
     from qwenstudio.engine import latents as L
+    from qwenstudio.engine.stopping import ATTENTION_ROWS
 
     vae = tiny_engine.components.vae
-    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert 64 * 64 > ATTENTION_ROWS
     with torch.inference_mode():
         assert torch.equal(L.decode(vae, z), L.decode_checked(vae, z, lambda: False))
         calls = {"n": 0}
@@ -80,3 +83,28 @@ def test_decode_checked_matches_decode_and_stops(tiny_engine):
 
         with pytest.raises(Cancelled, match="vae_decode"):
             L.decode_checked(vae, z, stop_after_some_layers)
+
+
+def test_vae_attention_is_chunked_bit_identically_with_a_check_per_block():
+    import torch
+    import torch.nn.functional as F
+
+    from qwenstudio.engine.stopping import ATTENTION_ROWS, chunked_attention_mode
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 4 * ATTENTION_ROWS, 32, generator=g) for _ in range(3))
+    calls = []
+    with torch.inference_mode():
+        full = F.scaled_dot_product_attention(q, k, v)
+        with chunked_attention_mode(lambda: calls.append(1)):
+            chunked = F.scaled_dot_product_attention(q, k, v)
+        assert torch.equal(full, chunked) and len(calls) == 4
+
+        def stop_at_third():
+            calls.append(1)
+            if len(calls) > 6:
+                raise Cancelled("cancelled during vae_decode")
+
+        with pytest.raises(Cancelled), chunked_attention_mode(stop_at_third):
+            F.scaled_dot_product_attention(q, k, v)
+        assert len(calls) == 7  # stopped before its third block

@@ -4,10 +4,13 @@ text encoding, VAE encode, each denoising step, VAE decode.
 
 How: for the duration of a run, a forward pre-hook on every submodule of the text encoder, the VAE encoder and
 decoder and the transformer calls ``should_stop()`` and raises ``Cancelled`` naming the stage. The hooks change
-nothing in the computation (outputs stay bit-identical, tiled or not), so a stop takes effect at the next layer:
-on CPU at the largest size the tiny model allows, the longest gap between two checks is a single convolution of
-the decoder's last block (see benchmarks/cancel_latency.py for the measured figures). They fire only on the
-thread that installed them, so a second engine user on another thread is never stopped by this run's flag.
+nothing in the computation (outputs stay bit-identical, tiled or not), so a stop takes effect at the next layer.
+The one layer that is long on its own is the VAE mid-block's spatial self-attention (one scaled-dot-product
+attention over every latent position: quadratic in the pixel count, seconds on CPU at 2048x2048); inside the VAE
+on CPU it runs in blocks of query rows with a check between blocks (``ChunkedAttention``; each row's result does
+not depend on the others, and the output is bit-identical — tests/engine/test_stopping.py). Figures:
+benchmarks/cancel_latency.py. The checks fire only on the thread that installed them, so a second engine user on
+another thread is never stopped by this run's flag.
 """
 
 from __future__ import annotations
@@ -28,6 +31,48 @@ def check(should_stop: ShouldStop | None, stage: str) -> None:
         raise Cancelled(f"cancelled during {stage}", detail={"stage": stage})
 
 
+ATTENTION_ROWS = 1024  # query rows per block of a chunked VAE attention
+
+
+def chunked_attention_mode(check: Callable[[], None], rows: int = ATTENTION_ROWS):
+    """A TorchFunctionMode that runs plain CPU ``scaled_dot_product_attention(q, k, v)`` calls (no mask, no options:
+    the VAE's) in blocks of ``rows`` query rows, calling ``check()`` before each block."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class ChunkedAttention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is F.scaled_dot_product_attention and len(args) == 3 and not kwargs
+                    and args[0].device.type == "cpu" and args[0].shape[-2] > rows):
+                q, k, v = args
+                blocks = []
+                for i in range(0, q.shape[-2], rows):
+                    check()
+                    blocks.append(func(q[..., i:i + rows, :], k, v))
+                return torch.cat(blocks, dim=-2)
+            return func(*args, **kwargs)
+
+    return ChunkedAttention()
+
+
+def _scope_mode(module, make_mode) -> list:
+    """Enter a fresh mode for each forward of ``module`` and leave it when the forward ends, raised or not."""
+    active: list = []
+
+    def enter(m, args):
+        mode = make_mode()
+        mode.__enter__()
+        active.append(mode)
+
+    def leave(m, args, output):
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+
 @contextmanager
 def stop_checks(should_stop: ShouldStop | None, stages: dict[str, Any]) -> Iterator[None]:
     """Check ``should_stop`` before every submodule forward of each ``{stage name: module}`` while inside."""
@@ -37,19 +82,21 @@ def stop_checks(should_stop: ShouldStop | None, stages: dict[str, Any]) -> Itera
     owner = threading.get_ident()
     handles = []
 
-    def hook_for(stage: str):
-        def hook(module, args):
+    def check_for(stage: str):
+        def check_now():
             if threading.get_ident() == owner and should_stop():
                 raise Cancelled(f"cancelled during {stage}", detail={"stage": stage})
 
-        return hook
+        return check_now
 
     try:
         for stage, module in stages.items():
             if module is None or not hasattr(module, "modules"):
                 continue
-            hook = hook_for(stage)
-            handles.extend(m.register_forward_pre_hook(hook) for m in module.modules())
+            check_now = check_for(stage)
+            handles.extend(m.register_forward_pre_hook(lambda m, a, c=check_now: c()) for m in module.modules())
+            if stage.startswith("vae"):
+                handles.extend(_scope_mode(module, lambda c=check_now: chunked_attention_mode(c)))
         yield
     finally:
         for h in handles:
