@@ -235,13 +235,17 @@ def serve_command(
     ray_gpus_per_replica: float | None = typer.Option(None, "--ray-gpus-per-replica", min=0,
                                                       help="GPUs per replica (with --ray; default 1 when the "
                                                       "cluster has GPUs, else 0)."),
+    store: str | None = typer.Option(None, "--store", envvar="QWENSTUDIO_STORE", help="Job/preset store: "
+                                     "postgresql://user@host/db to share one queue between nodes (password via "
+                                     "PGPASSWORD or ~/.pgpass); default: SQLite in the home."),
 ) -> None:
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
     from ..errors import QwenStudioError
 
     overrides = {k: v for k, v in (("allowed_hosts", tuple(allowed_host)), ("trusted_proxies", tuple(trusted_proxy)),
                                    ("public_url", public_url), ("max_steps", max_steps), ("max_pixels", max_pixels),
-                                   ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace)) if v}
+                                   ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace),
+                                   ("store_url", store)) if v}
     try:
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),
               queue_size=queue_size, job_deadline_s=job_deadline, max_body_bytes=max_body,
