@@ -104,3 +104,28 @@ def test_lease_lost_records_nothing_on_both_backends(tmp_path, store_url):
         assert store.count_by_status() == {"done": 1, "failed": 1}
     finally:
         store.close()
+
+
+def test_postgres_connection_lost_is_a_typed_503_then_reconnects(postgres_server):
+    """The server drops our connection (restart, failover): that call is StoreUnavailable (503, code
+    store_unavailable), and the store carries on with a new connection."""
+    import psycopg
+    import pytest
+
+    from qwenstudio.service.errors import StoreUnavailable
+    from qwenstudio.service.store import Store
+
+    url = postgres_server.create_database()
+    store = Store(url)
+    try:
+        store.insert_job("a" * 32, "tiny", {"prompt": "before"})
+        with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
+            killed = admin.execute("SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity WHERE datname=%s "
+                                   "AND pid <> pg_backend_pid()", (url.rsplit("/", 1)[1],)).fetchall()
+        assert killed and all(r[0] for r in killed)
+        with pytest.raises(StoreUnavailable) as lost:
+            store.count_queued()
+        assert lost.value.status == 503 and lost.value.code == "store_unavailable"
+        assert store.count_queued() == 1 and store.claim_next("w", ["tiny"])["id"] == "a" * 32
+    finally:
+        store.close()

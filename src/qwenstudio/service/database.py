@@ -179,13 +179,27 @@ class PostgresDatabase:
 
         return run
 
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """A lost server is a typed 503 (not an internal error); the next call opens a new connection. Nothing is
+        retried here: whether a statement whose reply was lost committed is unknown."""
+        import psycopg
+
+        from .errors import StoreUnavailable
+
+        try:
+            yield
+        except psycopg.OperationalError as e:
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+            raise StoreUnavailable(f"the PostgreSQL store {self.location} is unreachable ({first}); retry") from None
+
     def execute(self, sql: str, args: tuple = ()) -> Result:
-        with self._lock, self._live().cursor() as cur:
+        with self._lock, self._reachable(), self._live().cursor() as cur:
             return self._runner(cur)(sql, args)
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        with self._lock:
+        with self._lock, self._reachable():
             conn = self._live()
             with conn.transaction(), conn.cursor() as cur:
                 run = self._runner(cur)
