@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 
 def test_queue_bound_holds_under_concurrent_submitters(tmp_path, store_url):
-    """16 submitters on their own connections race for 5 places: exactly 5 get in, with positions 1..5."""
+    """16 submitters on their own connections race for 5 places (and, on a new database, to create the schema):
+    exactly 5 get in, with positions 1..5."""
     from qwenstudio.service.store import Store
 
     location = store_url or tmp_path / "q.db"
-    Store(location).close()  # schema first, as a started server has it
     positions, lock = [], threading.Lock()
 
     def submit(i):
