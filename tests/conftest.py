@@ -29,8 +29,33 @@ def reference_pipe(tiny_folder):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL cluster for the session (qwenstudio.testing.postgres), stopped and removed at the end.
+    Skipped only where the server binaries are not installed (CI installs Debian's postgresql)."""
+    from qwenstudio.testing.postgres import find_bindir, start_postgres
+
+    bindir = find_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql to run the "
+                    "PostgreSQL store tests")
+    server = start_postgres(bindir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request):
+    """Run a store test on both backends: None = SQLite in the app's home (the default); else the URL of a fresh
+    PostgreSQL database (ServiceConfig.store_url, ``serve --store``)."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").create_database()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Never touch the user's ~/.qwenstudio; share one home (and its tiny-model cache) across the session."""
     home = tmp_path_factory.getbasetemp() / "qwenstudio-home"
     monkeypatch.setenv("QWENSTUDIO_HOME", str(home))
+    monkeypatch.delenv("QWENSTUDIO_STORE", raising=False)

@@ -21,8 +21,8 @@ def _running_with_progress(http, job_id):
         time.sleep(0.02)
 
 
-def test_cancel_queued_and_running(serve):
-    with serve() as s, s.client() as http:
+def test_cancel_queued_and_running(serve, store_url):
+    with serve(store_url=store_url) as s, s.client() as http:
         running = http.post("/api/jobs", json=SLOW).json()["id"]
         queued = http.post("/api/jobs", json=JOB).json()["id"]
         job = _running_with_progress(http, running)
@@ -43,8 +43,8 @@ def test_cancel_queued_and_running(serve):
         assert http.post("/api/jobs?wait=true", json=JOB).json()["status"] == "done"
 
 
-def test_queue_full_is_429_with_retry_after(serve):
-    with serve(queue_size=1, retry_after_s=7) as s, s.client() as http:
+def test_queue_full_is_429_with_retry_after(serve, store_url):
+    with serve(queue_size=1, retry_after_s=7, store_url=store_url) as s, s.client() as http:
         running = http.post("/api/jobs", json=SLOW).json()["id"]
         wait_status(http, running, ("running",))
         queued = http.post("/api/jobs", json=JOB).json()["id"]
@@ -103,8 +103,8 @@ def test_client_disconnect_from_wait_cancels_its_job(serve):
         assert job["progress"]["step"] < 200
 
 
-def test_concurrent_submitters_and_metrics_agree_with_store(serve):
-    with serve(queue_size=32) as s, s.client() as http:
+def test_concurrent_submitters_and_metrics_agree_with_store(serve, store_url):
+    with serve(queue_size=32, store_url=store_url) as s, s.client() as http:
         ids, errors = [], []
         lock = threading.Lock()
 

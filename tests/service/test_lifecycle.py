@@ -14,20 +14,20 @@ import httpx
 from svc_helpers import JOB, SLOW, wait_status
 
 
-def test_restart_marks_interrupted_jobs_failed_and_keeps_outputs(serve, tmp_path):
+def test_restart_marks_interrupted_jobs_failed_and_keeps_outputs(serve, tmp_path, store_url):
     home = tmp_path / "crashy"
-    with serve(home=home) as s, s.client() as http:
+    with serve(home=home, store_url=store_url) as s, s.client() as http:
         done = http.post("/api/jobs?wait=true", json=JOB).json()
         png = http.get(done["outputs"][0]["url"]).content
     # simulate kill -9 mid-job: rows left active, as a dead process would leave them
     from qwenstudio.service.store import Store
 
-    store = Store(home / "service.db")
+    store = Store(store_url or home / "service.db")
     store.insert_job("a" * 32, "tiny", {"prompt": "was running"})
     store.mark_running("a" * 32)
     store.insert_job("b" * 32, "tiny", {"prompt": "was queued"})
     store.close()
-    with serve(home=home) as s, s.client() as http:
+    with serve(home=home, store_url=store_url) as s, s.client() as http:
         for jid in ("a" * 32, "b" * 32):
             job = http.get(f"/api/jobs/{jid}").json()
             assert job["status"] == "failed" and job["error"]["code"] == "interrupted"

@@ -1,5 +1,6 @@
 """Several workers on one store (SECURITY 26): each job runs exactly once, none lost, whichever process queued it;
-cross-process waiting, events and cancel; a per-key rate limit (17)."""
+cross-process waiting, events and cancel; a per-key rate limit (17). The store tests run on both backends (SQLite
+in the home, and a real PostgreSQL server: the ``store_url`` fixture)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ def _app(home, engine, **config):
     return create_app(Settings(home=home), client, ServiceConfig.with_keys((), **config)), client
 
 
-def test_two_workers_one_store_each_job_exactly_once(tiny_engine, second_engine, tmp_path):
+def test_two_workers_one_store_each_job_exactly_once(tiny_engine, second_engine, tmp_path, store_url):
     home = tmp_path / "shared"
-    app_a, client_a = _app(home, tiny_engine, queue_size=64)
-    app_b, client_b = _app(home, second_engine, queue_size=64)
+    app_a, client_a = _app(home, tiny_engine, queue_size=64, store_url=store_url)
+    app_b, client_b = _app(home, second_engine, queue_size=64, store_url=store_url)
+    assert app_a.state.store.backend == ("postgresql" if store_url else "sqlite")
     try:
         with ExitStack() as stack:
             urls = [stack.enter_context(run_app(app_a)), stack.enter_context(run_app(app_b))]
@@ -78,12 +80,12 @@ def test_two_workers_one_store_each_job_exactly_once(tiny_engine, second_engine,
         client_b.close()
 
 
-def test_api_only_process_queues_for_a_worker_elsewhere(tiny_engine, tmp_path):
+def test_api_only_process_queues_for_a_worker_elsewhere(tiny_engine, tmp_path, store_url):
     """An API-only app (no worker) and a worker app on one store: the worker runs what the API queued; the API
     process follows it (wait, SSE) and cancels it across processes."""
     home = tmp_path / "split"
-    api, api_client = _app(home, tiny_engine, run_worker=False, queue_size=8)
-    worker, worker_client = _app(home, tiny_engine, queue_size=8)
+    api, api_client = _app(home, tiny_engine, run_worker=False, queue_size=8, store_url=store_url)
+    worker, worker_client = _app(home, tiny_engine, queue_size=8, store_url=store_url)
     try:
         with ExitStack() as stack:
             api_url = stack.enter_context(run_app(api))
@@ -111,11 +113,11 @@ def test_api_only_process_queues_for_a_worker_elsewhere(tiny_engine, tmp_path):
         worker_client.close()
 
 
-def test_claim_is_atomic_across_store_connections(tmp_path):
+def test_claim_is_atomic_across_store_connections(tmp_path, store_url):
     """Many claimers on separate connections (as separate processes have): every queued row claimed once."""
     from qwenstudio.service.store import Store
 
-    path = tmp_path / "q.db"
+    path = store_url or tmp_path / "q.db"
     seed_store = Store(path)
     for i in range(60):
         assert seed_store.insert_job(f"{i:032x}", "tiny", {"prompt": str(i)}) == i + 1

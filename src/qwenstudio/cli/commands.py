@@ -9,6 +9,7 @@ and exit 2; warnings (a guessed variant, a partial LoRA match) print as ``warnin
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -188,14 +189,15 @@ def _local_presets():
     from ..service.app import DB_NAME
 
     path = Settings.from_env().home / DB_NAME
+    shared = os.environ.get("QWENSTUDIO_STORE")  # the store `serve --store` shares between nodes
 
     def lookup(name: str) -> dict:
-        if not path.is_file():
+        if not shared and not path.is_file():
             raise ModelNotFound(f"no preset named '{name}' (no presets saved on this machine yet)",
                                 code="preset_not_found")
         from ..service.store import Store
 
-        store = Store(path)
+        store = Store(shared or path)
         try:
             preset = store.find_preset(name)
         finally:

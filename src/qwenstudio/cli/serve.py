@@ -244,6 +244,9 @@ def serve_command(
     attention: str = typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers."),
     quant: str | None = typer.Option(None, "--quant", help="fp8: fp8 compute on a bf16/fp32 model."),
     cache: str | None = typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default)."),
+    store: str | None = typer.Option(None, "--store", envvar="QWENSTUDIO_STORE", help="Job/preset store: "
+                                     "postgresql://user@host/db to share one queue between nodes (password via "
+                                     "PGPASSWORD or ~/.pgpass); default: SQLite in the home."),
 ) -> None:
     """Serve the HTTP API (native /api, OpenAI-compatible /v1)."""
     from ..engine.acceleration import speed_options
@@ -251,7 +254,8 @@ def serve_command(
 
     overrides = {k: v for k, v in (("allowed_hosts", tuple(allowed_host)), ("trusted_proxies", tuple(trusted_proxy)),
                                    ("public_url", public_url), ("max_steps", max_steps), ("max_pixels", max_pixels),
-                                   ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace)) if v}
+                                   ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace),
+                                   ("store_url", store)) if v}
     try:
         speed = speed_options(compile=compile, attention=attention, quant=quant, cache=cache)
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),

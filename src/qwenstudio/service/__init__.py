@@ -1,4 +1,4 @@
-"""HTTP service: FastAPI app, job queue, SQLite store. Knows nothing about tensors; talks to the engine only through
+"""HTTP service: FastAPI app, job queue, SQLite/PostgreSQL store. Knows nothing about tensors; talks to the engine only through
 ``EngineClient`` so an in-process engine, a worker process or Ray replicas are interchangeable."""
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     """Build the app. The store opens (and recovers jobs a crash left active) now; the job worker starts with the
     app's lifespan and stops, cancelling what runs, when the server shuts down."""
     config = config or ServiceConfig()
-    store = Store(settings.home / DB_NAME)
+    store = Store(config.store_url or settings.home / DB_NAME)
     metrics = Metrics()
     upload_store = UploadStore(settings.home / "uploads", quota_bytes=config.upload_quota_bytes,
                                ttl_s=config.upload_ttl_s)

@@ -55,6 +55,8 @@ class ServiceConfig:
     upload_quota_bytes: int = 2 << 30
     # Worker liveness (SECURITY 32): a running job's lease, renewed by its worker every lease_s / 5.
     lease_s: float = 30.0
+    # The job/preset store: None = SQLite in the home; "postgresql://user@host/db" = a database several nodes share.
+    store_url: str | None = field(default=None, repr=False)  # repr=False: a URL may carry a password
 
     @classmethod
     def with_keys(cls, keys: tuple[str, ...] | list[str] = (), **kw) -> ServiceConfig:

@@ -85,3 +85,10 @@ class UploadQuotaExceeded(QwenStudioError):
 class MisdirectedRequest(QwenStudioError):
     code = "host_not_allowed"
     status = 421
+
+
+class StoreUnavailable(QwenStudioError):
+    """The job/preset database cannot be opened (PostgreSQL down or refusing us, psycopg missing)."""
+
+    code = "store_unavailable"
+    status = 503

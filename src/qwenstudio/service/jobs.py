@@ -1,8 +1,8 @@
 """The job queue (rows in the store) and the worker that feeds the engine client.
 
-The queue lives in the SQLite store: ``submit`` inserts a queued row (bound checked in the same transaction) and
-the worker ``claim_next``-s the oldest one with ``BEGIN IMMEDIATE``, so several JobManagers (threads of one process,
-or processes on one home) share the queue and run each job exactly once (SECURITY 26). A job submitted here is also
+The queue lives in the store (SQLite or PostgreSQL): ``submit`` inserts a queued row (bound checked in the same
+transaction) and the worker ``claim_next``-s the oldest one atomically, so several JobManagers (threads, processes,
+nodes on one PostgreSQL store) share the queue and run each job exactly once (SECURITY 26). A job submitted here is also
 kept in memory with a per-job event log (queued position, progress, previews, terminal state) that SSE readers and
 waiting callers follow from asyncio through ``subscribe``: in one process the worker publishes straight into it (no
 polling on the fast path); a job another worker runs is followed from the store by a watcher thread, which also

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import uuid
 
 from fastapi import APIRouter, Request
@@ -24,10 +23,7 @@ def served_spec(request: Request):
 
 def _insert(store, name, params, description, author) -> dict:
     preset_id = uuid.uuid4().hex
-    try:
-        store.insert_preset(preset_id, name, params, description, author)
-    except sqlite3.IntegrityError:
-        raise Conflict(f"a preset named '{name}' exists", code="preset_exists") from None
+    store.insert_preset(preset_id, name, params, description, author)  # Conflict "preset_exists" on a taken name
     return store.get_preset(preset_id)
 
 
@@ -83,10 +79,7 @@ async def get_preset(request: Request, preset_id: str):
 async def update_preset(request: Request, preset_id: str):
     name, params, description, author = validate_preset(await json_body(request), served_spec(request))
     store = request.app.state.store
-    try:
-        ok = await asyncio.to_thread(store.update_preset, preset_id, name, params, description, author)
-    except sqlite3.IntegrityError:
-        raise Conflict(f"a preset named '{name}' exists", code="preset_exists") from None
+    ok = await asyncio.to_thread(store.update_preset, preset_id, name, params, description, author)
     if not ok:
         raise NotFound(f"no preset '{preset_id}'", code="preset_not_found")
     return store.get_preset(preset_id)
