@@ -133,6 +133,11 @@ from .train import train_lora_command  # noqa: E402  (light: imports torch only 
 
 app.command("train-lora")(train_lora_command)
 
+from .compare import compare_app, grid_command  # noqa: E402
+
+app.command("grid")(grid_command)
+app.add_typer(compare_app, name="compare")
+
 
 def main() -> None:
     app()
