@@ -126,10 +126,13 @@ class StringScore:
     exact: bool
     passed: bool
 
+    @property
+    def verdict(self) -> str:
+        return "✅" if self.passed else "❌"
+
     def to_dict(self) -> dict:
         return {"expected": self.expected, "found": self.found, "distance": self.distance,
-                "cer": round(self.cer, 4), "exact": self.exact, "passed": self.passed,
-                "verdict": "✅" if self.passed else "❌"}
+                "cer": round(self.cer, 4), "exact": self.exact, "passed": self.passed, "verdict": self.verdict}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import re
+from pathlib import Path
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -162,6 +163,8 @@ def label_of(name: str, value: Any) -> str:
         return " + ".join(f"{r.name}:{r.weight:g}" for r in value) if value else "no LoRA"
     if name == "prompt_sr":
         return str(value)
+    if name == "model" and ("/" in str(value) or "\\" in str(value)):
+        return f"model={Path(str(value)).name}"  # a path: its folder/file name is what tells cells apart
     return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
 
 
