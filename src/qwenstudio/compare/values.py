@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest
