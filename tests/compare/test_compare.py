@@ -130,3 +130,10 @@ def test_resume_after_kill_runs_only_the_rest(tmp_path):
     changed = [a if a != "b:steps=1,cfg=1" else "b:steps=2,cfg=1" for a in args]  # one variant changed
     r = runner.invoke(app, changed)
     assert r.exit_code == 0 and "resuming: 6 image(s) already done, 6 to go" in r.output, r.output
+
+
+def test_missing_lora_fails_before_anything_runs(tmp_path):
+    out = tmp_path / "x"
+    r = runner.invoke(app, ["compare", "--case", "1", "--model", "tiny", "--out", str(out)])  # the suite's variants
+    assert r.exit_code == 2 and "variant '8steps-V1.1 NFE=8': no LoRA named 'Qwen-Image-Lightning-8steps-V1.1'" in r.output
+    assert not (out / "results.jsonl").exists()

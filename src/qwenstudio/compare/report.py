@@ -48,13 +48,23 @@ def _request_details(rec: dict, extra: str = "") -> str:
             f"<pre class=\"request\">{escape(req)}</pre></details>")
 
 
+# Verdicts are ✅/❌ in JSON and Markdown; the HTML page uses ✓/✗, which every text font has (emoji fonts are often
+# missing on servers and in headless browsers).
+_MARK = {"✅": ("ok", "✓ pass"), "❌": ("bad", "✗ fail")}
+
+
+def _mark(v: str) -> str:
+    cls, text = _MARK.get(v, ("na", v))
+    return f"<span class=\"{cls}\">{escape(text)}</span>"
+
+
 def _verdict_html(text: dict | None) -> str:
     if not text:
         return "<span class=\"na\">text: not scored</span>"
     v = text["verdict"]
-    cls = {"✅": "ok", "❌": "bad"}.get(v, "na")
-    cer = "" if text.get("cer") is None else f" CER {text['cer']:.2f}"
-    return f"<span class=\"{cls}\">text {v}{cer}</span>"
+    cls, label = _MARK.get(v, ("na", "no text asked" if v == "—" else v))
+    cer = "" if text.get("cer") is None else f" · CER {text['cer']:.2f}"
+    return f"<span class=\"{cls}\">text {escape(label)}{cer}</span>"
 
 
 def _ocr_details(text: dict | None) -> str:
@@ -62,7 +72,7 @@ def _ocr_details(text: dict | None) -> str:
         return ""
     rows = "".join(
         f"<tr><td>{escape(s['expected'])}</td><td>{escape(s['found'])}</td><td class=\"num\">{s['cer']:.2f}</td>"
-        f"<td>{s['verdict']}</td></tr>" for s in text["strings"])
+        f"<td>{_mark(s['verdict'])}</td></tr>" for s in text["strings"])
     return (f"<table><tr><th>expected</th><th>closest OCR match</th><th>CER</th><th></th></tr>{rows}</table>"
             f"<div>OCR read: {escape(text.get('ocr_text') or '(nothing)')}</div>")
 
@@ -164,7 +174,7 @@ def compare_html(data: dict[str, Any]) -> str:
         for note in case.get("notes", []):
             parts.append(f"<div class=\"na\">note: {escape(note)}</div>")
         if case.get("report_marks"):
-            marks = " · ".join(f"{escape(v['label'])} {m}" for v, m in zip(data.get("suite_variants", []),
+            marks = " · ".join(f"{escape(v['label'])} {_mark(m)}" for v, m in zip(data.get("suite_variants", []),
                                                                              case["report_marks"]))
             parts.append(f"<div class=\"na\">the reference report's verdicts: {marks}</div>")
         for seed in data["seeds"]:
@@ -184,7 +194,7 @@ def compare_html(data: dict[str, Any]) -> str:
 
 def _meta_html(data: dict) -> str:
     o = data.get("ocr")
-    ocr = (f"text verdicts by OCR (<code>{escape(o['engine'])}</code>): ✅ when every expected string's character "
+    ocr = (f"text verdicts by OCR (<code>{escape(o['engine'])}</code>): ✓ pass when every expected string's character "
            f"error rate is ≤ {o['max_cer']:g} after normalisation ({escape(o['normalisation'])})") if o else \
         "text not scored (--no-ocr)"
     bits = [f"suite <code>{escape(data['suite']['name'])}</code>"

@@ -148,6 +148,7 @@ def run_compare(plan: ComparePlan, *, on_start: Callable[[int, int], Any] | None
     done = finished(plan, store.load())
     jobs = plan.jobs()
     remaining = [j for j in jobs if j.key not in done]
+    check_loras(plan, {j.variant.label for j in remaining})
     reader = TextReader() if plan.ocr else None
     if reader is not None:  # results made with --no-ocr (or before a crash mid-score) get their verdicts now
         for j in jobs:
@@ -203,6 +204,23 @@ def run_compare(plan: ComparePlan, *, on_start: Callable[[int, int], Any] | None
     data = report_data(plan, done)
     write_reports(plan.out_dir, data)
     return data
+
+
+def check_loras(plan: ComparePlan, labels: set[str]) -> None:
+    """Every LoRA a variant names must resolve before the first model loads (not an hour into the run)."""
+    from ..config import Settings
+    from ..engine.sources import registry_for
+    from ..errors import ModelNotFound
+
+    registry = registry_for(Settings.from_env(), plan.options.models_dirs)
+    for v in (v for v in plan.variants if v.label in labels):
+        for ref in v.fields.get("loras") or ():
+            try:
+                registry.find(ref.name, ("lora",))
+            except ModelNotFound:
+                if not Path(ref.name).expanduser().is_file():
+                    raise ModelNotFound(f"variant '{v.label}': no LoRA named '{ref.name}' (put it in <models>/loras/, "
+                                        "pass --models-dir, or give its path)", code="lora_not_found") from None
 
 
 def _expected(case: Case) -> Expected:
