@@ -11,6 +11,7 @@ Values are comma separated (quote one that contains a comma: ``prompt="a, b",c``
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -207,3 +208,23 @@ def jsonable(d: dict[str, Any]) -> dict[str, Any]:
         return v
 
     return {k: conv(v) for k, v in d.items()}
+
+
+def axis_from_values(name: str, values: list[Any]) -> Axis:
+    """An axis from a JSON list (the API form): each value parsed as its CLI text would be."""
+    if not isinstance(values, list) or not values:
+        raise InvalidRequest(f"axis '{name}' needs a non-empty list of values", code="invalid_axis")
+    if len(values) > 64:
+        raise InvalidRequest(f"axis '{name}' has {len(values)} values (at most 64)", code="invalid_axis")
+    text = []
+    for v in values:
+        if isinstance(v, dict) or (isinstance(v, list) and name not in ("lora", "loras", "size")):
+            raise InvalidRequest(f"axis '{name}': value {v!r} is not a scalar", code="invalid_axis")
+        if name in ("lora", "loras") and isinstance(v, list):  # [{"name", "weight"}, ...] -> "a:1+b:0.5"
+            v = "+".join(f"{x['name']}:{x.get('weight', 1.0)}" if isinstance(x, dict) else str(x) for x in v) or "none"
+        elif name == "size" and isinstance(v, list) and len(v) == 2:
+            v = f"{v[0]}x{v[1]}"
+        text.append("none" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+    buf = io.StringIO()
+    csv.writer(buf).writerow(text)
+    return parse_axis(f"{name}={buf.getvalue().strip()}")
