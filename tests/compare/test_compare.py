@@ -59,7 +59,8 @@ def test_compare_suite_subset_two_variants(tmp_path, models_dir):
     hello = next(x for x in recs if x["case"] == "capybara-hello-world")
     assert [s["expected"] for s in hello["text"]["strings"]] == ["Hello World"]
     base, fast = summary["variants"]["base"], summary["variants"]["fast"]
-    assert (base["images"], base["nfe"], base["speedup"], base["text_scored"], base["text_passed"]) == (2, "6", 1.0, 2, 0)
+    assert (base["images"], base["nfe"], base["speedup"]) == (2, "6", 1.0)
+    assert (base["text_scored"], base["text_passed"]) == (2, 0)
     assert fast["nfe"] == "2" and fast["speedup"] == pytest.approx(base["mean_seconds"] / fast["mean_seconds"])
     assert summary["categories"] == {"long numbers": {"base": [0, 1], "fast": [0, 1]},
                                      "hair": {"base": [0, 1], "fast": [0, 1]}}
@@ -135,5 +136,6 @@ def test_resume_after_kill_runs_only_the_rest(tmp_path):
 def test_missing_lora_fails_before_anything_runs(tmp_path):
     out = tmp_path / "x"
     r = runner.invoke(app, ["compare", "--case", "1", "--model", "tiny", "--out", str(out)])  # the suite's variants
-    assert r.exit_code == 2 and "variant '8steps-V1.1 NFE=8': no LoRA named 'Qwen-Image-Lightning-8steps-V1.1'" in r.output
+    assert r.exit_code == 2, r.output
+    assert "variant '8steps-V1.1 NFE=8': no LoRA named 'Qwen-Image-Lightning-8steps-V1.1'" in r.output
     assert not (out / "results.jsonl").exists()

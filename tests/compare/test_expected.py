@@ -13,7 +13,8 @@ from qwenstudio.compare.suites import load_suite
     ("墙上写着「通义千问」，旁边是『千问』", ("通义千问", "千问")),
     ("The girl's hat says 'HELLO' under the stores' lights", ("HELLO",)),  # apostrophes are not quotes
     ("a ‘Don’t stop’ banner", ("Don’t stop",)),  # ’ inside a word does not close ‘
-    ('a chalkboard reading "Qwen Coffee 😊 $2 per cup," and a neon "通义千问"', ("Qwen Coffee 😊 $2 per cup", "通义千问")),
+    ('a chalkboard reading "Qwen Coffee 😊 $2 per cup," and a neon "通义千问"',
+     ("Qwen Coffee 😊 $2 per cup", "通义千问")),
     ("“outer 「inner」 text”", ("outer 「inner」 text",)),  # nested: the outer span counts
     ("no text here", ()),
 ])

@@ -19,9 +19,8 @@ def _wait_grid(http, grid_id, statuses, timeout=60):
 
 def test_grid_job_runs_every_cell_as_a_job(serve):
     with serve() as s, s.client() as http:
-        r = http.post("/api/grids", json={"prompt": "a red fox", "axes": ["steps=1,2", {"name": "cfg", "values": [1, 3]},
-                                                                           {"name": "prompt_sr", "values": ["fox", "owl"]}],
-                                          "base": {"seed": 5}})
+        axes = ["steps=1,2", {"name": "cfg", "values": [1, 3]}, {"name": "prompt_sr", "values": ["fox", "owl"]}]
+        r = http.post("/api/grids", json={"prompt": "a red fox", "axes": axes, "base": {"seed": 5}})
         assert r.status_code == 202, r.text
         grid = _wait_grid(http, r.json()["id"], ("done",))
         assert grid["progress"]["cells_done"] == grid["progress"]["cells"] == 8

@@ -27,12 +27,8 @@ class Estimate:
 def planned_steps_cfg(variant, size: tuple[int, int] | None) -> tuple[int, float, tuple[int, int]]:
     """(steps, cfg, size) the engine would pick for ``variant``, from data only."""
     from ..engine.lora import detect_lightning
-    from ..engine.registry import guess_variant
-    from ..engine.specs import get_spec
 
-    model = str(variant.model)
-    name = Path(model).stem if model.endswith((".safetensors", ".gguf")) else Path(model).name
-    spec = get_spec(variant.variant or guess_variant(name))
+    spec = _spec(variant)
     steps, cfg = spec.defaults.steps, spec.defaults.cfg
     for ref in variant.fields.get("loras") or ():
         recipe = detect_lightning(ref.name) if ref.weight else None
@@ -40,7 +36,8 @@ def planned_steps_cfg(variant, size: tuple[int, int] | None) -> tuple[int, float
             steps, cfg = recipe.steps, recipe.cfg
     steps = variant.fields.get("steps") or steps
     cfg = variant.fields.get("cfg") if variant.fields.get("cfg") is not None else cfg
-    w, h = size or (variant.fields.get("width") or spec.default_size[0], variant.fields.get("height") or spec.default_size[1])
+    dw, dh = spec.default_size
+    w, h = size or (variant.fields.get("width") or dw, variant.fields.get("height") or dh)
     return int(steps), float(cfg), (int(w), int(h))
 
 
@@ -78,11 +75,26 @@ def estimate(plan, done: dict[str, dict[str, Any]], bench: dict[str, Any] | None
     return out
 
 
-def _is_tiny(variant) -> bool:
-    from ..engine.registry import guess_variant
+def _spec(variant):
+    """The recipe the model would run with: ``identify_model`` (by content, as Engine.load decides) when the model
+    resolves, else its name (a dry run may plan for files not on this machine)."""
+    from ..engine.identity import identify_name
+    from ..engine.sources import identify_model
     from ..engine.specs import get_spec
+    from ..errors import QwenStudioError
 
-    return get_spec(variant.variant or guess_variant(Path(str(variant.model)).name)).builtin
+    if variant.variant:
+        return get_spec(variant.variant)
+    model = str(variant.model)
+    try:
+        return get_spec(identify_model(model)[1].variant)
+    except QwenStudioError:
+        name = Path(model).stem if model.endswith((".safetensors", ".gguf")) else Path(model).name
+        return get_spec(identify_name(name).variant)
+
+
+def _is_tiny(variant) -> bool:
+    return _spec(variant).builtin
 
 
 def _bench_basis(bench: dict[str, Any]) -> dict[str, float]:

@@ -85,8 +85,8 @@ def grid_html(manifest: dict[str, Any]) -> str:
     ys = axes[1]["labels"] if len(axes) > 1 else [""]
     zs = axes[2]["labels"] if len(axes) > 2 else [""]
     parts = [f"<h1>Grid: {escape(', '.join(a['axis'] + ' = ' + a['name'] for a in axes))}</h1>",
-             (f"<p class=\"meta\">prompt: <b>{escape(manifest['prompt'])}</b><br>model <code>{escape(manifest['model'])}"
-             f"</code>{_shared_seed(manifest)} · {len(manifest['cells'])} images · "
+             (f"<p class=\"meta\">prompt: <b>{escape(manifest['prompt'])}</b><br>model "
+             f"<code>{escape(manifest['model'])}</code>{_shared_seed(manifest)} · {len(manifest['cells'])} images · "
              f"<a href=\"grid.png\">contact sheet (grid.png)</a> · <a href=\"grid.json\">grid.json</a></p>")]
     for iz, zl in enumerate(zs):
         if zl:
@@ -163,9 +163,9 @@ def compare_html(data: dict[str, Any]) -> str:
              "<h2>Summary</h2>", _summary_table_html(s, variants), "<h2>Text accuracy by category</h2>",
              _category_table_html(s, variants)]
     for case in data["cases"]:
+        section = " · " + escape(case["section"]) if case.get("section") else ""
         parts.append(f"<h2 id=\"{escape(case['id'])}\">{escape(case['id'])} <span class=\"na\">· "
-                     f"{escape(case.get('category') or '')}{' · ' + escape(case['section']) if case.get('section') else ''}"
-                     f"</span></h2>")
+                     f"{escape(case.get('category') or '')}{section}</span></h2>")
         parts.append(f"<blockquote>{escape(case['prompt'])}</blockquote>")
         exp = case.get("expected") or []
         if exp:
@@ -199,8 +199,8 @@ def _meta_html(data: dict) -> str:
         "text not scored (--no-ocr)"
     bits = [f"suite <code>{escape(data['suite']['name'])}</code>"
             + (f" — {escape(data['suite']['source'])}" if data["suite"].get("source") else ""),
-            (f"{len(data['cases'])} prompts × {len(data['variants'])} variants × seeds {', '.join(map(str, data['seeds']))}"
-            f" = {data['summary']['images']} images"), ocr,
+            (f"{len(data['cases'])} prompts × {len(data['variants'])} variants × seeds "
+             f"{', '.join(map(str, data['seeds']))} = {data['summary']['images']} images"), ocr,
             "peak memory: " + escape(data["summary"]["memory_kind"])]
     bits += [escape(n) for n in data.get("notes", [])]
     return "<br>".join(bits)
@@ -253,8 +253,8 @@ def compare_markdown(data: dict[str, Any]) -> str:
             "text pass (images) | text pass (strings) |"), "|---|---|---|---|---|---|---|---|"]
     for v in variants:
         m = s["variants"][v["label"]]
-        out.append(f"| {_md(v['label'])} (`{_md(v['spec'])}`) | {m['nfe']} | {m['images']} | {_num(m['mean_seconds'])} | "
-                   f"{_speedup(m['speedup'])} | {_gib(m['peak_memory_bytes'])} | "
+        out.append(f"| {_md(v['label'])} (`{_md(v['spec'])}`) | {m['nfe']} | {m['images']} | "
+                   f"{_num(m['mean_seconds'])} | {_speedup(m['speedup'])} | {_gib(m['peak_memory_bytes'])} | "
                    f"{_rate(m['text_passed'], m['text_scored'])} | {_rate(m['strings_passed'], m['strings_scored'])} |")
     out += ["", "## Text accuracy by category", "", "| category | " + " | ".join(_md(v["label"]) for v in variants)
             + " |", "|---" * (len(variants) + 1) + "|"]

@@ -134,8 +134,8 @@ def _case(raw: Any, i: int) -> Case:
         raise InvalidRequest(f"case {i + 1}: needs a 'prompt' string", code="invalid_suite")
     unknown = sorted(set(raw) - _CASE_KEYS)
     if unknown:
-        raise InvalidRequest(f"case {i + 1}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_CASE_KEYS))}",
-                             code="invalid_suite")
+        raise InvalidRequest(f"case {i + 1}: unknown key(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(_CASE_KEYS))}", code="invalid_suite")
     size = raw.get("size")
     if size is not None:
         if isinstance(size, str) and "x" in size:

@@ -21,7 +21,7 @@ from ..errors import InvalidRequest
 
 LOAD_FIELDS = ("model", "variant")  # change what is loaded, not the request
 SPECIAL = ("size", "lora", "prompt_sr")
-_NOT_SETTABLE = ("extra",)
+_NOT_SETTABLE = ("extra", "settings_from")  # settings_from is the engine's record, never an input
 _RANGE = re.compile(r"^\s*(-?[\d.]+)\s*\.\.\s*(-?[\d.]+)\s*(?::\s*(-?[\d.]+)|\[\s*(\d+)\s*\])?\s*$")
 
 

@@ -90,7 +90,8 @@ def submit_grid(state, body: Any) -> dict[str, Any]:
         raise
     record = {"id": uuid.uuid4().hex, "prompt": body["prompt"], "created_at": time.time(),
               "axes": [{"axis": n, "name": a.name, "labels": list(a.labels)} for n, a in zip(AXIS_NAMES, axes)],
-              "cells": [{"index": list(c.index), "labels": list(c.labels), "job_id": j.id} for c, j in zip(cells, jobs)]}
+              "cells": [{"index": list(c.index), "labels": list(c.labels), "job_id": j.id}
+                        for c, j in zip(cells, jobs)]}
     _write_json(_grids_dir(state) / f"{record['id']}.json", record)
     return record
 
