@@ -31,7 +31,7 @@ def test_grid_2x2x2_steps_model_prompt_sr(tmp_path, tiny_folder):
         assert req == cell["request"]
         assert req["steps"] == ix + 1 and req["seed"] == 7 and req["cfg"] == 1.0  # one shared seed
         assert req["prompt"] == ["a red fox in the snow", "a red cat in the snow"][iz]
-        assert meta["model"]["name"] == ["tiny-0.1.0", "tiny-qwen-image"][iy]
+        assert meta["model"]["name"] == ["tiny", "tiny-qwen-image"][iy]
         assert meta["grid"] == {"steps": f"steps={ix + 1}", "model": manifest["axes"][1]["labels"][iy],
                                 "prompt_sr": ["fox", "cat"][iz]}
     with Image.open(out / "grid.png") as sheet:
