@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,7 +47,10 @@ def known_names(axis: bool) -> list[str]:
 
 def split_values(text: str) -> list[str]:
     """Comma separated, CSV quoting honoured, surrounding spaces trimmed."""
-    row = next(csv.reader([text], skipinitialspace=True), [])
+    try:
+        row = next(csv.reader([text], skipinitialspace=True), [])
+    except csv.Error as e:
+        raise InvalidRequest(f"cannot read the values '{text[:60]}': {e}", code="invalid_axis") from None
     return [v.strip() for v in row]
 
 
@@ -112,21 +116,18 @@ def expand_values(name: str, text: str) -> list[Any]:
 def _expand_range(name: str, kind: str, start: str, stop: str, step: str | None, count: str | None) -> list[Any]:
     try:
         a, b = float(start), float(stop)
-        if count is not None:
-            n = int(count)
-            if n < 1:
-                raise ValueError
-            vals = [a + (b - a) * i / (n - 1) for i in range(n)] if n > 1 else [a]
-        else:
-            s = float(step) if step is not None else (1.0 if b >= a else -1.0)
-            if s == 0 or (b - a) * s < 0:
-                raise ValueError
-            n = int(abs(b - a) / abs(s) + 1e-9) + 1
-            vals = [a + i * s for i in range(n)]
-    except ValueError:
+        s = float(step) if step is not None else (1.0 if b >= a else -1.0)
+        n = int(count) if count is not None else int(abs(b - a) / abs(s) + 1e-9) + 1
+        if n < 1 or s == 0 or (count is None and (b - a) * s < 0) or not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError
+    except (ValueError, OverflowError, ZeroDivisionError):
         raise InvalidRequest(f"{name}: bad range '{start}..{stop}'", code="invalid_axis") from None
-    if len(vals) > 64:
-        raise InvalidRequest(f"{name}: range gives {len(vals)} values (at most 64)", code="invalid_axis")
+    if n > 64:  # checked before building the list: "1..1e9" must not allocate a billion values
+        raise InvalidRequest(f"{name}: range gives {n} values (at most 64)", code="invalid_axis")
+    if count is not None:
+        vals = [a + (b - a) * i / (n - 1) for i in range(n)] if n > 1 else [a]
+    else:
+        vals = [a + i * s for i in range(n)]
     return [round(v) for v in vals] if kind == "int" else [round(v, 6) for v in vals]
 
 
@@ -221,7 +222,10 @@ def axis_from_values(name: str, values: list[Any]) -> Axis:
         if isinstance(v, dict) or (isinstance(v, list) and name not in ("lora", "loras", "size")):
             raise InvalidRequest(f"axis '{name}': value {v!r} is not a scalar", code="invalid_axis")
         if name in ("lora", "loras") and isinstance(v, list):  # [{"name", "weight"}, ...] -> "a:1+b:0.5"
-            v = "+".join(f"{x['name']}:{x.get('weight', 1.0)}" if isinstance(x, dict) else str(x) for x in v) or "none"
+            if not all(isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("name"), str)) for x in v):
+                raise InvalidRequest(f"axis '{name}': a LoRA is 'name:weight' or {{\"name\", \"weight\"}}",
+                                     code="invalid_axis")
+            v = "+".join(f"{x['name']}:{x.get('weight', 1.0)}" if isinstance(x, dict) else x for x in v) or "none"
         elif name == "size" and isinstance(v, list) and len(v) == 2:
             v = f"{v[0]}x{v[1]}"
         text.append("none" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
