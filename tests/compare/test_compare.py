@@ -27,6 +27,8 @@ def models_dir(tmp_path_factory, tiny_folder):
     d = tmp_path_factory.mktemp("compare-models")
     dit = load_diffusers_folder(tiny_folder, device="cpu").transformer
     write_lora(d / "loras" / "tiny-Lightning-2steps.safetensors", dit, "diffusers", seed=5)
+    for name in ("Qwen-Image-Lightning-8steps-V1.1", "Qwen-Image-Lightning-4steps-V1.0"):  # the suite's LoRA names
+        write_lora(d / "loras" / f"{name}.safetensors", dit, "comfy", seed=6)
     return d
 
 
@@ -75,6 +77,21 @@ def test_compare_suite_subset_two_variants(tmp_path, models_dir):
 
     r = runner.invoke(app, [*args, "--dry-run"])  # everything done: the plan says so, nothing runs
     assert r.exit_code == 0 and "= 4 images (4 already done)" in r.output, r.output
+
+
+def test_builtin_suite_with_its_own_variants(tmp_path, models_dir):
+    """The Lightning report's layout on the tiny model: base 50 steps CFG 4 (NFE 100), the 8- and 4-step LoRAs at
+    CFG 1 (steps from their recipes), and the report's own verdicts shown beside ours."""
+    out = tmp_path / "lightning"
+    r = runner.invoke(app, ["compare", "--case", "chalkboard-sentence", "--model", "tiny", "--models-dir",
+                            str(models_dir), "--out", str(out), "--no-warmup"])
+    assert r.exit_code == 0, r.output
+    recs = _records(out)
+    assert [(x["variant"], x["nfe"], x["request"]["steps"], x["request"]["cfg"]) for x in recs] == [
+        ("Base NFE=100", 100, 50, 4.0), ("8steps-V1.1 NFE=8", 8, 8, 1.0), ("4steps-V1.0 NFE=4", 4, 4, 1.0)]
+    html = (out / "report.html").read_text()
+    assert "the reference report's verdicts: Base NFE=100 <span class=\"bad\">✗ fail</span>" in html
+    assert "foundational image generation model" in html
 
 
 def test_dry_run_prints_the_suite_plan_with_estimates():
