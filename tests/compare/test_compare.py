@@ -120,7 +120,7 @@ def test_resume_after_kill_runs_only_the_rest(tmp_path):
     suite.write_text("# three prompts, no quoted text (no OCR needed)\na lighthouse\na red door\n\na boat at dawn\n")
     out = tmp_path / "run"
     args = ["compare", "--suite", str(suite), "--variant", "a:steps=2", "--variant", "b:steps=1,cfg=1",
-            "--seed", "1", "--seed", "2", "--out", str(out)]
+            "--seed", "1", "--seed", "2", "--no-warmup", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "qwenstudio.cli.main", *args], env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     results = out / "results.jsonl"

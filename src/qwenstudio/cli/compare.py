@@ -133,7 +133,7 @@ def compare_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (images, estimated time) and stop."),
     bench: Path | None = typer.Option(None, "--bench", help="A `qwenstudio bench --json` report for --dry-run's "
                                       "estimate."),
-    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed step per model before timing."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="One untimed step per variant before timing."),
     models_dir: list[Path] = typer.Option([], "--models-dir", help="Extra models dir (repeatable)."),
     text_encoder: str | None = typer.Option(None, "--text-encoder"),
     vae: str | None = typer.Option(None, "--vae"),

@@ -176,11 +176,13 @@ def run_compare(plan: ComparePlan, *, on_start: Callable[[int, int], Any] | None
                     prepared.append(engine.prepare(GenerateRequest(**j.request_fields())))
                 except TypeError as e:
                     raise InvalidRequest(f"variant '{j.variant.label}': {e}", code="invalid_variant") from None
-            if plan.warmup:  # one untimed step at the first size: lazy init and kernel selection stay out of s/image
-                from dataclasses import replace
-
-                engine.generate(replace(prepared[0], steps=1))
+            warmed: set[str] = set()
             for j, req in zip(group, prepared):
+                if plan.warmup and j.variant.label not in warmed:  # one untimed step per variant: lazy init,
+                    from dataclasses import replace  # kernel choice and reading its LoRA stay out of s/image
+
+                    engine.generate(replace(req, steps=1))
+                    warmed.add(j.variant.label)
                 result, cost = generate_measured(engine, req)
                 img = result.images[0]
                 meta = {**img.metadata, "compare": {"suite": plan.suite.name, "variant": j.variant.label,
@@ -244,7 +246,8 @@ def report_data(plan: ComparePlan, done: dict[str, dict[str, Any]]) -> dict[str,
     if plan.size is not None:
         notes.append(f"every case generated at {plan.size[0]}x{plan.size[1]} (--size), whatever the suite says")
     notes.append("s/image is the wall time of engine.generate (text encode + denoise + VAE decode), after one "
-                 "untimed warm-up step per model" if plan.warmup else "s/image includes the first run's warm-up")
+                 "untimed warm-up step per variant (model loading excluded)" if plan.warmup else
+                 "s/image includes each variant's first-run warm-up (--no-warmup)")
     return {
         "title": f"Compare: {plan.suite.name}",
         "suite": {"name": plan.suite.name, "source": plan.suite.source},
