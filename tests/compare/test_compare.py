@@ -84,7 +84,7 @@ def test_builtin_suite_with_its_own_variants(tmp_path, models_dir):
     CFG 1 (steps from their recipes), and the report's own verdicts shown beside ours."""
     out = tmp_path / "lightning"
     r = runner.invoke(app, ["compare", "--case", "chalkboard-sentence", "--model", "tiny", "--models-dir",
-                            str(models_dir), "--out", str(out), "--no-warmup"])
+                            str(models_dir), "--out", str(out), "--no-warmup", "--no-ocr"])
     assert r.exit_code == 0, r.output
     recs = _records(out)
     assert [(x["variant"], x["nfe"], x["request"]["steps"], x["request"]["cfg"]) for x in recs] == [
