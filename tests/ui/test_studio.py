@@ -310,13 +310,43 @@ def test_compare_grid_with_timings(page, server):
     for i in range(3):
         expect(cells.nth(i).locator("img")).to_have_attribute("src", re.compile(r"^blob:"), timeout=30_000)
         expect(cells.nth(i).locator(".timing")).to_contain_text(" s")
-    expect(cells.nth(0)).to_contain_text("steps = 2")
+    expect(cells.nth(0)).to_contain_text("steps=2")
     seeds = {json.dumps(j["request"]["seed"]) for j in server.http().get(
         "/api/jobs", params={"q": "compare grid test"}).json()["jobs"]}
     assert len(seeds) == 1  # one shared seed
-    shot(page, "compare")
     page.select_option("#compare-param", "sampler")  # values suggested per parameter
     expect(page.locator("#compare-values")).to_have_value(re.compile("euler, euler_ancestral"))
+
+
+def test_compare_three_axes_and_export(page, server):
+    open_view(page, server)
+    page.fill("#gen-prompt", "three axes of a red fox")
+    page.click("button[data-view=compare]")
+    page.select_option("#compare-param", "steps")
+    page.fill("#compare-values", "1, 2")
+    page.select_option("#compare-param-y", "cfg")
+    page.fill("#compare-values-y", "1, 3")
+    page.select_option("#compare-param-z", "prompt_sr")
+    page.fill("#compare-values-z", "fox, owl")
+    page.click("#compare-run")
+    cells = page.locator(".compare-cell")
+    expect(cells).to_have_count(8)
+    for i in range(8):
+        expect(cells.nth(i).locator(".timing")).to_contain_text(" s", timeout=60_000)
+    expect(page.locator(".compare-block h3")).to_have_text(["fox", "owl"])
+    expect(page.locator(".compare-block").nth(1).locator("thead th, tr").first).to_contain_text("steps=1")
+    expect(cells.nth(7)).to_contain_text("steps=2 · cfg=3 · owl")
+    shot(page, "compare")
+    with page.expect_download() as dl:
+        page.click("#compare-export")
+    grid = json.loads(open(dl.value.path()).read())
+    assert len(grid["cells"]) == 8 and grid["status"] == "done"
+    reqs = [c["job"]["request"] for c in grid["cells"]]
+    assert len({r["seed"] for r in reqs}) == 1 and {r["prompt"] for r in reqs} == {"three axes of a red fox",
+                                                                                     "three axes of a red owl"}
+    page.select_option("#compare-param-y", "steps")  # one parameter per axis
+    page.click("#compare-run")
+    expect(page.locator("#compare-error")).to_contain_text("one axis only")
 
 
 def test_gallery_screenshot_and_delete(page, server):

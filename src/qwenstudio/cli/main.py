@@ -109,6 +109,11 @@ from .bench import bench  # noqa: E402
 
 app.command()(bench)
 
+from .compare import compare_app, grid_command  # noqa: E402
+
+app.command("grid")(grid_command)
+app.add_typer(compare_app, name="compare")
+
 
 def main() -> None:
     app()

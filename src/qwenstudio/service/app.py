@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..config import Settings
-from .api import files, jobs, openai, openapi_bodies, presets, system, ui, uploads
+from .api import files, grids, jobs, openai, openapi_bodies, presets, system, ui, uploads
 from .api.errors import install_error_handlers
 from .auth import GuardMiddleware
 from .config import ServiceConfig
@@ -76,7 +76,7 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
 
     install_error_handlers(app)
     openapi_bodies.install(app)
-    for module in (system, jobs, uploads, files, presets, openai, ui):
+    for module in (system, jobs, grids, uploads, files, presets, openai, ui):
         app.include_router(module.router)
     if config.rate_limit_per_min:  # added first = runs after the guard: only valid keys get a bucket
         app.add_middleware(RateLimitMiddleware, per_min=config.rate_limit_per_min, auth_enabled=config.auth_enabled,

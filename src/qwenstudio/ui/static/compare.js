@@ -1,46 +1,44 @@
-// Compare: one parameter, several values, the same seed and every other setting from the Generate form; the jobs
-// run through the queue and fill an image grid with each cell's timing.
+// Compare: an XYZ grid — up to three parameters with several values each, one shared seed and every other setting
+// from the Generate form. The server queues one ordinary job per cell (POST /api/grids, as `qwenstudio grid`), so
+// each cell shows its own progress and timing; the grid (every cell's exact request and outputs) can be exported.
 
 import * as api from "./api.js";
-import { $, el, fmtSeconds, showError } from "./dom.js";
+import { $, downloadUrl, el, fmtSeconds, showError } from "./dom.js";
 import { catalog, formRequest, nextSeed, setSeed } from "./generate.js";
 import { finalImages } from "./live.js";
 
-const MAX_CELLS = 12;
+const AXES = ["", "-y", "-z"]; // id suffixes of the X, Y and Z rows
 const SUGGEST = {
   steps: () => "4, 8, 20",
   cfg: () => "1, 2.5, 4",
   sampler: () => catalog.samplers.join(", "),
   scheduler: () => catalog.schedulers.slice(0, 4).join(", "),
   shift: () => "1, 2, 3",
+  seed: () => "1, 2, 3",
   lora: () => "off, on",
+  prompt_sr: () => "",
 };
-const NUMERIC = new Set(["steps", "cfg", "shift"]);
+const NUMERIC = new Set(["steps", "cfg", "shift", "seed"]);
+let lastGrid = null;
 
-function parseValues(param, text) {
+function parseValues(param, text, base) {
   const values = text.split(",").map((v) => v.trim()).filter(Boolean);
-  if (!values.length) throw new Error("enter at least one value");
-  if (values.length > MAX_CELLS) throw new Error(`at most ${MAX_CELLS} values`);
+  if (!values.length) throw new Error(`${param}: enter at least one value`);
   if (NUMERIC.has(param)) {
     const bad = values.find((v) => !isFinite(Number(v)));
-    if (bad) throw new Error(`'${bad}' is not a number`);
+    if (bad) throw new Error(`${param}: '${bad}' is not a number`);
     return values.map(Number);
   }
   if (param === "lora") {
     const bad = values.find((v) => !["on", "off"].includes(v));
     if (bad) throw new Error(`LoRA values are 'on' or 'off', not '${bad}'`);
+    if (!base.loras) throw new Error("add a LoRA in the Generate view first");
+    return values.map((v) => (v === "on" ? base.loras : []));
+  }
+  if (param === "prompt_sr" && !base.prompt.includes(values[0])) {
+    throw new Error(`prompt S/R: '${values[0]}' is not in the prompt (the first value is searched, each replaces it)`);
   }
   return values;
-}
-
-function variant(base, param, value) {
-  const body = { ...base };
-  if (param === "lora") {
-    if (value === "off") delete body.loras;
-  } else {
-    body[param] = param === "steps" ? Math.round(value) : value;
-  }
-  return body;
 }
 
 function cell(label) {
@@ -50,21 +48,9 @@ function cell(label) {
   return { node, media, status };
 }
 
-/** Submit one cell's job; resolves (once queued) with a promise that settles when the cell is filled. */
-async function submitCell(body, c) {
+async function followCell(jobId, c) {
   try {
-    const job = await api.post("/api/jobs", body);
-    return { done: followCell(job, c) };
-  } catch (err) {
-    c.status.textContent = err.message;
-    c.node.classList.add("failed");
-    return { done: Promise.resolve() };
-  }
-}
-
-async function followCell(job, c) {
-  try {
-    const outcome = await api.followJob(job.id, (event, data) => {
+    const outcome = await api.followJob(jobId, (event, data) => {
       if (event === "queued") c.status.textContent = `queued #${data.position}`;
       else if (event === "progress") c.status.textContent = `step ${data.step}/${data.total}`;
     });
@@ -73,7 +59,7 @@ async function followCell(job, c) {
       c.node.classList.add("failed");
       return;
     }
-    const view = await api.get(`/api/jobs/${job.id}`);
+    const view = await api.get(`/api/jobs/${jobId}`);
     c.media.replaceChildren(...finalImages(outcome.data.outputs));
     c.status.textContent = fmtSeconds(view.finished_at - view.started_at);
     c.status.classList.add("timing");
@@ -83,38 +69,79 @@ async function followCell(job, c) {
   }
 }
 
+/** One table per Z value: X values across, Y values down. Returns {job id: cell} for following. */
+function layout(grid) {
+  const [xs, ys = { labels: [""] }, zs = { labels: [""] }] = grid.axes;
+  const byIndex = new Map(grid.cells.map((c) => [c.index.join(","), c]));
+  const cells = [];
+  const blocks = zs.labels.map((zl, iz) => {
+    const head = el("tr", {}, el("th", {}), ...xs.labels.map((x) => el("th", { scope: "col" }, x)));
+    const rows = ys.labels.map((yl, iy) =>
+      el("tr", {}, el("th", { scope: "row" }, yl), ...xs.labels.map((_, ix) => {
+        const c = byIndex.get([ix, iy, iz].join(","));
+        const ui = cell(c.labels.join(" · "));
+        cells.push([c.job.id, ui]);
+        return el("td", {}, ui.node);
+      })));
+    return el("section", { class: "compare-block" }, zl ? el("h3", {}, zl) : "",
+      el("table", { class: "compare-table" }, head, ...rows));
+  });
+  return { blocks, cells };
+}
+
 async function run(ev) {
   ev.preventDefault();
   const errBox = $("compare-error");
   showError(errBox, null);
-  const param = $("compare-param").value;
-  let values;
+  const base = { ...formRequest(), batch: 1 };
+  let axes;
   try {
-    values = parseValues(param, $("compare-values").value);
-    if (param === "lora" && !formRequest().loras) throw new Error("add a LoRA in the Generate view first");
+    axes = AXES.map((s) => [$(`compare-param${s}`).value, $(`compare-values${s}`).value])
+      .filter(([param]) => param)
+      .map(([param, text]) => ({ name: param, values: parseValues(param, text, base) }));
+    const names = axes.map((a) => a.name);
+    if (new Set(names).size !== names.length) throw new Error("each parameter can be on one axis only");
   } catch (err) {
     return showError(errBox, err);
   }
-  const base = { ...formRequest(), batch: 1, preview_every: 0 };
-  base.seed = nextSeed();
-  setSeed(base.seed, true); // same seed for every cell, and kept for the next run
-  const grid = $("compare-grid");
-  const cells = values.map((v) => cell(`${param} = ${v}`));
-  grid.replaceChildren(
-    el("p", { class: "muted small-text full" }, `seed ${base.seed} · ${base.width}×${base.height}`),
-    ...cells.map((c) => c.node),
-  );
+  if (!axes.some((a) => a.name === "seed")) {
+    base.seed = nextSeed();
+    setSeed(base.seed, true); // same seed for every cell, and kept for the next run
+  }
+  const { model, prompt, ...rest } = base;
+  if (axes.some((a) => a.name === "lora")) delete rest.loras;
   $("compare-run").disabled = true;
   try {
-    const running = [];
-    for (const [i, v] of values.entries()) running.push((await submitCell(variant(base, param, v), cells[i])).done);
-    await Promise.all(running);
+    const grid = await api.post("/api/grids", { prompt, model, axes, base: rest, preview_every: 0 });
+    lastGrid = grid.id;
+    $("compare-export").hidden = false;
+    const { blocks, cells } = layout(grid);
+    const size = base.width ? `${base.width}×${base.height}` : "default size";
+    $("compare-grid").replaceChildren(
+      el("p", { class: "muted small-text full" }, `${grid.cells.length} images · ${base.seed !== undefined ? `seed ${base.seed}` : "seed axis"} · ${size}`),
+      ...blocks,
+    );
+    await Promise.all(cells.map(([id, ui]) => followCell(id, ui)));
+  } catch (err) {
+    showError(errBox, err);
   } finally {
     $("compare-run").disabled = false;
   }
 }
 
+async function exportGrid() {
+  if (!lastGrid) return;
+  const view = await api.get(`/api/grids/${lastGrid}`);
+  const url = URL.createObjectURL(new Blob([JSON.stringify(view, null, 1)], { type: "application/json" }));
+  downloadUrl(url, `grid-${lastGrid}.json`);
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
 export function initCompare() {
   $("compare-form").addEventListener("submit", run);
-  $("compare-param").addEventListener("change", () => ($("compare-values").value = SUGGEST[$("compare-param").value]()));
+  $("compare-export").addEventListener("click", () => exportGrid().catch((err) => showError($("compare-error"), err)));
+  for (const s of AXES) {
+    const select = $(`compare-param${s}`);
+    select.addEventListener("change", () => ($(`compare-values${s}`).value = select.value ? SUGGEST[select.value]() : ""));
+  }
 }
