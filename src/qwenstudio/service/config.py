@@ -55,6 +55,10 @@ class ServiceConfig:
     upload_quota_bytes: int = 2 << 30
     # Worker liveness (SECURITY 32): a running job's lease, renewed by its worker every lease_s / 5.
     lease_s: float = 30.0
+    # Several models (service/scheduling.py): jobs for a loaded model may pass an older job for another model at most
+    # this many times in a row, and never once it has waited affinity_max_wait_s.
+    affinity_max_consecutive: int = 4
+    affinity_max_wait_s: float = 30.0
 
     @classmethod
     def with_keys(cls, keys: tuple[str, ...] | list[str] = (), **kw) -> ServiceConfig:
