@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 from ..errors import Cancelled, ModelNotFound
@@ -56,14 +55,13 @@ class FakeEngineClient:
             raise ModelNotFound(f"model '{model}' is not served here; available: {', '.join(self.ids)}")
 
     def prepare(self, model: str, request: Any) -> Any:
+        """The engine's own ``prepare`` (preset, recipes, variant defaults, bounds, ``settings_from``) against a
+        model-less stand-in: no tokenizer (no token-limit check), no LoRA files."""
+        from ..engine.prepare import prepare_request
         from ..engine.specs import get_spec
 
         self._check(model)
-        sources = {k: "user" for k in request.user_set()}
-        resolved = request.resolve(get_spec(self.variant))
-        for k in ("steps", "cfg", "width", "height", "sampler", "scheduler", "seed"):
-            sources.setdefault(k, "random" if k == "seed" else f"variant {self.variant}")
-        return replace(resolved, settings_from=dict(sorted(sources.items())))
+        return prepare_request(_SpecOnly(get_spec(self.variant), self.preset_lookup), request)
 
     def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
                inputs: dict | None = None) -> Any:
@@ -114,3 +112,17 @@ class FakeEngineClient:
 
     def close(self) -> None:
         pass
+
+
+class _SpecOnly:
+    """What ``engine.prepare.prepare_request`` needs of an engine, without weights."""
+
+    def __init__(self, spec: Any, preset_lookup: Any):
+        self.spec, self.preset_lookup = spec, preset_lookup
+
+    def check_request(self, req: Any, original: Any = None) -> Any:
+        req.validate(self.spec)
+        return req
+
+    def lora_path(self, name: str):
+        raise ModelNotFound(f"no LoRA named '{name}' (the fake client has none)", code="lora_not_found")
