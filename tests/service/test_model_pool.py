@@ -202,3 +202,28 @@ def test_unknown_or_too_large_model_is_refused_at_submit(pool):
 
     listing = asyncio.run(scenario())
     assert listing["total"] == 1 and listing["jobs"][0]["model"] == "tiny-a"
+
+
+def test_models_of_the_hf_cache_are_served_by_repo_id(pool, models_dir, tmp_path, monkeypatch):
+    """A hub cache snapshot (models--Org--Name/snapshots/<rev>, refs/main) is listed and runs as ``Org/Name``."""
+    hub = tmp_path / "hf-hub"
+    repo = hub / "models--Acme--Tiny-Image"
+    shutil.copytree(models_dir / "tiny-b", repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    app = pool(max_resident=2)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))  # after the pool fixture pointed it at an empty one
+    app.state.client.catalog.refresh()
+
+    async def scenario():
+        async with asgi_client(app) as http:
+            listed = {m["id"]: m for m in (await http.get("/api/models")).json()["models"]}
+            r = await http.post("/api/jobs", params={"wait": "true"},
+                                json={**REQ, "model": "Acme/Tiny-Image", "seed": 1})
+            return listed, r
+
+    listed, r = asyncio.run(scenario())
+    assert listed["Acme/Tiny-Image"]["format"] == "diffusers" and listed["Acme/Tiny-Image"]["variant"] == "tiny"
+    assert r.status_code == 200, r.text
+    meta = r.json()["outputs"][0]["metadata"]
+    assert r.json()["model"] == "Acme/Tiny-Image" and meta["model"]["name"] == "Acme/Tiny-Image"

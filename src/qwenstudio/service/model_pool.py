@@ -71,6 +71,8 @@ class ModelCatalog:
         self._entries: list[CatalogEntry] = []
         self._read_at = -1e9
         self._sizes: dict[str, dict[str, int]] = {}
+        self._registry: Any = None
+        self._snapshots: dict | None = None
         self._lock = threading.Lock()
         self._default_entry = self._identify_default()
 
@@ -92,12 +94,10 @@ class ModelCatalog:
         with self._lock:
             if time.monotonic() - self._read_at < REFRESH_S:
                 return self._entries
-        from ..engine.sources import registry_for
-
         first = self._default_entry
         out, seen = [first], {first.id}
         try:
-            found = registry_for(self.settings).scan()
+            found = self.registry().scan()
         except OSError:
             log.exception("reading the models dirs failed")
             found = []
@@ -116,6 +116,23 @@ class ModelCatalog:
         with self._lock:
             self._entries, self._read_at = out, time.monotonic()
         return out
+
+    def registry(self):
+        """One registry (its scan is cached until a models folder changes), rebuilt when the HF cache's set of
+        snapshots changes (they are its folders)."""
+        from ..engine.identity import hub_snapshots
+        from ..engine.sources import registry_for
+
+        snapshots = hub_snapshots()
+        with self._lock:
+            if self._registry is None or snapshots != self._snapshots:
+                self._registry, self._snapshots = registry_for(self.settings), snapshots
+            return self._registry
+
+    def refresh(self) -> None:
+        """Re-read the models dirs (and the HF cache) on the next ``entries`` call, not ``REFRESH_S`` later."""
+        with self._lock:
+            self._read_at = -1e9
 
     def is_default(self, entry: CatalogEntry) -> bool:
         """The operator's --model (a path is allowed for it, and --variant applies to it)."""
@@ -148,7 +165,7 @@ class ModelCatalog:
         import torch
 
         from ..engine.loading import default_dtype
-        from ..engine.sources import component_sizes, registry_for, resolve
+        from ..engine.sources import component_sizes, resolve
 
         device = self.device()
         dtype = default_dtype(device)
@@ -156,7 +173,7 @@ class ModelCatalog:
             from ..engine.engine import parse_dtype
 
             dtype = parse_dtype(self.settings.dtype)
-        source = resolve(entry.source, registry_for(self.settings), self.settings, text_encoder=self.options.text_encoder,
+        source = resolve(entry.source, self.registry(), self.settings, text_encoder=self.options.text_encoder,
                          vae=self.options.vae, allow_paths=self.is_default(entry))
         sizes = component_sizes(source, torch.empty(0, dtype=dtype).element_size())
         with self._lock:
