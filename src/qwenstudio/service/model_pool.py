@@ -73,6 +73,7 @@ class ModelCatalog:
         self._sizes: dict[str, dict[str, int]] = {}
         self._registry: Any = None
         self._snapshots: dict | None = None
+        self._warned: set[str] = set()  # names hidden by --model, logged once
         self._lock = threading.Lock()
         self._default_entry = self._identify_default()
 
@@ -107,7 +108,8 @@ class ModelCatalog:
             if e.name in seen:
                 if e.name == first.id and first.source == e.name:  # --model named a registry model
                     out[0] = replace(first, format=e.container, size_bytes=e.size_bytes)
-                elif e.name == first.id:
+                elif e.name == first.id and e.name not in self._warned:
+                    self._warned.add(e.name)
                     log.warning("model '%s' of the models dirs is hidden by --model %s", e.name, first.source)
                 continue
             seen.add(e.name)
