@@ -30,6 +30,7 @@ def main() -> None:
 
     from qwenstudio.config import Settings
     from qwenstudio.engine.requests import GenerateRequest
+    from qwenstudio.service.engine_client import LoadEvent
     from qwenstudio.service.model_pool import LoadOptions, ModelCatalog, MultiModelEngineClient
     from qwenstudio.testing.tiny import TinySpec, write_diffusers_folder
 
@@ -46,21 +47,32 @@ def main() -> None:
         if resident == 2:  # both loaded before timing
             client.submit("warm", "tiny-b", GenerateRequest(prompt="warm", seed=0, steps=1, width=args.size,
                                                             height=args.size), lambda e: True)
-        times = []
+        times, switching = [], []
         for i in range(args.jobs):
             model = ("tiny-b", "tiny-a")[i % 2]
             req = GenerateRequest(prompt="a red fox", seed=i, steps=args.steps, width=args.size, height=args.size)
+            marks: dict[str, float] = {}
+
+            def on_event(e, marks=marks):
+                if isinstance(e, LoadEvent):
+                    marks[e.phase] = time.perf_counter()
+                return True
+
             t0 = time.perf_counter()
-            client.submit(f"j{i}", model, req, lambda e: True)
+            client.submit(f"j{i}", model, req, on_event)
             times.append(time.perf_counter() - t0)
+            if "start" in marks:
+                switching.append(marks["done"] - marks["start"])  # evict + load
         loads = [s for _, s in client.loads[1:]]  # after the preload
         out[resident] = {"job_median_s": statistics.median(times), "loads": len(loads),
-                         "load_median_s": statistics.median(loads) if loads else 0.0}
+                         "load_median_s": statistics.median(loads) if loads else 0.0,
+                         "evict_and_load_median_s": statistics.median(switching) if switching else 0.0}
         client.close()
     switch, stay = out[1]["job_median_s"], out[2]["job_median_s"]
     print(f"tiny, {args.steps} steps, {args.size}x{args.size}, {args.jobs} alternating jobs (CPU)")
     print(f"  every job switches (--max-resident 1): {switch:.3f} s/job, load {out[1]['load_median_s']:.3f} s "
-          f"({out[1]['loads']} loads)")
+          f"({out[1]['loads']} loads), evict + load {out[1]['evict_and_load_median_s']:.3f} s; the rest is the first "
+          "run on a freshly loaded engine (cold)")
     print(f"  both resident      (--max-resident 2): {stay:.3f} s/job ({out[2]['loads']} loads)")
     print(f"  switch / resident: {switch / stay:.2f}x")
     if args.json:
