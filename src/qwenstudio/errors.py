@@ -7,6 +7,7 @@
     ├── CorruptFile                 truncated / malformed weights file
     ├── IncompatibleWeights         a readable file of another architecture or shape
     ├── InsufficientMemory          preflight says it will not fit
+    │   └── ModelTooLarge           a server's model that cannot fit at all (422 at submit)
     ├── Cancelled                   the caller asked to stop
     └── GenerationFailed            the run itself failed (NaN/inf latents, OOM mid-run ...)
 
@@ -71,6 +72,14 @@ class GenerationFailed(QwenStudioError):
     status = 500
 
 
+class ModelTooLarge(InsufficientMemory):
+    """A server asked for a model that cannot fit its memory even with every other model evicted: refused at
+    submit time (a 4xx: the request names something this server cannot run), never queued."""
+
+    code = "model_too_large"
+    status = 422
+
+
 __all__ = [
     "QwenStudioError",
     "InvalidRequest",
@@ -79,6 +88,7 @@ __all__ = [
     "CorruptFile",
     "IncompatibleWeights",
     "InsufficientMemory",
+    "ModelTooLarge",
     "Cancelled",
     "GenerationFailed",
 ]

@@ -1,5 +1,6 @@
 # ruff: noqa: B008  (typer declares options as argument defaults)
-"""``qwenstudio serve``: load one model on a worker thread and serve the HTTP API with uvicorn.
+"""``qwenstudio serve``: serve every model of the models home (``--model`` first, preloaded; the others loaded on
+demand, at most ``--max-resident`` at once; service/model_pool.py) and the HTTP API with uvicorn.
 
 Safe by default: 127.0.0.1; any other bind needs an API key, checked before anything is loaded or bound. SIGTERM /
 Ctrl-C go through uvicorn's graceful shutdown (stop taking jobs, cancel the running one, persist) and exit 0.
@@ -51,6 +52,20 @@ def build_client(model: str, variant: str | None = None, device: str | None = No
     return InProcessEngineClient(model_id, spec_name, load)
 
 
+def build_pool_client(model: str, variant: str | None = None, device: str | None = None, settings=None, *,
+                      text_encoder: str | None = None, vae: str | None = None, offload: str | None = None,
+                      max_resident: int | None = None, speed: dict | None = None):
+    """A client serving ``model`` (preloaded) and every model of the models home, loaded on demand; ``speed``:
+    Engine.load's speed options (a server is long-lived, so ``compile="auto"`` compiles)."""
+    from ..config import Settings
+    from ..service.model_pool import LoadOptions, ModelCatalog, MultiModelEngineClient
+
+    settings = settings or Settings.from_env()
+    options = LoadOptions(device=device, text_encoder=text_encoder, vae=vae, offload=offload, variant=variant,
+                          speed=dict(speed or {}))
+    return MultiModelEngineClient(ModelCatalog(settings, model, options), max_resident=max_resident)
+
+
 def build_ray_client(model: str, variant: str | None = None, device: str | None = None, settings=None, *,
                      text_encoder: str | None = None, vae: str | None = None, offload: str | None = None,
                      replicas: int = 1, gpus_per_replica: float | None = None):
@@ -96,6 +111,7 @@ def serve(
     api_key_file: str | Path | None = None,
     config_file: str | Path | None = None,
     speed: dict | None = None,
+    max_resident: int | None = None,
     **overrides,
 ) -> None:
     """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key.
@@ -123,8 +139,8 @@ def serve(
         client = build_ray_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae,
                                   offload=offload, replicas=ray_replicas, gpus_per_replica=ray_gpus_per_replica)
     else:
-        client = build_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae, offload=offload,
-                              speed=speed)
+        client = build_pool_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae,
+                                   offload=offload, max_resident=max_resident, speed=speed)
     try:
         app = create_app(settings, client, config)
         from ..service.server_options import uvicorn_options
@@ -203,7 +219,10 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback requires --api-key."),
     port: int = typer.Option(8000, help="TCP port."),
     model: str = typer.Option("tiny", "--model", "-m", help="'tiny', a name from `qwenstudio models`, a diffusers "
-                              "folder or a DiT file."),
+                              "folder or a DiT file: preloaded and the default; every model of the models dirs is "
+                              "served too."),
+    max_resident: int | None = typer.Option(None, "--max-resident", min=1, help="Models kept loaded at once "
+                                            "(least recently used evicted; default: what the memory planner fits)."),
     models_dir: list[Path] = typer.Option([], "--models-dir", help="Extra models dir (repeatable)."),
     text_encoder: str | None = typer.Option(None, "--text-encoder", help="Text encoder name (single-file DiTs)."),
     vae: str | None = typer.Option(None, "--vae", help="VAE name (single-file DiTs)."),
@@ -263,7 +282,7 @@ def serve_command(
               preview_every=preview_every, models_dirs=tuple(models_dir), text_encoder=text_encoder, vae=vae,
               offload=offload, max_upload_bytes=max_upload, rate_limit=rate_limit, ray=ray,
               ray_replicas=ray_replicas, ray_gpus_per_replica=ray_gpus_per_replica, api_key_file=api_key_file,
-              config_file=config_file, speed=speed, **overrides)
+              config_file=config_file, speed=speed, max_resident=max_resident, **overrides)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -57,6 +57,10 @@ class ServiceConfig:
     lease_s: float = 30.0
     # The job/preset store: None = SQLite in the home; "postgresql://user@host/db" = a database several nodes share.
     store_url: str | None = field(default=None, repr=False)  # repr=False: a URL may carry a password
+    # Several models (service/scheduling.py): jobs for a loaded model may pass an older job for another model at most
+    # this many times in a row, and never once it has waited affinity_max_wait_s.
+    affinity_max_consecutive: int = 4
+    affinity_max_wait_s: float = 30.0
 
     @classmethod
     def with_keys(cls, keys: tuple[str, ...] | list[str] = (), **kw) -> ServiceConfig:

@@ -24,6 +24,9 @@ class ModelInfo:
     variant: str  # the spec whose bounds and defaults apply
     ready: bool
     description: str = ""
+    format: str = ""  # diffusers | safetensors | gguf (how the weights are stored)
+    variant_reason: str = ""  # why this variant (identity.Identity.reason)
+    resident: bool | None = None  # loaded now (a multi-model client loads the others on demand)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,18 @@ class StepEvent:
     preview: Any = None
 
 
-EventCallback = Callable[[StepEvent], Any]  # return False to cancel
+@dataclass(frozen=True)
+class LoadEvent:
+    """The job's model is being loaded (``phase`` "start") or was (``"done"``, with the seconds it took and the
+    models evicted to make room): a multi-model client sends it before the job's first step."""
+
+    model: str
+    phase: str
+    seconds: float | None = None
+    evicted: tuple[str, ...] = ()
+
+
+EventCallback = Callable[[Any], Any]  # a StepEvent (return False to cancel) or a LoadEvent
 
 
 class EngineClient(Protocol):
@@ -94,7 +108,7 @@ class InProcessEngineClient:
         return self.ready
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(self._model_id, self._variant, self.ready, self._description)]
+        return [ModelInfo(self._model_id, self._variant, self.ready, self._description, resident=self.ready)]
 
     def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
                inputs: dict | None = None) -> Any:
@@ -113,21 +127,11 @@ class InProcessEngineClient:
             with self._lock:
                 return job_id in self._cancelled
 
-        def on_progress(p) -> bool:
-            if should_stop():
-                return False
-            return on_event(StepEvent(p.step, p.total, p.elapsed, p.preview)) is not False
-
         with self._lock:
             self._running = job_id
         self._engine.preset_lookup = self.preset_lookup
         try:
-            if inputs is not None:
-                return self._engine.edit(request, images=inputs["images"], mask=inputs["mask"],
-                                         controls=inputs["controls"], on_progress=on_progress,
-                                         preview_every=preview_every, should_stop=should_stop)
-            return self._engine.generate(request, on_progress=on_progress, preview_every=preview_every,
-                                         should_stop=should_stop)
+            return run_on_engine(self._engine, request, on_event, preview_every, inputs, should_stop)
         finally:
             with self._lock:
                 self._cancelled.discard(job_id)
@@ -155,3 +159,18 @@ class InProcessEngineClient:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_on_engine(engine: Any, request: Any, on_event: EventCallback, preview_every: int, inputs: dict | None,
+                  should_stop: Callable[[], bool]) -> Any:
+    """The one edit-or-generate dispatch of the in-process clients: ``inputs`` (edit images) make it an edit."""
+
+    def on_progress(p) -> bool:
+        if should_stop():
+            return False
+        return on_event(StepEvent(p.step, p.total, p.elapsed, p.preview)) is not False
+
+    if inputs is not None:
+        return engine.edit(request, images=inputs["images"], mask=inputs["mask"], controls=inputs["controls"],
+                           on_progress=on_progress, preview_every=preview_every, should_stop=should_stop)
+    return engine.generate(request, on_progress=on_progress, preview_every=preview_every, should_stop=should_stop)

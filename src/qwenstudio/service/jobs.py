@@ -28,9 +28,10 @@ from typing import Any
 
 from ..errors import Cancelled, QwenStudioError
 from .config import ServiceConfig
-from .engine_client import EngineClient, StepEvent
+from .engine_client import EngineClient, LoadEvent, StepEvent
 from .errors import Conflict, NotFound, OutputWriteFailed, QueueFull, ServiceUnavailable, redact_paths
 from .metrics import Metrics
+from .scheduling import ModelAffinity
 from .store import Store
 
 log = logging.getLogger("qwenstudio.service")
@@ -135,6 +136,7 @@ class JobManager:
         self._halt = threading.Event()
         self._shutdown_started: float | None = None
         self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True) if worker else None
+        self.affinity = ModelAffinity(config.affinity_max_consecutive, config.affinity_max_wait_s)
         self._watcher = threading.Thread(target=self._watch, name="qwenstudio-jobs-watch", daemon=True)
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -341,8 +343,7 @@ class JobManager:
             row = None
             if accepting:
                 try:
-                    row = self.store.claim_next(self.worker_id, [m.id for m in self.client.models()],
-                                                lease_s=self.config.lease_s)
+                    row = self._claim()
                 except Exception:
                     log.exception("claiming a job failed")
             if row is None:
@@ -365,6 +366,15 @@ class JobManager:
             finally:
                 with self._cond:
                     self._running = None
+
+    def _claim(self) -> dict | None:
+        """The next job for a model the client serves; a client with several models loaded on demand
+        (``resident_models``) gets its loaded models' jobs first, within ModelAffinity's bound."""
+        served = [m.id for m in self.client.models()]
+        resident = getattr(self.client, "resident_models", None)
+        if resident is None:
+            return self.store.claim_next(self.worker_id, served, lease_s=self.config.lease_s)
+        return self.affinity.claim(self.store, self.worker_id, served, resident(), lease_s=self.config.lease_s)
 
     def _adopt(self, row: dict, job: Job | None) -> Job:
         """A Job for a row another process queued (call with the lock held). A request that cannot be rebuilt
@@ -392,7 +402,13 @@ class JobManager:
         last_cancel_check = [0.0]
         steps_seen = [0, 0.0]  # steps, seconds between first and last step
 
-        def on_event(ev: StepEvent) -> bool:
+        def on_event(ev: StepEvent | LoadEvent) -> bool:
+            if isinstance(ev, LoadEvent):  # the model is loading for this job: seconds to minutes, say so
+                data = {"model": ev.model, "phase": ev.phase}
+                if ev.phase == "done":
+                    data.update(seconds=ev.seconds, evicted=list(ev.evicted))
+                job.publish("loading", data)
+                return True
             now = time.monotonic()
             if now - last_cancel_check[0] >= CANCEL_CHECK_S:  # a cancel asked through another process
                 last_cancel_check[0] = now

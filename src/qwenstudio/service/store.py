@@ -198,6 +198,15 @@ class Store:
     def queued_ids(self) -> list[str]:
         return [r["id"] for r in self._all("SELECT id FROM jobs WHERE status='queued' ORDER BY seq")]
 
+    def oldest_queued(self, models: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+        """The job ``claim_next`` would take for ``models`` (id, model, created_at), without claiming it: the
+        worker's model-affinity choice looks at it (service/scheduling.py)."""
+        if not models:
+            return None
+        rows = self._all(f"SELECT id, model, created_at FROM jobs WHERE status='queued' AND model IN "
+                         f"({','.join('?' * len(models))}) ORDER BY seq LIMIT 1", tuple(models))
+        return dict(rows[0]) if rows else None
+
     def count_queued(self) -> int:
         return self._exec("SELECT COUNT(*) AS n FROM jobs WHERE status='queued'").scalar()
 

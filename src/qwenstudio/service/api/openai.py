@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 from ...errors import InvalidRequest, QwenStudioError
 from .bodies import form_text, parse_json_text
@@ -20,6 +21,7 @@ from .schemas import json_body, resolve_request
 from .uploads import read_form, save_upload
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+JOB_ID_HEADER = "X-Qwenstudio-Job-Id"  # on every /v1/images response: follow /api/jobs/{id}(/events), the history
 SIZE = re.compile(r"(\d{1,5})x(\d{1,5})")
 IGNORED = {"user", "quality", "style", "background", "moderation", "output_format", "output_compression"}
 EXTRA = {"negative_prompt": "negative_prompt", "steps": "steps", "cfg": "cfg", "seed": "seed",
@@ -128,18 +130,22 @@ def public_base(request: Request) -> str:
     return f"{request.scope.get('scheme', 'http')}://{host}:{port}"
 
 
-async def _respond(request: Request, job, fmt: str) -> dict:
-    """Wait for the job (a client that goes away cancels it) and answer in OpenAI's image-response shape."""
+async def _respond(request: Request, job, fmt: str) -> JSONResponse:
+    """Wait for the job (a client that goes away cancels it) and answer in OpenAI's image-response shape, with the
+    job id in ``X-Qwenstudio-Job-Id`` (also on a failed or cancelled job's error)."""
+    from .errors import error_response, openai_status
+
     state = request.app.state
+    headers = {JOB_ID_HEADER: job.id}
     if not await wait_finished(job, request):
         await asyncio.to_thread(cancel_quietly, state, job.id)
         raise QwenStudioError("client disconnected", code="cancelled")
     outcome = job.terminal
-    if outcome["event"] == "failed":
-        err = outcome["data"]["error"]
-        raise QwenStudioError(err["message"], code=err["code"])
-    if outcome["event"] == "cancelled":
-        raise QwenStudioError("the job was cancelled", code="cancelled")
+    if outcome["event"] in ("failed", "cancelled"):
+        err = outcome["data"]["error"] if outcome["event"] == "failed" else \
+            {"message": "the job was cancelled", "code": "cancelled"}
+        exc = QwenStudioError(err["message"], code=err["code"])
+        return error_response(request.url.path, openai_status(exc), exc.code, exc.message, headers)
     data = []
     for out in outcome["data"]["outputs"]:
         if fmt == "url":
@@ -147,11 +153,14 @@ async def _respond(request: Request, job, fmt: str) -> dict:
         else:
             raw = await output_bytes(state, out["id"])
             data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": None})
-    return {"created": int(time.time()), "data": data}
+    return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
 
 
-@router.get("/models", summary="OpenAI-compatible model list")
+@router.get("/models", summary="OpenAI-compatible model list (plus each model's variant, why, format, resident)")
 async def models(request: Request):
+    served = await asyncio.to_thread(request.app.state.client.models)
     return {"object": "list", "data": [
-        {"id": m.id, "object": "model", "created": 0, "owned_by": "qwenstudio"} for m in request.app.state.client.models()
+        {"id": m.id, "object": "model", "created": 0, "owned_by": "qwenstudio", "variant": m.variant,
+         "variant_reason": getattr(m, "variant_reason", "") or None, "format": getattr(m, "format", "") or None,
+         "resident": getattr(m, "resident", None)} for m in served
     ]}

@@ -14,11 +14,22 @@ from .schemas import json_body
 router = APIRouter(prefix="/api/presets", tags=["presets"])
 
 
-def served_spec(request: Request):
-    """The default served model's spec: presets are checked with the bounds requests are checked with."""
+def served_spec(request: Request, body=None):
+    """The spec of the preset's ``model`` (a served one: 404 model_not_found otherwise), else of the default
+    model: presets are checked with the bounds requests are checked with."""
     from ...engine.specs import get_spec
+    from ...errors import ModelNotFound
 
-    return get_spec(request.app.state.client.models()[0].variant)
+    served = request.app.state.client.models()
+    params = body.get("params") if isinstance(body, dict) else None
+    name = params.get("model") if isinstance(params, dict) else None
+    if name is None:
+        return get_spec(served[0].variant)
+    for m in served:
+        if m.id == name:
+            return get_spec(m.variant)
+    raise ModelNotFound(f"the preset names model '{name}', which is not served here; available: "
+                        f"{', '.join(m.id for m in served)}")
 
 
 def _insert(store, name, params, description, author) -> dict:
@@ -34,7 +45,8 @@ async def list_presets(request: Request):
 
 @router.post("", status_code=201)
 async def create_preset(request: Request):
-    name, params, description, author = validate_preset(await json_body(request), served_spec(request))
+    body = await json_body(request)
+    name, params, description, author = validate_preset(body, served_spec(request, body))
     return await asyncio.to_thread(_insert, request.app.state.store, name, params, description, author)
 
 
@@ -77,7 +89,8 @@ async def get_preset(request: Request, preset_id: str):
 
 @router.put("/{preset_id}")
 async def update_preset(request: Request, preset_id: str):
-    name, params, description, author = validate_preset(await json_body(request), served_spec(request))
+    body = await json_body(request)
+    name, params, description, author = validate_preset(body, served_spec(request, body))
     store = request.app.state.store
     ok = await asyncio.to_thread(store.update_preset, preset_id, name, params, description, author)
     if not ok:

@@ -31,13 +31,22 @@ def default_model(client: EngineClient) -> str:
     return client.models()[0].id
 
 
+def preset_model(client: EngineClient, data: dict[str, Any]) -> str | None:
+    """A job naming a preset but no model runs on the preset's ``model`` (if it names one)."""
+    lookup = getattr(client, "preset_lookup", None)
+    if lookup is None or not isinstance(data.get("preset"), str):
+        return None
+    model = lookup(data["preset"]).get("model")  # an unknown preset: its typed 404 preset_not_found
+    return model if isinstance(model, str) else None
+
+
 def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any],
                     uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, dict | None]:
     """Find the served model (404 model_not_found otherwise) and prepare the request against it. A body naming
     uploaded images (``images``, ``mask``, ``controls``) becomes an edit; the third value is then the inputs the
     worker hands to ``Engine.edit`` (file paths from the upload store, found by id only)."""
     served = {m.id: m for m in client.models()}
-    model = model or default_model(client)
+    model = model or preset_model(client, data) or default_model(client)
     if not isinstance(model, str) or model not in served:
         raise ModelNotFound(f"model '{model}' is not served here; available: {', '.join(served)}")
     data = dict(data)

@@ -30,7 +30,8 @@ async def metrics(request: Request):
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@router.get("/api/models", tags=["models"], summary="Models this server runs, their spec defaults, and LoRAs")
+@router.get("/api/models", tags=["models"], summary="Models this server runs (variant, format, loaded or not), their "
+            "spec defaults, and LoRAs")
 async def models(request: Request):
     """Each served model with the defaults and recommended sizes of its spec (so a client can show and reset them),
     the valid samplers/schedulers and request bounds, and the LoRAs found in the models dirs (by name, no paths)."""
@@ -52,6 +53,8 @@ def _model_view(m) -> dict:
     d = spec.defaults
     width, height = spec.default_size
     return {"id": m.id, "kind": "model", "variant": m.variant, "ready": m.ready, "description": m.description,
+            "variant_reason": getattr(m, "variant_reason", "") or None, "format": getattr(m, "format", "") or None,
+            "resident": getattr(m, "resident", None),
             "defaults": {"steps": d.steps, "cfg": d.cfg, "sampler": d.sampler, "scheduler": d.scheduler,
                          "shift": d.shift, "negative_prompt": d.negative, "cfg_norm": d.cfg_norm,
                          "aspect": spec.default_aspect, "width": width, "height": height},

@@ -57,7 +57,8 @@ async function start() {
   try {
     const catalog = await loadCatalog();
     const ready = catalog.models.every((m) => m.ready);
-    status.textContent = ready ? `ready · ${catalog.models.map((m) => m.id).join(", ")}` : "loading model…";
+    const loaded = catalog.models.filter((m) => m.resident !== false).map((m) => m.id);
+    status.textContent = ready ? `ready · ${catalog.models.length} model(s), loaded: ${loaded.join(", ")}` : "loading model…";
     status.dataset.state = ready ? "ok" : "busy";
     showError($("global-error"), null);
     await loadPresets().catch(() => {});

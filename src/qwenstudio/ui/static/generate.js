@@ -26,13 +26,20 @@ export async function loadCatalog() {
     schedulers: data.schedulers || ["reference"],
     limits: data.limits || {},
   });
-  setOptions(field("model"), catalog.models.map((m) => [m.id, m.ready ? m.id : `${m.id} (loading)`]));
+  // every servable model, with its variant and format; "loaded" = resident now (others load on first use)
+  setOptions(field("model"), catalog.models.map((m) => [m.id, modelLabel(m)]));
   // "" = the model's default (or a LoRA recipe's): the server decides what is unset, never the form
   setOptions(field("sampler"), [["", "default"], ...catalog.samplers.map((s) => [s, s])]);
   setOptions(field("scheduler"), [["", "default"], ...catalog.schedulers.map((s) => [s, s])]);
   $("lora-names").replaceChildren(...catalog.loras.map((l) => el("option", { value: l.name || l.id })));
   applyDefaults();
   return catalog;
+}
+
+function modelLabel(m) {
+  if (!m.ready) return `${m.id} (loading)`;
+  const about = [m.variant, m.format].filter(Boolean).join(", ");
+  return `${m.id}${about ? ` · ${about}` : ""}${m.resident ? " · loaded" : ""}`;
 }
 
 function fillAspects(m) {
