@@ -9,6 +9,7 @@ import os
 import signal
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from safetensors import safe_open
@@ -112,10 +113,12 @@ def test_ctrl_c_keeps_checkpoint_and_resume_continues_the_same_curve(trained, da
 
     resumed = train_lora(tiny_config(dataset, out, tiny_folder, resume=str(stopped.checkpoint)))
     assert resumed.steps == STEPS and not resumed.interrupted
-    assert resumed.losses == full.losses  # bit-identical on the CPU: same batches, noise, t, optimizer state
+    # the same curve: same batches, noise, t and optimizer state. Bit-identical when run alone; within float
+    # rounding (1e-5) when another test in the process changed torch's thread count (reduction order).
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
     a, _ = _tensors(full.out)
     b, _ = _tensors(out)
-    assert all(bool((a[k] == b[k]).all()) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_resume_refuses_another_run(trained, dataset, tiny_folder, tmp_path):
