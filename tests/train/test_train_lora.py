@@ -9,8 +9,8 @@ import os
 import signal
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 from typer.testing import CliRunner
