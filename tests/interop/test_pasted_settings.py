@@ -98,47 +98,67 @@ def test_comfyui_graph_errors(tmp_path):
 
 
 def test_swarmui_png_lightning():
+    """Written by SwarmUI's own GenRawMetadata (harness, see SOURCES.md): images=1 and an empty negative prompt
+    are not in it (their IgnoreIf), the prompt's specials are JSON-escaped, the model keeps its folder."""
     s = read_pasted_settings(SWARM / "swarmui_qwen_lightning.png")
     assert s.source == "swarmui"
     assert s.fields == {
-        "prompt": "a lighthouse on a cliff at dusk, oil painting", "negative_prompt": "", "seed": 1716538929,
-        "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple", "width": 1744,
-        "height": 992, "model": "Qwen/qwen_image_fp8_e4m3fn",
+        "prompt": 'a lighthouse on a cliff at dusk, "oil" painting \u2014 \u706f\u5854 \\ 100% {detail}',
+        "seed": 1716538929, "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple",
+        "width": 1344, "height": 768, "model": "Qwen-Image/qwen_image_fp8_e4m3fn",
         "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}], **COMFY_CONV,
     }
-    assert s.unmapped == ["images: 4", "automaticvae: True"]
-    assert s.info["models"][0] == {"name": "Qwen/qwen_image_fp8_e4m3fn.safetensors", "param": "model",
-                                   "hash": s.info["models"][0]["hash"]}
+    assert s.unmapped == [] and s.warnings == []
+    recorded = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["sui_models_hashes"]
+    assert s.info["models"][0] == {"name": "Qwen-Image/qwen_image_fp8_e4m3fn.safetensors", "param": "model",
+                                   "hash": recorded["Qwen-Image/qwen_image_fp8_e4m3fn.safetensors"]}
+    assert s.info["swarm_version"] == "0.9.8.2"
     runnable(s)
 
 
-def test_swarmui_png_custom_size_non_ascii_and_new_samplers():
+def test_swarmui_png_custom_size_non_ascii_and_unused_params():
     s = read_pasted_settings(SWARM / "swarmui_custom_size.png")
-    assert s.fields["prompt"] == "一只戴着红帽子的猫, watercolor"  # SwarmUI writes it \u-escaped
-    assert (s.fields["sampler"], s.fields["scheduler"]) == ("dpmpp_2m_sde", "kl_optimal")
+    assert s.fields["prompt"] == "一只戴着红帽子的猫, watercolor\nsoft light"  # SwarmUI writes it \u-escaped
+    assert (s.fields["sampler"], s.fields["scheduler"]) == ("dpmpp_2m", "karras")
     assert (s.fields["width"], s.fields["height"]) == (1008, 1472)
-    assert s.unmapped == ["images: 1", "refinerupscale: 1.5"]
-    assert runnable(s).sampler == "dpmpp_2m_sde"
+    assert "width 1000 rounded to 1008 (a multiple of 16)" in s.warnings
+    assert s.fields["loras"] == [{"name": "ink_wash", "weight": 0.8},
+                                 {"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 0.5}]
+    # a param the backend never read is moved out of sui_image_params by SwarmUI itself
+    assert s.unmapped == [] and s.info["extra_data"]["unused_parameters"] == ["refinerupscale"]
+    assert runnable(s).sampler == "dpmpp_2m"
+
+
+def test_swarmui_png_side_length_wins_over_width_height():
+    """SwarmUI renders at GetImageWidth/Height: side length + a known aspect beats the width/height it also records."""
+    s = read_pasted_settings(SWARM / "swarmui_side_length.png")
+    rendered = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["image_sizes"]["swarmui_side_length"]
+    assert [s.fields["width"], s.fields["height"]] == rendered == [1584, 1072]
 
 
 def test_swarmui_preset_export_file_imports_every_preset():
     presets = import_swarmui_presets(json.loads((SWARM / "swarmui_presets.json").read_text("utf-8")))
     bodies = {b["name"]: (b, s) for b, s in presets}
     assert list(bodies) == ["Qwen Lightning 8", "Ink wash", "Poster"]
-    light, _ = bodies["Qwen Lightning 8"]
-    assert light["params"] == {"model": "Qwen/qwen_image_fp8_e4m3fn", "steps": 8, "cfg": 1.0, "sampler": "euler",
+    light, light_s = bodies["Qwen Lightning 8"]
+    assert light["params"] == {"model": "Qwen-Image/qwen_image_fp8_e4m3fn", "steps": 8, "cfg": 1.0, "sampler": "euler",
                                "scheduler": "simple", "shift": 3.1,
                                "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}]}
+    assert "preview_image" not in light_s.info  # SwarmUI's "no image" placeholder path is not an image
     ink, ink_s = bodies["Ink wash"]
     assert ink["params"]["prompt"] == "{value}, ink wash painting, muted colors"
-    assert (ink["params"]["width"], ink["params"]["height"]) == (1584, 1072)  # 3:2 at side length 1328
-    assert ink["params"]["loras"] == [{"name": "ink_wash", "weight": 0.8}, {"name": "detail", "weight": 0.5}]
+    assert (ink["params"]["width"], ink["params"]["height"]) == (1216, 832)
+    assert ink["params"]["loras"] == [{"name": "ink_wash", "weight": 0.8}]
     assert "seed" not in ink["params"] and "seed -1 is SwarmUI's 'random': no seed set" in ink_s.warnings
-    assert apply_prompt_template(ink["params"]["prompt"], "a crane") == "a crane, ink wash painting, muted colors"
+    # SwarmUI's own T2IPreset.ApplyTo over a prompt (harness output) = our template fill
+    applied = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["preset_applies"]["ink_wash_over_prompt"]
+    assert apply_prompt_template(ink["params"]["prompt"], "a heron in the reeds") == applied["prompt"]
+    assert apply_prompt_template(ink["params"]["negative_prompt"], "blurry") == applied["negativeprompt"]
     assert apply_prompt_template("{value} at night", "a city <segment:sky> stars") == "a city at night <segment:sky> stars"
     assert apply_prompt_template("no placeholder", "ignored") == "no placeholder"
-    _, poster_s = bodies["Poster"]
-    assert poster_s.unmapped == ["sampler: dpmpp_3m_sde (no such sampler here)", "refinermodel: sdxl_refiner"]
+    poster, poster_s = bodies["Poster"]
+    assert poster_s.unmapped == [] and poster["params"]["batch"] == 2
+    assert (poster["params"]["sampler"], poster["params"]["scheduler"]) == ("dpmpp_2m", "karras")
 
 
 def test_swarmui_export_is_swarmui_format_and_round_trips():

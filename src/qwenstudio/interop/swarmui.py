@@ -19,9 +19,9 @@ from .settings import PastedSettings, lora_name, set_size
 # T2IParamInput.ResolutionAspectReferences: the 512-px reference size of each aspect ratio
 ASPECT_REFERENCES: dict[str, tuple[int, int]] = {
     "1:1": (512, 512), "4:3": (576, 448), "3:2": (608, 416), "8:5": (608, 384), "16:9": (672, 384),
-    "21:9": (768, 320), "3:4": (448, 576), "2:3": (416, 608), "5:8": (384, 608), "9:16": (384, 672),
-    "9:21": (320, 768),
-}
+    "21:9": (768, 320), "2:3": (416, 608), "5:8": (384, 608), "9:16": (384, 672), "9:21": (320, 768),
+}  # no "3:4": SwarmUI then sizes by width/height (checked with its own GetImageWidth, see SOURCES.md)
+NO_PREVIEW = "imgs/model_placeholder.jpg"  # what AddNewPreset stores when a preset has no preview image
 VALUE = "{value}"
 _INFO_KEYS = {"swarm_version", "original_prompt", "original_negativeprompt", "date", "generation_time", "prep_time"}
 
@@ -202,7 +202,7 @@ def import_swarmui_presets(data: Any) -> list[tuple[dict[str, Any], PastedSettin
         out = PastedSettings(source="swarmui")
         _params_to_fields(preset["param_map"], out, preset=True)
         for k in ("preview_image", "is_starred"):
-            if preset.get(k):
+            if preset.get(k) and preset.get(k) != NO_PREVIEW:
                 out.info[k] = preset[k]
         title = preset.get("title") if isinstance(preset.get("title"), str) and preset["title"].strip() else key
         params = {k: v for k, v in out.fields.items() if k != "noise" and k != "cfg_norm"}
