@@ -21,6 +21,7 @@ from qwenstudio.interop import (
     export_swarmui_presets,
     import_swarmui_presets,
     parse_a1111_parameters,
+    parse_swarmui_metadata,
     read_pasted_settings,
     sampler_name,
     scheduler_name,
@@ -172,6 +173,31 @@ def test_swarmui_export_is_swarmui_format_and_round_trips():
     assert data["Qwen Lightning 8"]["param_map"]["loraweights"] == "1"
     again = [b for b, _ in import_swarmui_presets(data)]
     assert [b["params"] for b in again] == [b["params"] for b in ours]
+
+
+def test_our_swarmui_export_is_read_by_swarmui():
+    """Our export of the real export's presets, imported by SwarmUI's own presets.js + AddNewPreset and applied
+    by its T2IPreset.ApplyTo (harness run, tests/fixtures/peers/swarmui/qwenstudio_export.read_by_swarmui.json)."""
+    ours = [b for b, _ in import_swarmui_presets(json.loads((SWARM / "swarmui_presets.json").read_text("utf-8")))]
+    text = export_swarmui_presets(ours)
+    assert text == (SWARM / "qwenstudio_export.json").read_text("utf-8")  # the file SwarmUI was given
+    back = json.loads((SWARM / "qwenstudio_export.read_by_swarmui.json").read_text("utf-8"))
+    assert all(r == {"success": True} for r in back["replies"].values()) and back["harness_logs"] == []
+    exported = json.loads(text)
+    assert {p["title"]: p["param_map"] for p in back["stored"]} == {t: p["param_map"] for t, p in exported.items()}
+    for body in ours:
+        applied = parse_swarmui_metadata({"sui_image_params": back["applied"][body["name"]]})
+        want = dict(body["params"])
+        if "batch" in want:  # image metadata has no batch; SwarmUI's "images" param holds it
+            assert back["applied"][body["name"]]["images"] == want.pop("batch")
+        if "prompt" in want:
+            want["prompt"] = apply_prompt_template(want["prompt"], "a heron in the reeds")
+        if "negative_prompt" in want:
+            want["negative_prompt"] = apply_prompt_template(want["negative_prompt"], None)
+        got = {k: v for k, v in applied.fields.items() if k in want}
+        assert got == want, body["name"]
+    # SwarmUI found our folder-less LoRA name in its list (GetBestInList)
+    assert back["applied"]["Ink wash"]["loras"] == ["styles/ink_wash"]
 
 
 # ------------------------------------------------------------------ A1111 / Forge
