@@ -99,13 +99,13 @@ def test_comfyui_graph_errors(tmp_path):
 
 
 def test_swarmui_png_lightning():
-    """Written by SwarmUI's own GenRawMetadata (harness, see SOURCES.md): images=1 and an empty negative prompt
-    are not in it (their IgnoreIf), the prompt's specials are JSON-escaped, the model keeps its folder."""
+    """Written by SwarmUI's own GenRawMetadata (harness, see SOURCES.md): images=1 is not in it (IgnoreIf), the
+    empty negative prompt is (prompt parsing writes it back), specials are JSON-escaped, the model keeps its folder."""
     s = read_pasted_settings(SWARM / "swarmui_qwen_lightning.png")
     assert s.source == "swarmui"
     assert s.fields == {
         "prompt": 'a lighthouse on a cliff at dusk, "oil" painting \u2014 \u706f\u5854 \\ 100% {detail}',
-        "seed": 1716538929, "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple",
+        "negative_prompt": "", "seed": 1716538929, "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple",
         "width": 1344, "height": 768, "model": "Qwen-Image/qwen_image_fp8_e4m3fn",
         "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}], **COMFY_CONV,
     }
@@ -128,6 +128,21 @@ def test_swarmui_png_custom_size_non_ascii_and_unused_params():
     # a param the backend never read is moved out of sui_image_params by SwarmUI itself
     assert s.unmapped == [] and s.info["extra_data"]["unused_parameters"] == ["refinerupscale"]
     assert runnable(s).sampler == "dpmpp_2m"
+
+
+def test_swarmui_png_lora_prompt_tag():
+    """SwarmUI's <lora:name:weight> handler (T2IPromptHandling, run by the harness) takes the tag out of the prompt,
+    matches the name case-insensitively, and records loras + a section confinement; the typed prompt is kept aside."""
+    s = read_pasted_settings(SWARM / "swarmui_lora_tag.png")
+    assert s.fields["prompt"] == "a koi pond in autumn , soft light"  # SwarmUI leaves the space before the comma
+    assert s.fields["loras"] == [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 0.75}]
+    assert s.unmapped == []  # confinement to section 0 = the whole image
+    extra = s.info["extra_data"]
+    assert extra["original_prompt"] == "a koi pond in autumn <lora:qwen-image-lightning-8steps-v1.1:0.75>, soft light"
+    assert extra["prompted_loras"] == ["Qwen-Image-Lightning-8steps-V1.1"]
+    confined = parse_swarmui_metadata({"sui_image_params": {"loras": "a,b", "lorasectionconfinement": ["0", "11"]}})
+    assert confined.unmapped == ["lorasectionconfinement: 0,11 (LoRAs confined to prompt sections; applied to the "
+                                 "whole image here)"]
 
 
 def test_swarmui_png_side_length_wins_over_width_height():

@@ -134,6 +134,13 @@ def _params_to_fields(params: dict[str, Any], out: PastedSettings, *, preset: bo
                     out.unmapped.append(f"loraweights: {weights[i]}")
             if loras:
                 out.fields["loras"] = loras
+    if "lorasectionconfinement" in p:
+        # written by SwarmUI's <lora:...> prompt tag: the section each LoRA applies to; 0 = the whole image
+        used.add("lorasectionconfinement")
+        sections = _list(p["lorasectionconfinement"])
+        if any(sec not in ("0", "-1") for sec in sections):
+            out.unmapped.append(f"lorasectionconfinement: {','.join(sections)} (LoRAs confined to prompt sections; "
+                                "applied to the whole image here)")
     if "loratencweights" in p:
         used.add("loratencweights")
         out.warnings.append("loratencweights (text-encoder LoRA weights) not applied: our LoRAs patch the DiT")
