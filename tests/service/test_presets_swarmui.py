@@ -34,3 +34,19 @@ def test_import_export_file_and_export(serve):
 
         bad = http.post("/api/presets/import/swarmui", json={"x": 1})
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_preset"
+
+
+def test_settings_of_an_uploaded_swarmui_png(serve):
+    """The studio's "load from image" route on a PNG SwarmUI's own writer made (its <lora:...> prompt tag parsed)."""
+    png = PRESETS.parent / "swarmui_lora_tag.png"
+    with serve() as s, s.client() as http:
+        up = http.post("/api/uploads", files={"file": ("swarm.png", png.read_bytes(), "image/png")})
+        assert up.status_code == 201, up.text
+        r = http.get(f"/api/uploads/{up.json()['id']}/settings")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["source"] == "swarmui" and body["unmapped"] == []
+        f = body["fields"]
+        assert (f["prompt"], f["seed"], f["steps"], f["cfg"]) == ("a koi pond in autumn , soft light", 3, 8, 1.0)
+        assert f["loras"] == [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 0.75}]
+        assert (f["compat"], f["noise"], f["cfg_norm"]) == ("comfy", "comfy", False)
