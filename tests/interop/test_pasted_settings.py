@@ -145,6 +145,16 @@ def test_swarmui_png_lora_prompt_tag():
                                  "whole image here)"]
 
 
+def test_swarmui_sizes_match_swarmuis_own_get_image_width_height():
+    """Aspect ratio x side length (x the width/height also sent): the size SwarmUI's GetImageWidth/Height give
+    (harness run; "3:4" and "Custom" are not in its reference table, so width/height apply)."""
+    checks = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["size_checks"]
+    assert len(checks) == 24
+    for c in checks:
+        s = parse_swarmui_metadata({"sui_image_params": c["request"]})
+        assert (s.fields["width"], s.fields["height"]) == (c["width"], c["height"]), c["request"]
+
+
 def test_swarmui_png_side_length_wins_over_width_height():
     """SwarmUI renders at GetImageWidth/Height: side length + a known aspect beats the width/height it also records."""
     s = read_pasted_settings(SWARM / "swarmui_side_length.png")
