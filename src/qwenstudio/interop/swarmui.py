@@ -1,6 +1,7 @@
 """SwarmUI: image metadata (``parameters`` = ``{"sui_image_params": {...}, "sui_models": [...]}``) and preset files.
 
-Formats as SwarmUI's C# writes them (mcmonkeyprojects/SwarmUI, see tests/fixtures/peers/SOURCES.md):
+Formats as SwarmUI's C# writes them (mcmonkeyprojects/SwarmUI; the test fixtures are written by that code itself,
+compiled with Mono - tests/fixtures/peers/SOURCES.md):
 ``T2IParamInput.GenFullMetadataObject`` (param ids such as ``cfgscale``, ``negativeprompt``, ``sigmashift``; model
 names without ``.safetensors``; ``loras``/``loraweights`` as lists of strings), ``T2IPreset.NetData`` + the
 "Export All" button (``{title: {author, title, description, preview_image, is_starred, param_map}}``, every value a
