@@ -139,3 +139,19 @@ def test_bad_or_unavailable_device_and_non_png_out_are_one_line_errors(tmp_path)
     assert not (tmp_path / "x.jpg").exists()
     r = runner.invoke(app, ["edit", "x", "--image", str(tmp_path / "none.png"), "--device", "cuda:3"])
     assert r.exit_code == 2 and "not available" in r.output
+
+
+def test_from_image_reads_a_png_swarmui_wrote(tmp_path):
+    """A PNG whose metadata SwarmUI's own writer made (tests/fixtures/peers/swarmui): its settings run here.
+    The size is overridden (the PNG asks for 1584x1072: SwarmUI's side length 1328 at 3:2) to keep the tiny run small."""
+    png = os.path.join(os.path.dirname(__file__), "..", "fixtures", "peers", "swarmui", "swarmui_side_length.png")
+    out = tmp_path / "again.png"
+    r = run("generate", "--from-image", png, "--model", "tiny", "--width", "64", "--height", "48", "--steps", "2",
+            "--out", str(out))
+    assert r.exit_code == 0, r.output
+    meta = read_png_metadata(out)
+    req = meta["request"]
+    assert (req["prompt"], req["seed"], req["cfg"], req["sampler"], req["scheduler"]) == (
+        "a red bicycle", 7, 2.5, "euler", "simple")
+    assert (req["noise"], req["cfg_norm"]) == ("comfy", False)  # SwarmUI renders with ComfyUI's conventions
+    assert meta["settings_from"]["shift"] == "compat comfy" and meta["settings_from"]["width"] == "user"

@@ -21,6 +21,7 @@ from qwenstudio.interop import (
     export_swarmui_presets,
     import_swarmui_presets,
     parse_a1111_parameters,
+    parse_swarmui_metadata,
     read_pasted_settings,
     sampler_name,
     scheduler_name,
@@ -98,47 +99,92 @@ def test_comfyui_graph_errors(tmp_path):
 
 
 def test_swarmui_png_lightning():
+    """Written by SwarmUI's own GenRawMetadata (harness, see SOURCES.md): images=1 is not in it (IgnoreIf), the
+    empty negative prompt is (prompt parsing writes it back), specials are JSON-escaped, the model keeps its folder."""
     s = read_pasted_settings(SWARM / "swarmui_qwen_lightning.png")
     assert s.source == "swarmui"
     assert s.fields == {
-        "prompt": "a lighthouse on a cliff at dusk, oil painting", "negative_prompt": "", "seed": 1716538929,
-        "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple", "width": 1744,
-        "height": 992, "model": "Qwen/qwen_image_fp8_e4m3fn",
+        "prompt": 'a lighthouse on a cliff at dusk, "oil" painting \u2014 \u706f\u5854 \\ 100% {detail}',
+        "negative_prompt": "", "seed": 1716538929, "steps": 8, "cfg": 1.0, "shift": 3.1, "sampler": "euler", "scheduler": "simple",
+        "width": 1344, "height": 768, "model": "Qwen-Image/qwen_image_fp8_e4m3fn",
         "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}], **COMFY_CONV,
     }
-    assert s.unmapped == ["images: 4", "automaticvae: True"]
-    assert s.info["models"][0] == {"name": "Qwen/qwen_image_fp8_e4m3fn.safetensors", "param": "model",
-                                   "hash": s.info["models"][0]["hash"]}
+    assert s.unmapped == [] and s.warnings == []
+    recorded = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["sui_models_hashes"]
+    assert s.info["models"][0] == {"name": "Qwen-Image/qwen_image_fp8_e4m3fn.safetensors", "param": "model",
+                                   "hash": recorded["Qwen-Image/qwen_image_fp8_e4m3fn.safetensors"]}
+    assert s.info["swarm_version"] == "0.9.8.2"
     runnable(s)
 
 
-def test_swarmui_png_custom_size_non_ascii_and_new_samplers():
+def test_swarmui_png_custom_size_non_ascii_and_unused_params():
     s = read_pasted_settings(SWARM / "swarmui_custom_size.png")
-    assert s.fields["prompt"] == "一只戴着红帽子的猫, watercolor"  # SwarmUI writes it \u-escaped
-    assert (s.fields["sampler"], s.fields["scheduler"]) == ("dpmpp_2m_sde", "kl_optimal")
+    assert s.fields["prompt"] == "一只戴着红帽子的猫, watercolor\nsoft light"  # SwarmUI writes it \u-escaped
+    assert (s.fields["sampler"], s.fields["scheduler"]) == ("dpmpp_2m", "karras")
     assert (s.fields["width"], s.fields["height"]) == (1008, 1472)
-    assert s.unmapped == ["images: 1", "refinerupscale: 1.5"]
-    assert runnable(s).sampler == "dpmpp_2m_sde"
+    assert "width 1000 rounded to 1008 (a multiple of 16)" in s.warnings
+    assert s.fields["loras"] == [{"name": "ink_wash", "weight": 0.8},
+                                 {"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 0.5}]
+    # a param the backend never read is moved out of sui_image_params by SwarmUI itself
+    assert s.unmapped == [] and s.info["extra_data"]["unused_parameters"] == ["refinerupscale"]
+    assert runnable(s).sampler == "dpmpp_2m"
+
+
+def test_swarmui_png_lora_prompt_tag():
+    """SwarmUI's <lora:name:weight> handler (T2IPromptHandling, run by the harness) takes the tag out of the prompt,
+    matches the name case-insensitively, and records loras + a section confinement; the typed prompt is kept aside."""
+    s = read_pasted_settings(SWARM / "swarmui_lora_tag.png")
+    assert s.fields["prompt"] == "a koi pond in autumn , soft light"  # SwarmUI leaves the space before the comma
+    assert s.fields["loras"] == [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 0.75}]
+    assert s.unmapped == []  # confinement to section 0 = the whole image
+    extra = s.info["extra_data"]
+    assert extra["original_prompt"] == "a koi pond in autumn <lora:qwen-image-lightning-8steps-v1.1:0.75>, soft light"
+    assert extra["prompted_loras"] == ["Qwen-Image-Lightning-8steps-V1.1"]
+    confined = parse_swarmui_metadata({"sui_image_params": {"loras": "a,b", "lorasectionconfinement": ["0", "11"]}})
+    assert confined.unmapped == ["lorasectionconfinement: 0,11 (LoRAs confined to prompt sections; applied to the "
+                                 "whole image here)"]
+
+
+def test_swarmui_sizes_match_swarmuis_own_get_image_width_height():
+    """Aspect ratio x side length (x the width/height also sent): the size SwarmUI's GetImageWidth/Height give
+    (harness run; "3:4" and "Custom" are not in its reference table, so width/height apply)."""
+    checks = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["size_checks"]
+    assert len(checks) == 24
+    for c in checks:
+        s = parse_swarmui_metadata({"sui_image_params": c["request"]})
+        assert (s.fields["width"], s.fields["height"]) == (c["width"], c["height"]), c["request"]
+
+
+def test_swarmui_png_side_length_wins_over_width_height():
+    """SwarmUI renders at GetImageWidth/Height: side length + a known aspect beats the width/height it also records."""
+    s = read_pasted_settings(SWARM / "swarmui_side_length.png")
+    rendered = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["image_sizes"]["swarmui_side_length"]
+    assert [s.fields["width"], s.fields["height"]] == rendered == [1584, 1072]
 
 
 def test_swarmui_preset_export_file_imports_every_preset():
     presets = import_swarmui_presets(json.loads((SWARM / "swarmui_presets.json").read_text("utf-8")))
     bodies = {b["name"]: (b, s) for b, s in presets}
     assert list(bodies) == ["Qwen Lightning 8", "Ink wash", "Poster"]
-    light, _ = bodies["Qwen Lightning 8"]
-    assert light["params"] == {"model": "Qwen/qwen_image_fp8_e4m3fn", "steps": 8, "cfg": 1.0, "sampler": "euler",
+    light, light_s = bodies["Qwen Lightning 8"]
+    assert light["params"] == {"model": "Qwen-Image/qwen_image_fp8_e4m3fn", "steps": 8, "cfg": 1.0, "sampler": "euler",
                                "scheduler": "simple", "shift": 3.1,
                                "loras": [{"name": "Qwen-Image-Lightning-8steps-V1.1", "weight": 1.0}]}
+    assert "preview_image" not in light_s.info  # SwarmUI's "no image" placeholder path is not an image
     ink, ink_s = bodies["Ink wash"]
     assert ink["params"]["prompt"] == "{value}, ink wash painting, muted colors"
-    assert (ink["params"]["width"], ink["params"]["height"]) == (1584, 1072)  # 3:2 at side length 1328
-    assert ink["params"]["loras"] == [{"name": "ink_wash", "weight": 0.8}, {"name": "detail", "weight": 0.5}]
+    assert (ink["params"]["width"], ink["params"]["height"]) == (1216, 832)
+    assert ink["params"]["loras"] == [{"name": "ink_wash", "weight": 0.8}]
     assert "seed" not in ink["params"] and "seed -1 is SwarmUI's 'random': no seed set" in ink_s.warnings
-    assert apply_prompt_template(ink["params"]["prompt"], "a crane") == "a crane, ink wash painting, muted colors"
+    # SwarmUI's own T2IPreset.ApplyTo over a prompt (harness output) = our template fill
+    applied = json.loads((SWARM / "harness_outputs.json").read_text("utf-8"))["preset_applies"]["ink_wash_over_prompt"]
+    assert apply_prompt_template(ink["params"]["prompt"], "a heron in the reeds") == applied["prompt"]
+    assert apply_prompt_template(ink["params"]["negative_prompt"], "blurry") == applied["negativeprompt"]
     assert apply_prompt_template("{value} at night", "a city <segment:sky> stars") == "a city at night <segment:sky> stars"
     assert apply_prompt_template("no placeholder", "ignored") == "no placeholder"
-    _, poster_s = bodies["Poster"]
-    assert poster_s.unmapped == ["sampler: dpmpp_3m_sde (no such sampler here)", "refinermodel: sdxl_refiner"]
+    poster, poster_s = bodies["Poster"]
+    assert poster_s.unmapped == [] and poster["params"]["batch"] == 2
+    assert (poster["params"]["sampler"], poster["params"]["scheduler"]) == ("dpmpp_2m", "karras")
 
 
 def test_swarmui_export_is_swarmui_format_and_round_trips():
@@ -152,6 +198,31 @@ def test_swarmui_export_is_swarmui_format_and_round_trips():
     assert data["Qwen Lightning 8"]["param_map"]["loraweights"] == "1"
     again = [b for b, _ in import_swarmui_presets(data)]
     assert [b["params"] for b in again] == [b["params"] for b in ours]
+
+
+def test_our_swarmui_export_is_read_by_swarmui():
+    """Our export of the real export's presets, imported by SwarmUI's own presets.js + AddNewPreset and applied
+    by its T2IPreset.ApplyTo (harness run, tests/fixtures/peers/swarmui/qwenstudio_export.read_by_swarmui.json)."""
+    ours = [b for b, _ in import_swarmui_presets(json.loads((SWARM / "swarmui_presets.json").read_text("utf-8")))]
+    text = export_swarmui_presets(ours)
+    assert text == (SWARM / "qwenstudio_export.json").read_text("utf-8")  # the file SwarmUI was given
+    back = json.loads((SWARM / "qwenstudio_export.read_by_swarmui.json").read_text("utf-8"))
+    assert all(r == {"success": True} for r in back["replies"].values()) and back["harness_logs"] == []
+    exported = json.loads(text)
+    assert {p["title"]: p["param_map"] for p in back["stored"]} == {t: p["param_map"] for t, p in exported.items()}
+    for body in ours:
+        applied = parse_swarmui_metadata({"sui_image_params": back["applied"][body["name"]]})
+        want = dict(body["params"])
+        if "batch" in want:  # image metadata has no batch; SwarmUI's "images" param holds it
+            assert back["applied"][body["name"]]["images"] == want.pop("batch")
+        if "prompt" in want:
+            want["prompt"] = apply_prompt_template(want["prompt"], "a heron in the reeds")
+        if "negative_prompt" in want:
+            want["negative_prompt"] = apply_prompt_template(want["negative_prompt"], None)
+        got = {k: v for k, v in applied.fields.items() if k in want}
+        assert got == want, body["name"]
+    # SwarmUI found our folder-less LoRA name in its list (GetBestInList)
+    assert back["applied"]["Ink wash"]["loras"] == ["styles/ink_wash"]
 
 
 # ------------------------------------------------------------------ A1111 / Forge

@@ -1,6 +1,7 @@
 """SwarmUI: image metadata (``parameters`` = ``{"sui_image_params": {...}, "sui_models": [...]}``) and preset files.
 
-Formats as SwarmUI's C# writes them (mcmonkeyprojects/SwarmUI, see tests/fixtures/peers/SOURCES.md):
+Formats as SwarmUI's C# writes them (mcmonkeyprojects/SwarmUI; the test fixtures are written by that code itself,
+compiled with Mono - tests/fixtures/peers/SOURCES.md):
 ``T2IParamInput.GenFullMetadataObject`` (param ids such as ``cfgscale``, ``negativeprompt``, ``sigmashift``; model
 names without ``.safetensors``; ``loras``/``loraweights`` as lists of strings), ``T2IPreset.NetData`` + the
 "Export All" button (``{title: {author, title, description, preview_image, is_starred, param_map}}``, every value a
@@ -19,9 +20,9 @@ from .settings import PastedSettings, lora_name, set_size
 # T2IParamInput.ResolutionAspectReferences: the 512-px reference size of each aspect ratio
 ASPECT_REFERENCES: dict[str, tuple[int, int]] = {
     "1:1": (512, 512), "4:3": (576, 448), "3:2": (608, 416), "8:5": (608, 384), "16:9": (672, 384),
-    "21:9": (768, 320), "3:4": (448, 576), "2:3": (416, 608), "5:8": (384, 608), "9:16": (384, 672),
-    "9:21": (320, 768),
-}
+    "21:9": (768, 320), "2:3": (416, 608), "5:8": (384, 608), "9:16": (384, 672), "9:21": (320, 768),
+}  # no "3:4": SwarmUI then sizes by width/height (checked with its own GetImageWidth, see SOURCES.md)
+NO_PREVIEW = "imgs/model_placeholder.jpg"  # what AddNewPreset stores when a preset has no preview image
 VALUE = "{value}"
 _INFO_KEYS = {"swarm_version", "original_prompt", "original_negativeprompt", "date", "generation_time", "prep_time"}
 
@@ -134,6 +135,13 @@ def _params_to_fields(params: dict[str, Any], out: PastedSettings, *, preset: bo
                     out.unmapped.append(f"loraweights: {weights[i]}")
             if loras:
                 out.fields["loras"] = loras
+    if "lorasectionconfinement" in p:
+        # written by SwarmUI's <lora:...> prompt tag: the section each LoRA applies to; 0 = the whole image
+        used.add("lorasectionconfinement")
+        sections = _list(p["lorasectionconfinement"])
+        if any(sec not in ("0", "-1") for sec in sections):
+            out.unmapped.append(f"lorasectionconfinement: {','.join(sections)} (LoRAs confined to prompt sections; "
+                                "applied to the whole image here)")
     if "loratencweights" in p:
         used.add("loratencweights")
         out.warnings.append("loratencweights (text-encoder LoRA weights) not applied: our LoRAs patch the DiT")
@@ -202,7 +210,7 @@ def import_swarmui_presets(data: Any) -> list[tuple[dict[str, Any], PastedSettin
         out = PastedSettings(source="swarmui")
         _params_to_fields(preset["param_map"], out, preset=True)
         for k in ("preview_image", "is_starred"):
-            if preset.get(k):
+            if preset.get(k) and preset.get(k) != NO_PREVIEW:
                 out.info[k] = preset[k]
         title = preset.get("title") if isinstance(preset.get("title"), str) and preset["title"].strip() else key
         params = {k: v for k, v in out.fields.items() if k != "noise" and k != "cfg_norm"}
