@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.job import EngineJob
 from ..errors import Cancelled, QwenStudioError
 from .config import ServiceConfig
 from .engine_client import EngineClient, LoadEvent, StepEvent
@@ -51,9 +52,9 @@ class Job:
 
     id: str
     model: str
-    request: Any  # resolved GenerateRequest (an EditRequest for edits); None for a job followed from the store
+    request: Any  # resolved GenerateRequest (an EditRequest, inputs by content id, for edits); None for a job
+    # followed from the store; the typed error when a stored job cannot be rebuilt
     preview_every: int
-    inputs: dict | None = None  # edits: upload paths for Engine.edit (images, mask, controls)
     events: list[dict] = field(default_factory=list)
     cancel_reason: str | None = None  # user | disconnect | shutdown | deadline
     finished: threading.Event = field(default_factory=threading.Event)
@@ -231,11 +232,11 @@ class JobManager:
         return 1 if self._running is not None else 0
 
     # ---- API -----------------------------------------------------------------------------------------------
-    def submit(self, model: str, request: Any, preview_every: int = 0, inputs: dict | None = None) -> Job:
+    def submit(self, model: str, request: Any, preview_every: int = 0) -> Job:
         """Queue a validated, resolved request; raise QueueFull (429) at the bound."""
         self._check_caps(request)
-        job = Job(uuid.uuid4().hex, model, request, preview_every, inputs)
-        options = {"preview_every": preview_every, "inputs": _inputs_spec(inputs)}
+        job = Job(uuid.uuid4().hex, model, request, preview_every)
+        options = {"preview_every": preview_every, "kind": EngineJob(job.id, model, request).kind}
         with self._cond:
             if not self.accepting:
                 raise ServiceUnavailable("the server is shutting down; retry on another instance")
@@ -385,9 +386,9 @@ class JobManager:
             self._remember(job)
         job.preview_every = int(options.get("preview_every") or 0)
         try:
-            job.request, job.inputs = _rebuild(row, options.get("inputs"), self.uploads)
+            job.request = engine_job_of(row).request
         except QwenStudioError as e:
-            job.request, job.inputs = e, None
+            job.request = e
         return job
 
     def _run(self, job: Job) -> None:
@@ -407,6 +408,8 @@ class JobManager:
                 data = {"model": ev.model, "phase": ev.phase}
                 if ev.phase == "done":
                     data.update(seconds=ev.seconds, evicted=list(ev.evicted))
+                elif ev.fraction is not None:  # "progress": the loader's fraction of the model's bytes filled in
+                    data["fraction"] = round(ev.fraction, 4)
                 job.publish("loading", data)
                 return True
             now = time.monotonic()
@@ -432,7 +435,7 @@ class JobManager:
             return True
 
         try:
-            result = self.client.submit(job.id, job.model, job.request, on_event, job.preview_every, job.inputs)
+            result = self.client.submit(EngineJob(job.id, job.model, job.request), on_event, job.preview_every)
             outputs = self._write_outputs(result, job)
         except Cancelled:
             reason = job.cancel_reason or "user"
@@ -616,39 +619,12 @@ class JobManager:
         job.finished.set()
 
 
-def _inputs_spec(inputs: dict | None) -> dict | None:
-    """Edit inputs as upload ids (JSON, for the store): enough for a worker in another process to find the files."""
-    if inputs is None:
-        return None
-    from dataclasses import asdict, is_dataclass
-
-    def uid(p: Any) -> str:
-        return Path(p).stem
-
-    controls = []
-    for c in inputs.get("controls") or []:
-        d = asdict(c) if is_dataclass(c) else dict(c)
-        d["image"] = uid(d["image"])
-        controls.append(d)
-    return {"images": [uid(p) for p in inputs.get("images") or []],
-            "mask": uid(inputs["mask"]) if inputs.get("mask") is not None else None, "controls": controls}
-
-
-def _rebuild(row: dict, spec: dict | None, uploads: Any) -> tuple[Any, dict | None]:
-    """(request, inputs) from a stored row: the resolved request as stored; edit inputs found by upload id."""
-    from ..engine.requests import GenerateRequest
-
-    if spec is None:
-        return GenerateRequest.from_dict(row["request"]), None
-    from ..engine.editing import EditRequest
-    from ..engine.editing.run import Control
-
-    if uploads is None:
-        raise QwenStudioError("this worker has no upload store for edit jobs", code="missing_image")
-    inputs = {"images": [uploads.path(i) for i in spec["images"]],
-              "mask": uploads.path(spec["mask"]) if spec.get("mask") else None,
-              "controls": [Control(**{**c, "image": uploads.path(c["image"])}) for c in spec.get("controls") or []]}
-    return EditRequest.from_dict(row["request"]), inputs
+def engine_job_of(row: dict) -> EngineJob:
+    """The EngineJob of a stored row: the resolved request as stored (an edit names its inputs by content id).
+    Rows written before ``kind`` was stored mark an edit by their ``inputs`` (upload ids)."""
+    options = row.get("options") or {}
+    kind = options.get("kind") or ("edit" if options.get("inputs") else "generate")
+    return EngineJob.from_dict({"id": row["id"], "model": row["model"], "kind": kind, "request": row["request"]})
 
 
 def _png_b64(array: Any) -> str:
