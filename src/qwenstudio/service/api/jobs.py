@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...errors import QwenStudioError
 from ..errors import NotFound
-from ..jobs import TERMINAL_EVENTS, Job
+from ..events import TERMINAL_EVENTS, Job
 from .schemas import json_body, parse_job_body
 
 router = APIRouter(prefix="/api", tags=["jobs"])
