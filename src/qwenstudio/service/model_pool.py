@@ -238,14 +238,15 @@ class ModelCatalog:
             fits = k
         return max(1, fits)
 
-    def load(self, entry: CatalogEntry):
+    def load(self, entry: CatalogEntry, on_progress: Callable[[float], Any] | None = None):
+        """Load ``entry``'s engine; ``on_progress`` gets the fraction of its weights' bytes loaded (the loader's)."""
         from ..engine.engine import Engine
 
         o = self.options
         is_default = self.is_default(entry)
         engine = Engine.load(entry.source, variant=o.variant if is_default else None, device=o.device,
                              settings=self.settings, text_encoder=o.text_encoder, vae=o.vae, offload=o.offload,
-                             allow_paths=is_default, long_lived=True, **o.speed)
+                             allow_paths=is_default, long_lived=True, on_load_progress=on_progress, **o.speed)
         engine.allow_paths = False  # LoRA (and ControlNet) names from clients resolve in the models dirs only
         return engine
 
@@ -365,7 +366,9 @@ class MultiModelEngineClient:
             on_event(LoadEvent(entry.id, "start"))
         evicted = self._evict(self.max_resident - 1)
         started = time.perf_counter()
-        engine = self.catalog.load(entry)
+        progress = None if on_event is None else (
+            lambda fraction: on_event(LoadEvent(entry.id, "progress", fraction=fraction)))
+        engine = self.catalog.load(entry, progress)
         seconds = time.perf_counter() - started
         with self._lock:
             self._resident[entry.id] = engine
