@@ -77,6 +77,10 @@ class MemoryImageStore:
         with self._lock:
             self._blobs[content_id] = bytes(data)
 
+    def remove(self, content_id: str) -> None:
+        with self._lock:
+            self._blobs.pop(content_id, None)
+
 
 @dataclass(frozen=True)
 class EngineJob:
@@ -172,10 +176,40 @@ class EngineResult:
                    list(payload.get("warnings") or []))
 
 
+def local_job(job_id: str, model: str, request: Any, *, images=(), mask=None, controls=()
+              ) -> tuple[EngineJob, MemoryImageStore]:
+    """An edit job for inputs given as files, bytes or PIL images (the CLI, notebooks): their bytes go into a
+    ``MemoryImageStore`` and the request names them by content id. A request that already names its inputs (a
+    stored one, ``--from-image``) must name these very bytes (``image_mismatch`` otherwise)."""
+    from .editing import ControlRef, EditRequest, bind_inputs
+    from .editing.run import Control
+    from .images import load_image, read_source
+    from .requests import GenerateRequest
+
+    store = MemoryImageStore()
+
+    def ref(source: Any, what: str, as_mask: bool = False):
+        data = read_source(source, what=what)
+        store.put(data)
+        return load_image(data, what=what, mask=as_mask).ref
+
+    controls = [c if isinstance(c, Control) else Control(**c) if isinstance(c, dict) else Control(c)
+                for c in (controls or ())]
+    refs = {"images": tuple(ref(x, f"image {i + 1}") for i, x in enumerate(images or ())),
+            "mask": ref(mask, "mask", as_mask=True) if mask is not None else None,
+            "controls": tuple(ControlRef(ref(c.image, f"control image {i + 1}"), c.mode, c.scale, c.start, c.end)
+                              for i, c in enumerate(controls))}
+    if not isinstance(request, EditRequest):
+        data = request.to_dict() if isinstance(request, GenerateRequest) else dict(request)
+        request = EditRequest.from_dict(data)
+    return EngineJob(job_id, model, bind_inputs(request, refs)), store
+
+
 def run_job(engine: Any, job: EngineJob, images: ImageStore | None, *, on_progress: Callable | None = None,
-            preview_every: int = 0, should_stop: Callable[[], bool] | None = None) -> EngineResult:
-    """The one edit-or-generate dispatch: an edit reads its inputs by content id (verified) and runs
-    ``Engine.edit``; anything else runs ``Engine.generate``."""
+            preview_every: int = 0, should_stop: Callable[[], bool] | None = None,
+            retry_fp32: bool = False) -> EngineResult:
+    """The one edit-or-generate dispatch (every client, the CLI): an edit reads its inputs by content id
+    (verified) and runs ``Engine.edit``; anything else runs ``Engine.generate``."""
     req = job.request
     if job.kind == "edit":
         from .editing import Control
@@ -185,7 +219,8 @@ def run_job(engine: Any, job: EngineJob, images: ImageStore | None, *, on_progre
             req, images=[data[r.sha256] for r in req.images],
             mask=data[req.mask.sha256] if req.mask is not None else None,
             controls=[Control(data[c.image.sha256], c.mode, c.scale, c.start, c.end) for c in req.controls],
-            on_progress=on_progress, preview_every=preview_every, should_stop=should_stop)
+            on_progress=on_progress, preview_every=preview_every, should_stop=should_stop, retry_fp32=retry_fp32)
     else:
-        result = engine.generate(req, on_progress=on_progress, preview_every=preview_every, should_stop=should_stop)
+        result = engine.generate(req, on_progress=on_progress, preview_every=preview_every, should_stop=should_stop,
+                                 retry_fp32=retry_fp32)
     return EngineResult.of(job.model, result)
