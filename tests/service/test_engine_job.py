@@ -190,3 +190,34 @@ def test_one_dispatch_runs_generate_edit_and_inpaint_as_the_engine_does(tiny_eng
             outside = np.asarray(Image.open(io.BytesIO(mask))) == 0
             source = _pixels(Image.open(io.BytesIO(image)))
             assert np.array_equal(_pixels(got.image)[outside], source[outside])
+
+
+def test_an_edit_queued_by_an_api_only_process_runs_on_a_worker_from_its_content_ids(tmp_path):
+    """The stored job is self-contained: an API-only app queues an edit; a worker app on the same store and home
+    rebuilds the EngineJob from the row (request + model + content ids, no paths) and reads the upload through its
+    own ImageStore."""
+    from qwenstudio.config import Settings
+    from qwenstudio.service.app import create_app
+    from qwenstudio.service.config import ServiceConfig
+    from qwenstudio.testing.fake_client import FakeEngineClient
+
+    home = tmp_path / "home"
+    api = create_app(Settings(home=home), FakeEngineClient(("fake",)), ServiceConfig(run_worker=False))
+    worker_client = FakeEngineClient(("fake",))
+    worker = create_app(Settings(home=home), worker_client)
+
+    async def scenario():
+        async with asgi_client(api) as http:
+            up = (await http.post("/api/uploads", files={"file": ("a.png", _png(), "image/png")})).json()["id"]
+            job = (await http.post("/api/jobs", json={"prompt": "edit", "images": [up], "steps": 2})).json()
+            row = api.state.store.get_job(job["id"])
+            assert row["options"]["kind"] == "edit" and row["request"]["images"][0]["sha256"] == up
+            assert "/" not in json.dumps(row["options"]) and str(home) not in json.dumps(row["request"])
+            async with asgi_client(worker):
+                events = (await http.get(f"/api/jobs/{job['id']}/events")).text  # followed through the store
+            return up, job["id"], events, (await http.get(f"/api/jobs/{job['id']}")).json()
+
+    up, job_id, events, done = asyncio.run(scenario())
+    assert "event: done" in events and done["status"] == "done", done
+    assert done["outputs"][0]["metadata"]["edit"]["content_ids"] == [up]
+    assert [j for j, _ in worker_client.submitted] == [job_id]
