@@ -41,6 +41,7 @@ log = logging.getLogger("qwenstudio.service")
 
 KEEP_FINISHED = 256  # finished jobs whose event log stays in memory for late SSE readers
 
+
 class JobManager(Worker, Watcher):
     """One per app. ``worker=False`` makes an API-only manager (it queues and follows jobs; workers elsewhere run
     them). Several managers may share one store; each job is claimed by exactly one of them."""
