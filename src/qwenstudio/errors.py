@@ -80,6 +80,14 @@ class ModelTooLarge(InsufficientMemory):
     status = 422
 
 
+class InputImageUnavailable(QwenStudioError):
+    """An engine job's input image, named by content id (sha256), cannot be read as those bytes: the upload is gone
+    (``input_missing``) or its bytes changed since submit (``input_changed``). Never run on a different image."""
+
+    code = "input_missing"
+    status = 409
+
+
 __all__ = [
     "QwenStudioError",
     "InvalidRequest",
@@ -91,4 +99,5 @@ __all__ = [
     "ModelTooLarge",
     "Cancelled",
     "GenerationFailed",
+    "InputImageUnavailable",
 ]

@@ -137,7 +137,8 @@ def test_mixed_models_under_concurrent_load_never_run_on_the_wrong_model(pool, r
 
 def test_eviction_under_a_budget_of_one_model_frees_it_and_shows_loading(pool, references):
     """--max-resident 1: a job for the other model evicts the loaded one (its engine is collected), the switch
-    shows as a ``loading`` event over SSE, and switching back loads again — with the right pixels each time."""
+    shows as ``loading`` events over SSE (start, the loader's progress fractions, done), and switching back loads
+    again — with the right pixels each time."""
     app = pool(max_resident=1)
     client = app.state.client
     assert client.resident_models() == ["tiny-a"]
@@ -172,6 +173,11 @@ def test_eviction_under_a_budget_of_one_model_frees_it_and_shows_loading(pool, r
         assert loading[0] == {"model": model, "phase": "start"}
         other = "tiny-a" if model == "tiny-b" else "tiny-b"
         assert loading[-1]["phase"] == "done" and loading[-1]["evicted"] == [other] and loading[-1]["seconds"] > 0
+        # between start and done, the loader's progress: several rising fractions of the weights' bytes, ending at 1
+        fractions = [d["fraction"] for d in loading[1:-1]]
+        assert [d["phase"] for d in loading[1:-1]] == ["progress"] * len(fractions)
+        assert len(fractions) >= 5 and fractions == sorted(fractions) and 0 < fractions[0] < 0.5, fractions
+        assert fractions[-1] == 1.0
         assert job["outputs"][0]["metadata"]["model"]["name"] == model
         assert np.array_equal(pixels(png), references[model, 1][0])
     assert engine_a() is None  # the evicted engine is gone, not just unlisted

@@ -80,6 +80,7 @@ def test_cancel_reaches_the_replica_and_it_goes_on(served, ray_client):
 
 
 def test_typed_errors_keep_their_class_and_code(served, ray_client):
+    from qwenstudio.engine.job import EngineJob
     from qwenstudio.engine.requests import GenerateRequest
     from qwenstudio.errors import InvalidRequest, ModelNotFound
 
@@ -89,10 +90,10 @@ def test_typed_errors_keep_their_class_and_code(served, ray_client):
     assert served.get("/api/jobs").json()["total"] == 0
     # raised inside a replica's run (an unvalidated request straight to submit): same class, same code
     with pytest.raises(InvalidRequest) as e:
-        ray_client.submit("bad", "tiny", GenerateRequest(prompt="x", steps=0), lambda ev: True)
+        ray_client.submit(EngineJob("bad", "tiny", GenerateRequest(prompt="x", steps=0)), lambda ev: True)
     assert e.value.code == "invalid_steps" and e.value.status == 422
     with pytest.raises(ModelNotFound):
-        ray_client.submit("other", "nope", GenerateRequest(prompt="x"), lambda ev: True)
+        ray_client.submit(EngineJob("other", "nope", GenerateRequest(prompt="x")), lambda ev: True)
 
 
 def test_inpaint_edit_ships_its_inputs_and_comes_back_pixel_exact(served):

@@ -100,6 +100,7 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
     from ..engine.editing import EditRequest
     from ..engine.engine import Engine
     from ..engine.fields import check_bounds
+    from ..engine.job import EngineJob, local_job, run_job
     from ..engine.lora import parse_lora_arg, parse_stack_spec
     from ..engine.requests import GenerateRequest
     from ..outputs import save_png
@@ -137,12 +138,12 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
         if not engine.spec.is_edit and controls[0] and controlnet is None and not getattr(request, "controlnet", None):
             raise InvalidRequest("--control on a base model needs --controlnet NAME (or use an edit-2509/2511 "
                                  "variant, which takes control images as input images)", code="missing_controlnet")
-        result = _with_progress(run.as_json, lambda cb: engine.edit(
-            request, images=images, mask=mask, controls=control_inputs(*controls), retry_fp32=run.retry_fp32,
-            on_progress=cb))
+        job, store = local_job("cli", engine.spec.name, request, images=images, mask=mask,
+                               controls=control_inputs(*controls))
     else:
-        result = _with_progress(run.as_json, lambda cb: engine.generate(request, retry_fp32=run.retry_fp32,
-                                                                          on_progress=cb))
+        job, store = EngineJob("cli", engine.spec.name, request), None
+    result = _with_progress(run.as_json, lambda cb: run_job(engine, job, store, on_progress=cb,
+                                                            retry_fp32=run.retry_fp32))
     paths = _output_paths(run.out, len(result.images), [im.metadata["seed"] for im in result.images],
                           "qwen-edit" if edit_mode else "qwen")
     for im, path in zip(result.images, paths):

@@ -72,6 +72,7 @@ class Engine:
         quant: str | None = None,
         cache=None,
         long_lived: bool = False,
+        on_load_progress: Callable[[float], Any] | None = None,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
         ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe
@@ -81,9 +82,11 @@ class Engine:
         cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
         is loaded. ``allow_paths=False`` (the server) accepts registry names only. Speed options
         (engine/acceleration.py): ``compile`` (auto: on when ``long_lived``, e.g. a server), ``attention`` backend,
-        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default)."""
+        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default).
+        ``on_load_progress`` gets the fraction of the weights' bytes loaded so far (engine/loading.py)."""
         import torch
 
+        from .loading import load_progress
         from .memory import measure, plan_memory
         from .sources import component_sizes, load_source, registry_for, resolve
 
@@ -102,11 +105,13 @@ class Engine:
         dtype = dtype or default_dtype(device)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
-        plan = plan_memory(component_sizes(source, itemsize), measure(device), device=str(device), width=width,
+        sizes = component_sizes(source, itemsize)
+        plan = plan_memory(sizes, measure(device), device=str(device), width=width,
                            height=height, compute_itemsize=itemsize, prefer=offload)
         load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
-            components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
+            with load_progress(sum(sizes.values()), on_load_progress):
+                components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
         components.device = device
         components.identity = {**components.identity, "variant_reason": reason}
         engine = cls(components, spec, plan=plan)

@@ -5,6 +5,11 @@ files and GGUF later) with our own key maps, dtype policy and no pickle fallback
 ``accelerate.init_empty_weights`` (parameters on meta, buffers real: RoPE tables are computed at init), then every
 tensor is read from the memory-mapped file, cast to the target dtype/device one at a time and assigned, so peak RAM
 stays near one component, never the sum.
+
+Progress: inside ``with load_progress(total_bytes, callback)`` every tensor ``fill_module`` assigns (whatever the file
+layout: diffusers, ComfyUI, GGUF, 4-bit — they all fill through it) adds its bytes, and ``callback`` gets the fraction
+done, at most every ``every`` (5 %) and once at 1.0. The reporter is a ``ContextVar`` (set for the duration of one
+load on the loading thread, nothing shared), so no loader signature changes to carry it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -145,6 +152,33 @@ def iter_safetensors(files: list[Path]):
 
 # ---- building and filling ----------------------------------------------------------------------------------------
 
+LOAD_REPORTER: ContextVar[Callable[[int], None] | None] = ContextVar("qwenstudio_load_reporter", default=None)
+
+
+@contextmanager
+def load_progress(total_bytes: int, callback: Callable[[float], Any] | None, every: float = 0.05):
+    """Report to ``callback`` the fraction of ``total_bytes`` filled in by ``fill_module`` (see the module doc)."""
+    if callback is None:
+        yield
+        return
+    done, last = [0], [0.0]
+
+    def add(nbytes: int) -> None:
+        done[0] += nbytes
+        fraction = min(1.0, done[0] / total_bytes) if total_bytes > 0 else 1.0
+        if fraction - last[0] >= every or (fraction >= 1.0 > last[0]):
+            last[0] = fraction
+            callback(fraction)
+
+    token = LOAD_REPORTER.set(add)
+    try:
+        yield
+    finally:
+        LOAD_REPORTER.reset(token)
+    if last[0] < 1.0:  # loaded (not on an error): headers may over-count what a layout skips
+        callback(1.0)
+
+
 def build_empty(factory: Callable[[], Any]):
     """Run ``factory`` with parameters created on the meta device (buffers stay real)."""
     from accelerate import init_empty_weights
@@ -170,6 +204,7 @@ def fill_module(
 
     expected = dict(module.state_dict(keep_vars=True))
     seen: set[str] = set()
+    report = LOAD_REPORTER.get()
     for key, tensor in tensors:
         mkey = key_map(key)
         if mkey is None:
@@ -184,8 +219,11 @@ def fill_module(
         cast = dtype if tensor.is_floating_point() and target.is_floating_point() else tensor.dtype
         # copy=True: never keep zero-copy views into the mmapped file — they pin the file and their alignment
         # differs between layouts, which changes CPU kernel rounding (bit-exactness across formats needs a copy).
-        assign_tensor(module, mkey, tensor.to(device=device, dtype=cast, copy=True))
+        value = tensor.to(device=device, dtype=cast, copy=True)
+        assign_tensor(module, mkey, value)
         seen.add(mkey)
+        if report is not None:
+            report(value.numel() * value.element_size())
     missing = [k for k, v in expected.items() if k not in seen and v.device.type == "meta"]
     required = [k for k in missing if not k.startswith(optional)]
     if required:

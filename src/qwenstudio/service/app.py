@@ -60,6 +60,7 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
             manager.stop()
             store.close()
 
+    engine_client.images = upload_store  # edit inputs by content id: this app's uploads are the ImageStore
     if hasattr(engine_client, "preset_lookup"):  # jobs may name a preset: its fields fill what they leave unset
         engine_client.preset_lookup = preset_lookup(store)
 

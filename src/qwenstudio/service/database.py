@@ -58,6 +58,19 @@ class Tx:
         self.lock = lock  # (name) -> None: serialise with other transactions taking the same named lock
 
 
+class Rows:
+    """Base of the store's role classes (service/job_queue.py, job_store.py, preset_store.py): the database they
+    share, as ``self.db``, and two shorthands for single statements."""
+
+    db: SQLiteDatabase | PostgresDatabase
+
+    def run(self, sql: str, args: tuple = ()) -> Result:
+        return self.db.execute(sql, args)
+
+    def rows(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        return self.db.execute(sql, args).rows
+
+
 def is_postgres_url(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(POSTGRES_SCHEMES)
 

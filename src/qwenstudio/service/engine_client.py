@@ -1,7 +1,10 @@
 """The one seam between the service and the engine (after vLLM v1's EngineCoreClient).
 
-The service calls ``submit`` from its job worker and blocks until the result; progress arrives through ``on_event``,
-whose ``False`` return stops the run at the next step. ``InProcessEngineClient`` runs the engine on one dedicated
+The service calls ``submit(job, on_event, preview_every)`` from its job worker and blocks until the result: ``job`` is
+a self-contained ``EngineJob`` (engine/job.py: the prepared request, its model, its input images by content id),
+resolved through the ``ImageStore`` the client is given (``images``; ``create_app`` hands it the upload store), and
+the result is an ``EngineResult``. Progress arrives through ``on_event``, whose ``False`` return stops the run at the
+next step. ``InProcessEngineClient`` runs the engine on one dedicated
 thread that owns it (loads it, runs every generation); a process or Ray client only has to implement the same three
 methods plus ``ready``.
 """
@@ -15,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..engine.job import EngineJob, EngineResult, ImageStore, run_job
 from ..errors import ModelNotFound, QwenStudioError
 
 
@@ -41,23 +45,26 @@ class StepEvent:
 
 @dataclass(frozen=True)
 class LoadEvent:
-    """The job's model is being loaded (``phase`` "start") or was (``"done"``, with the seconds it took and the
-    models evicted to make room): a multi-model client sends it before the job's first step."""
+    """The job's model is being loaded: ``phase`` "start", then "progress" (``fraction`` of its bytes filled in, from
+    the loader), then "done" (with the seconds it took and the models evicted to make room). A multi-model client
+    sends them before the job's first step."""
 
     model: str
     phase: str
     seconds: float | None = None
     evicted: tuple[str, ...] = ()
+    fraction: float | None = None
 
 
 EventCallback = Callable[[Any], Any]  # a StepEvent (return False to cancel) or a LoadEvent
 
 
 class EngineClient(Protocol):
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
-               inputs: dict | None = None) -> Any:
-        """Run ``request`` (a resolved GenerateRequest; with ``inputs``, an EditRequest and its image files) on
-        ``model``; block; return the GenerateResult."""
+    images: ImageStore | None  # where input images are read by content id
+
+    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0) -> EngineResult:
+        """Run ``job`` (its prepared request, on ``job.model``; an edit's inputs read from ``images``); block;
+        return the EngineResult."""
 
     def prepare(self, model: str, request: Any) -> Any:
         """Validate and resolve a request before queueing; raise the typed error a client should see."""
@@ -76,8 +83,10 @@ class EngineClient(Protocol):
 class InProcessEngineClient:
     """An engine loaded in this process, owned by one worker thread. ``loader`` runs on that thread at start."""
 
-    def __init__(self, model_id: str, variant: str, loader: Callable[[], Any], description: str = ""):
+    def __init__(self, model_id: str, variant: str, loader: Callable[[], Any], description: str = "",
+                 images: ImageStore | None = None):
         self._model_id, self._variant, self._description = model_id, variant, description
+        self.images = images
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwenstudio-engine")
         self._engine: Any = None
         self._load_error: BaseException | None = None
@@ -110,14 +119,13 @@ class InProcessEngineClient:
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(self._model_id, self._variant, self.ready, self._description, resident=self.ready)]
 
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
-               inputs: dict | None = None) -> Any:
-        if model != self._model_id:
-            raise ModelNotFound(f"model '{model}' is not served here; available: {self._model_id}")
-        return self._pool.submit(self._run, job_id, request, on_event, preview_every, inputs).result()
+    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0) -> EngineResult:
+        if job.model != self._model_id:
+            raise ModelNotFound(f"model '{job.model}' is not served here; available: {self._model_id}")
+        return self._pool.submit(self._run, job, on_event, preview_every).result()
 
-    def _run(self, job_id: str, request: Any, on_event: EventCallback, preview_every: int,
-             inputs: dict | None = None) -> Any:
+    def _run(self, job: EngineJob, on_event: EventCallback, preview_every: int) -> EngineResult:
+        job_id = job.id
         if self._engine is None:
             if isinstance(self._load_error, QwenStudioError):
                 raise self._load_error
@@ -131,7 +139,7 @@ class InProcessEngineClient:
             self._running = job_id
         self._engine.preset_lookup = self.preset_lookup
         try:
-            return run_on_engine(self._engine, request, on_event, preview_every, inputs, should_stop)
+            return run_on_engine(self._engine, job, self.images, on_event, preview_every, should_stop)
         finally:
             with self._lock:
                 self._cancelled.discard(job_id)
@@ -161,16 +169,14 @@ class InProcessEngineClient:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_on_engine(engine: Any, request: Any, on_event: EventCallback, preview_every: int, inputs: dict | None,
-                  should_stop: Callable[[], bool]) -> Any:
-    """The one edit-or-generate dispatch of the in-process clients: ``inputs`` (edit images) make it an edit."""
+def run_on_engine(engine: Any, job: EngineJob, images: ImageStore | None, on_event: EventCallback,
+                  preview_every: int, should_stop: Callable[[], bool]) -> EngineResult:
+    """``engine.job.run_job`` with the engine's progress turned into ``StepEvent``s for ``on_event``."""
 
     def on_progress(p) -> bool:
         if should_stop():
             return False
         return on_event(StepEvent(p.step, p.total, p.elapsed, p.preview)) is not False
 
-    if inputs is not None:
-        return engine.edit(request, images=inputs["images"], mask=inputs["mask"], controls=inputs["controls"],
-                           on_progress=on_progress, preview_every=preview_every, should_stop=should_stop)
-    return engine.generate(request, on_progress=on_progress, preview_every=preview_every, should_stop=should_stop)
+    return run_job(engine, job, images, on_progress=on_progress, preview_every=preview_every,
+                   should_stop=should_stop)

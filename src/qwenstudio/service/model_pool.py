@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
+from ..engine.job import EngineJob, EngineResult, ImageStore
 from ..errors import InsufficientMemory, ModelNotFound, ModelTooLarge, QwenStudioError
 from .engine_client import EventCallback, LoadEvent, ModelInfo, run_on_engine
 
@@ -237,14 +238,15 @@ class ModelCatalog:
             fits = k
         return max(1, fits)
 
-    def load(self, entry: CatalogEntry):
+    def load(self, entry: CatalogEntry, on_progress: Callable[[float], Any] | None = None):
+        """Load ``entry``'s engine; ``on_progress`` gets the fraction of its weights' bytes loaded (the loader's)."""
         from ..engine.engine import Engine
 
         o = self.options
         is_default = self.is_default(entry)
         engine = Engine.load(entry.source, variant=o.variant if is_default else None, device=o.device,
                              settings=self.settings, text_encoder=o.text_encoder, vae=o.vae, offload=o.offload,
-                             allow_paths=is_default, long_lived=True, **o.speed)
+                             allow_paths=is_default, long_lived=True, on_load_progress=on_progress, **o.speed)
         engine.allow_paths = False  # LoRA (and ControlNet) names from clients resolve in the models dirs only
         return engine
 
@@ -253,8 +255,10 @@ class MultiModelEngineClient:
     """An ``EngineClient`` over a ``ModelCatalog``: loads on demand, keeps at most ``max_resident`` engines (LRU),
     preloads ``preload`` (the --model model) at start; ``ready`` once that load is done."""
 
-    def __init__(self, catalog: ModelCatalog, *, max_resident: int | None = None, preload: bool = True):
+    def __init__(self, catalog: ModelCatalog, *, max_resident: int | None = None, preload: bool = True,
+                 images: ImageStore | None = None):
         self.catalog = catalog
+        self.images = images  # edit inputs by content id (create_app gives the upload store)
         self.max_resident = max_resident if max_resident is not None else catalog.plan_resident()
         if self.max_resident < 1:
             raise QwenStudioError("--max-resident must be at least 1", code="invalid_request")
@@ -318,13 +322,13 @@ class MultiModelEngineClient:
         get_spec(entry.variant)  # a variant this build knows
         return request
 
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
-               inputs: dict | None = None) -> Any:
-        entry = self.catalog.get(model)
-        return self._pool.submit(self._run, job_id, entry, request, on_event, preview_every, inputs).result()
+    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0) -> EngineResult:
+        entry = self.catalog.get(job.model)
+        return self._pool.submit(self._run, job, entry, on_event, preview_every).result()
 
-    def _run(self, job_id: str, entry: CatalogEntry, request: Any, on_event: EventCallback, preview_every: int,
-             inputs: dict | None) -> Any:
+    def _run(self, job: EngineJob, entry: CatalogEntry, on_event: EventCallback, preview_every: int) -> EngineResult:
+        job_id = job.id
+
         def should_stop() -> bool:
             with self._lock:
                 return job_id in self._cancelled
@@ -338,7 +342,7 @@ class MultiModelEngineClient:
 
                 raise Cancelled("cancelled while the model loaded")
             engine.preset_lookup = self.preset_lookup
-            result = run_on_engine(engine, request, on_event, preview_every, inputs, should_stop)
+            result = run_on_engine(engine, job, self.images, on_event, preview_every, should_stop)
         finally:
             with self._lock:
                 self._cancelled.discard(job_id)
@@ -362,7 +366,9 @@ class MultiModelEngineClient:
             on_event(LoadEvent(entry.id, "start"))
         evicted = self._evict(self.max_resident - 1)
         started = time.perf_counter()
-        engine = self.catalog.load(entry)
+        progress = None if on_event is None else (
+            lambda fraction: on_event(LoadEvent(entry.id, "progress", fraction=fraction)))
+        engine = self.catalog.load(entry, progress)
         seconds = time.perf_counter() - started
         with self._lock:
             self._resident[entry.id] = engine

@@ -3,14 +3,17 @@
 For when one machine (or one GPU) is not enough: ``num_replicas`` copies of ``EngineDeployment`` each load the model
 once (``ray_actor_options={"num_gpus": ...}`` places them), and the service talks to them through a Serve handle.
 
-* ``submit`` opens a streaming call; the replica runs the engine on its own single worker thread and yields
+* ``submit(job, ...)`` opens a streaming call with the ``EngineJob`` as plain data (``job.to_dict()``) and the bytes
+  of its input images by content id (read, verified, from the client's ``images`` store on the driver; the replica
+  re-verifies them through a ``MemoryImageStore``); the replica runs the job (``engine.job.run_job``, the one
+  edit-or-generate dispatch) on its own single worker thread and yields
   ``("progress", (step, total, elapsed, preview))`` per step, then ``("result", payload)`` or ``("error", payload)``.
   The client hands each step to ``on_event`` just like the in-process client, so SSE progress and previews work.
 * Cancelling (``cancel(job_id)`` or ``on_event`` returning ``False``) cancels the Serve request; Serve routes that to
   the replica running it, whose generator then sets the run's stop flag, and the engine stops at its next step.
   Runs on one replica are serialised, so a new request waits until a cancelled run has really stopped.
-* Results come back as PNG bytes + metadata (lossless) and are rebuilt into a ``GenerateResult`` of PIL images
-  (``latents`` is not shipped). Errors come back as data and are re-raised as the same ``qwenstudio.errors`` class
+* Results come back as ``EngineResult.to_wire()`` (PNG bytes + metadata, lossless) and are rebuilt with
+  ``EngineResult.from_wire``. Errors come back as data and are re-raised as the same ``qwenstudio.errors`` class
   with ``code``, ``detail`` and ``status`` preserved; a replica that dies mid-run fails the job as ``replica_failed``.
 
 The model path (and any models dirs) must exist on every node that runs a replica, and ``qwenstudio`` must be
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import io
 import logging
 import threading
 import time
@@ -29,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import errors
+from ..engine.job import EngineJob, EngineResult, ImageStore, MemoryImageStore, run_job
 from ..errors import Cancelled, GenerationFailed, ModelNotFound, QwenStudioError
 from .engine_client import EventCallback, ModelInfo, StepEvent
 
@@ -66,26 +69,12 @@ def error_from_payload(p: dict) -> QwenStudioError:
     return err
 
 
-def encode_result(result: Any) -> dict:
-    images = []
-    for img in result.images:
-        buf = io.BytesIO()
-        img.image.save(buf, format="PNG", compress_level=1)
-        images.append({"png": buf.getvalue(), "metadata": img.metadata})
-    return {"images": images, "request": result.request, "timings": result.timings}
+def encode_result(result: EngineResult) -> dict:
+    return result.to_wire()
 
 
-def decode_result(payload: dict) -> Any:
-    from PIL import Image
-
-    from ..engine.requests import GeneratedImage, GenerateResult
-
-    images = []
-    for item in payload["images"]:
-        im = Image.open(io.BytesIO(item["png"]))
-        im.load()
-        images.append(GeneratedImage(im, item["metadata"]))
-    return GenerateResult(images, payload["request"], payload["timings"])
+def decode_result(payload: dict) -> EngineResult:
+    return EngineResult.from_wire(payload)
 
 
 # ---- the replica --------------------------------------------------------------------------------------------------
@@ -132,12 +121,14 @@ class EngineReplica:
         except QwenStudioError as e:
             return "error", error_payload(e)
 
-    async def generate(self, job_id: str, request: Any, preview_every: int = 0, inputs: dict | None = None):
-        """Stream ``("progress", (step, total, elapsed, preview))`` then one ``("result" | "error", payload)``.
+    async def generate(self, job_data: dict, blobs: dict, preview_every: int = 0):
+        """Run ``EngineJob.from_dict(job_data)`` with its input ``blobs`` (content id -> bytes). Stream ``("progress", (step, total, elapsed, preview))`` then one ``("result" | "error", payload)``.
         A Serve cancel of this call raises CancelledError here; the ``finally`` stops the engine at its next step."""
         if self._engine is None:
             yield "error", self._unavailable()
             return
+        job = EngineJob.from_dict(job_data)
+        job_id = job.id
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -159,12 +150,8 @@ class EngineReplica:
                 put(("error", error_payload(Cancelled("cancelled before it started"))))
                 return
             try:
-                if inputs is not None:
-                    result = self._engine.edit(request, images=inputs["images"], mask=inputs["mask"],
-                                               controls=inputs["controls"], on_progress=on_progress,
-                                               preview_every=preview_every)
-                else:
-                    result = self._engine.generate(request, on_progress=on_progress, preview_every=preview_every)
+                result = run_job(self._engine, job, MemoryImageStore(blobs), on_progress=on_progress,
+                                 preview_every=preview_every)
                 self._runs["done"] += 1
                 put(("result", encode_result(result)))
             except QwenStudioError as e:
@@ -216,6 +203,7 @@ class RayServeEngineClient:
         import ray
 
         self._model_id, self._variant, self._description = model_id, variant, description
+        self.images: ImageStore | None = None  # edit inputs, read here and shipped with the job (create_app sets it)
         self._app_name = app_name
         self._handle: Any = None
         self._load_error: QwenStudioError | None = None
@@ -309,14 +297,15 @@ class RayServeEngineClient:
             raise error_from_payload(value)
         return value
 
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
-               inputs: dict | None = None) -> Any:
+    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0) -> EngineResult:
         from ray.exceptions import RayError
         from ray.serve.exceptions import RequestCancelledError
 
-        self._check_model(model)
+        job_id = job.id
+        self._check_model(job.model)
+        blobs = job.fetch(self.images)
         handle = self._require_handle()
-        stream = handle.options(stream=True).generate.remote(job_id, request, preview_every, inputs)
+        stream = handle.options(stream=True).generate.remote(job.to_dict(), blobs, preview_every)
         with self._lock:
             self._running[job_id] = stream
         try:

@@ -3,7 +3,9 @@
 An upload is validated exactly as the engine validates input images (format sniffed from the bytes, PNG/JPEG/WebP
 only, decompression-bomb and size limits) and kept as ``<sha256>.<format>`` — the id *is* the hash, so a job and its
 stored request name inputs by the same reference the engine's metadata uses, a re-run finds the same bytes, and a
-client never supplies a path: ids are checked to be 64 hex characters before they touch the filesystem.
+client never supplies a path: ids are checked to be 64 hex characters before they touch the filesystem. It is the
+server's ``ImageStore`` (engine/job.py): ``get`` re-hashes what it reads, so a file changed or removed after submit
+fails the job with ``InputImageUnavailable`` instead of running on other pixels.
 
 Uploads are bounded (SECURITY 34): one not used for ``ttl_s`` (a job using it refreshes it) is deleted at the next
 upload, and past ``quota_bytes`` in all a new upload is refused with 507 ``upload_quota_exceeded`` (nothing a queued
@@ -87,6 +89,20 @@ class UploadStore:
                 os.utime(p)  # in use: not expired while a job needs it
                 return p
         raise NotFound(f"no upload '{upload_id}' (upload the image first)", code="upload_not_found")
+
+    def get(self, content_id: str) -> bytes:
+        """``ImageStore.get``: the bytes of an upload, verified against its id (a job's input at run time)."""
+        from ..engine.job import verified
+
+        try:
+            data = self.path(content_id).read_bytes()
+        except (NotFound, InvalidRequest, OSError):
+            data = None
+        return verified(content_id, data)
+
+    def put(self, data: bytes) -> str:
+        """``ImageStore.put``: validate and store; the content id."""
+        return self.save(data)["id"]
 
     def ref(self, upload_id: object):
         """The engine's ImageRef for a stored upload (re-validated from the bytes on disk)."""

@@ -3,9 +3,11 @@
 The service (queue, store, SSE, OpenAI routes, auth, history) does not care how pixels are made, so its tests need
 not load a model. ``FakeEngineClient`` resolves requests with the real request code (``GenerateRequest.resolve``
 against the model's spec: defaults, bounds, ``settings_from``), sends a progress event per step (cancellable, like
-the engine) and returns real ``GenerateResult``/``GeneratedImage`` objects whose metadata has the engine's shape
-(request, model identity, seed, settings_from, timings). Each image is a flat colour derived from (model, prompt,
-seed): the same request gives the same pixels, another model or seed gives others. Tests of the engine itself, and
+the engine) and returns the real ``EngineResult`` of ``GeneratedImage``s whose metadata has the engine's shape
+(request, model identity, seed, settings_from, timings). It takes the same ``EngineJob`` as every client and reads
+an edit's inputs through its ``ImageStore`` by content id (verified: a changed upload fails the job, typed). Each
+image is a flat colour derived from (model, prompt, seed): the same request gives the same pixels, another model or
+seed gives others. Tests of the engine itself, and
 of what a real model computes, keep using the tiny models (``qwenstudio.testing.tiny``).
 """
 
@@ -16,8 +18,11 @@ import threading
 import time
 from typing import Any
 
+from ..engine.job import EngineJob, EngineResult, ImageStore, MemoryImageStore
 from ..errors import Cancelled, ModelNotFound
 from ..service.engine_client import EventCallback, LoadEvent, ModelInfo, StepEvent
+
+__all__ = ["FakeEngineClient", "MemoryImageStore", "fake_colour"]  # MemoryImageStore: the in-memory ImageStore
 
 
 def fake_colour(model: str, prompt: str, seed: int) -> tuple[int, int, int]:
@@ -32,8 +37,9 @@ class FakeEngineClient:
     multi-model client. Thread-safe; jobs run one at a time, like an engine."""
 
     def __init__(self, models: tuple[str, ...] = ("fake",), variant: str = "tiny", *, step_s: float = 0.0,
-                 load_s: float = 0.0):
+                 load_s: float = 0.0, images: ImageStore | None = None):
         self.ids, self.variant, self.step_s, self.load_s = tuple(models), variant, step_s, load_s
+        self.images = images
         self.preset_lookup = None
         self.submitted: list[tuple[str, str]] = []  # (job id, model) in the order they ran
         self._loaded: set[str] = set()
@@ -63,19 +69,22 @@ class FakeEngineClient:
         self._check(model)
         return prepare_request(_SpecOnly(get_spec(self.variant), self.preset_lookup), request)
 
-    def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
-               inputs: dict | None = None) -> Any:
+    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0) -> EngineResult:
         from PIL import Image
 
-        from ..engine.requests import GeneratedImage, GenerateResult
+        from ..engine.requests import GeneratedImage
 
+        job_id, model, request = job.id, job.model, job.request
         self._check(model)
         with self._run_lock:
             if self.load_s and model not in self._loaded:
                 on_event(LoadEvent(model, "start"))
-                time.sleep(self.load_s)
+                for fraction in (0.5, 1.0):
+                    time.sleep(self.load_s / 2)
+                    on_event(LoadEvent(model, "progress", fraction=fraction))
                 self._loaded.add(model)
                 on_event(LoadEvent(model, "done", self.load_s))
+            inputs = job.fetch(self.images)  # by content id, verified, as a real client reads them
             req = request if request.is_prepared else self.prepare(model, request)
             self.submitted.append((job_id, model))
             started = time.perf_counter()
@@ -102,9 +111,9 @@ class FakeEngineClient:
                     "seed": single.seed, "noise": single.noise, "loras": [],
                     "settings_from": dict(req.settings_from or {}),
                     "timings": {"total": round(total, 4)},
-                    **({"edit": {"inputs": len(inputs.get("images") or [])}} if inputs else {}),
+                    **({"edit": {"inputs": len(req.images), "content_ids": list(inputs)}} if inputs else {}),
                 }))
-            return GenerateResult(images=images, request=req, timings={"total": total, "steps": []})
+            return EngineResult(model, images, req, {"total": total, "steps": []})
 
     def cancel(self, job_id: str) -> None:
         with self._lock:

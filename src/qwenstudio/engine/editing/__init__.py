@@ -2,7 +2,7 @@
 
 from ..images import ImageRef
 from .request import CONTROL_MODES, ControlRef, EditRequest
-from .run import Control, composite, load_controlnet, run_edit
+from .run import Control, bind_inputs, composite, load_controlnet, run_edit
 
-__all__ = ["CONTROL_MODES", "Control", "ControlRef", "EditRequest", "ImageRef", "composite", "load_controlnet",
-           "run_edit"]
+__all__ = ["CONTROL_MODES", "Control", "ControlRef", "EditRequest", "ImageRef", "bind_inputs", "composite",
+           "load_controlnet", "run_edit"]

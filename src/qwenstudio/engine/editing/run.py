@@ -132,7 +132,7 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
         if not isinstance(request, EditRequest):
             data = request.to_dict() if isinstance(request, GenerateRequest) else dict(request)
             request = EditRequest.from_dict(data)
-        request = _bind_inputs(request, refs)
+        request = bind_inputs(request, refs)
     req = engine.prepare(request)
     notes: list[str] = []
     _apply_dit_config(engine, notes)
@@ -158,7 +158,7 @@ def run_edit(engine, request=None, *, images=(), mask=None, controls=(), on_prog
                retry_fp32=retry_fp32, should_stop=should_stop)
 
 
-def _bind_inputs(request: EditRequest, refs: dict) -> EditRequest:
+def bind_inputs(request: EditRequest, refs: dict) -> EditRequest:
     """A stored request names its inputs by hash: the given files must be those (or the request names none)."""
     from dataclasses import replace
 

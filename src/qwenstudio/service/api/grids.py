@@ -81,8 +81,8 @@ def submit_grid(state, body: Any) -> dict[str, Any]:
             raise type(e)(f"cell {c.name} ({' · '.join(c.labels)}): {e.message}", code=e.code) from None
     jobs = []
     try:
-        for model, req, preview_every, inputs in parsed:
-            jobs.append(state.jobs.submit(model, req, preview_every, inputs))
+        for model, req, preview_every in parsed:
+            jobs.append(state.jobs.submit(model, req, preview_every))
     except QwenStudioError:
         for j in jobs:
             with contextlib.suppress(QwenStudioError):

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ...errors import QwenStudioError
 from ..errors import NotFound
-from ..jobs import TERMINAL_EVENTS, Job
+from ..events import TERMINAL_EVENTS, Job
 from .schemas import json_body, parse_job_body
 
 router = APIRouter(prefix="/api", tags=["jobs"])
@@ -62,9 +62,9 @@ async def wait_finished(job: Job, request: Request) -> bool:
 async def create_job(request: Request, wait: bool = Query(False, description="block until the job finishes")):
     state = request.app.state
     body = await json_body(request)
-    model, req, preview_every, inputs = await asyncio.to_thread(
+    model, req, preview_every = await asyncio.to_thread(
         parse_job_body, state.client, body, state.config.preview_every, state.uploads)
-    job = await asyncio.to_thread(state.jobs.submit, model, req, preview_every, inputs)
+    job = await asyncio.to_thread(state.jobs.submit, model, req, preview_every)
     if wait:
         if not await wait_finished(job, request):
             await asyncio.to_thread(cancel_quietly, state, job.id)

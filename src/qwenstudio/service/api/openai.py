@@ -59,7 +59,7 @@ def to_request_fields(body: Any) -> tuple[str | None, dict[str, Any], str]:
 async def generations(request: Request):
     state = request.app.state
     model, fields, fmt = to_request_fields(await json_body(request))
-    model, req, _ = await asyncio.to_thread(resolve_request, state.client, model, fields)
+    model, req = await asyncio.to_thread(resolve_request, state.client, model, fields)
     job = await asyncio.to_thread(state.jobs.submit, model, req, 0)
     return await _respond(request, job, fmt)
 
@@ -87,8 +87,8 @@ async def edits(request: Request):
     mask = form.get("mask")
     if mask is not None:
         fields["mask"] = (await save_upload(state, mask, "mask"))["id"]
-    model, req, inputs = await asyncio.to_thread(resolve_request, state.client, model, fields, state.uploads)
-    job = await asyncio.to_thread(state.jobs.submit, model, req, 0, inputs)
+    model, req = await asyncio.to_thread(resolve_request, state.client, model, fields, state.uploads)
+    job = await asyncio.to_thread(state.jobs.submit, model, req, 0)
     return await _respond(request, job, fmt)
 
 

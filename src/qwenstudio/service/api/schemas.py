@@ -41,21 +41,20 @@ def preset_model(client: EngineClient, data: dict[str, Any]) -> str | None:
 
 
 def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any],
-                    uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, dict | None]:
+                    uploads: UploadStore | None = None) -> tuple[str, GenerateRequest]:
     """Find the served model (404 model_not_found otherwise) and prepare the request against it. A body naming
-    uploaded images (``images``, ``mask``, ``controls``) becomes an edit; the third value is then the inputs the
-    worker hands to ``Engine.edit`` (file paths from the upload store, found by id only)."""
+    uploaded images (``images``, ``mask``, ``controls``) becomes an edit: an EditRequest naming each input by its
+    content reference (sha256 = upload id; the upload must exist now, 404 otherwise), never by a path."""
     served = {m.id: m for m in client.models()}
     model = model or preset_model(client, data) or default_model(client)
     if not isinstance(model, str) or model not in served:
         raise ModelNotFound(f"model '{model}' is not served here; available: {', '.join(served)}")
     data = dict(data)
     edit = any(data.get(k) for k in EDIT_INPUTS)
-    inputs = None
     if edit:
         if uploads is None:
             raise InvalidRequest("editing needs uploaded images", code="missing_image")
-        data, inputs = _bind_uploads(uploads, data)
+        data = _bind_uploads(uploads, data)
     else:
         for k in EDIT_INPUTS:
             data.pop(k, None)
@@ -66,12 +65,10 @@ def resolve_request(client: EngineClient, model: str | None, data: dict[str, Any
         request = EditRequest.from_dict(data, trusted=False)
     else:
         request = GenerateRequest.from_dict(data, trusted=False)
-    return model, client.prepare(model, request), inputs
+    return model, client.prepare(model, request)
 
 
-def _bind_uploads(uploads: UploadStore, data: dict[str, Any]) -> tuple[dict, dict]:
-    from ...engine.editing import Control
-
+def _bind_uploads(uploads: UploadStore, data: dict[str, Any]) -> dict:
     images = data.pop("images", None) or []
     mask = data.pop("mask", None)
     controls = data.pop("controls", None) or []
@@ -81,10 +78,8 @@ def _bind_uploads(uploads: UploadStore, data: dict[str, Any]) -> tuple[dict, dic
     if len(images) + len(controls) > 8:
         raise InvalidRequest("too many input images", code="too_many_images")
     data["images"] = [uploads.ref(i) for i in images]
-    inputs: dict[str, Any] = {"images": [uploads.path(i) for i in images], "mask": None, "controls": []}
     if mask is not None:
         data["mask"] = uploads.ref(mask)
-        inputs["mask"] = uploads.path(mask)
     refs = []
     for c in controls:
         if not isinstance(c, dict) or "image" not in c:
@@ -92,13 +87,12 @@ def _bind_uploads(uploads: UploadStore, data: dict[str, Any]) -> tuple[dict, dic
                                  code="invalid_control")
         opts = {k: c[k] for k in ("mode", "scale", "start", "end") if k in c}
         refs.append({"image": uploads.ref(c["image"]), **opts})
-        inputs["controls"].append(Control(image=uploads.path(c["image"]), **opts))
     data["controls"] = refs
-    return data, inputs
+    return data
 
 
 def parse_job_body(client: EngineClient, body: Any, default_preview_every: int,
-                   uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, int, dict | None]:
+                   uploads: UploadStore | None = None) -> tuple[str, GenerateRequest, int]:
     """Native create-job body: the GenerateRequest fields plus ``model`` and ``preview_every``; for an edit also
     ``images``/``mask``/``controls`` (upload ids), ``strength``/``feather``/``keep_size`` and ``controlnet`` (a
     ControlNet name from the models home)."""
@@ -109,5 +103,5 @@ def parse_job_body(client: EngineClient, body: Any, default_preview_every: int,
     preview_every = data.pop("preview_every", default_preview_every)
     if isinstance(preview_every, bool) or not isinstance(preview_every, int) or not 0 <= preview_every <= MAX_PREVIEW_EVERY:
         raise InvalidRequest(f"preview_every must be an integer in [0, {MAX_PREVIEW_EVERY}]", code="invalid_preview_every")
-    model, request, inputs = resolve_request(client, model, data, uploads)
-    return model, request, preview_every, inputs
+    model, request = resolve_request(client, model, data, uploads)
+    return model, request, preview_every
