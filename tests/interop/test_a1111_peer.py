@@ -17,7 +17,9 @@ from qwenstudio.interop import read_pasted_settings
 from qwenstudio.outputs import a1111_parameters, read_png_metadata
 
 A1111 = Path(__file__).resolve().parents[1] / "fixtures" / "peers" / "a1111"
-RECORD = json.loads((A1111 / "ours_read_by_a1111.json").read_text())
+RECORDS = {w: json.loads((A1111 / f"ours_read_by_{w}.json").read_text()) for w in ("a1111", "forge")}
+RECORD = RECORDS["a1111"]
+FORGE_VERSION = "f2.0.1v1.10.1-previous-669-gdfdcbab6"
 MODEL_HASH = "10135bac27"  # A1111's shorthash of the checkpoint file the script names
 FOX, DETAIL = "577746ea5cb5", "a19736ce9189"  # A1111's addnet hashes of the two LoRA files
 
@@ -50,6 +52,11 @@ EXPECTED = {
         {"model_hash": MODEL_HASH, "version": "v1.10.1"}),
 }
 
+EXPECTED.update({  # the same settings rendered by Forge's copy of the code: the same text but its version
+    name.replace("a1111_", "forge_"): (fields, unmapped, warnings, {**info, "version": FORGE_VERSION})
+    for name, (fields, unmapped, warnings, info) in EXPECTED.items()
+    if name in ("a1111_euler_a_lora", "a1111_dpmpp_2m_karras_multiline")})
+
 # our sampler / schedule -> what A1111 runs (its labels); None: A1111 has no such thing and falls back silently
 A1111_RUNS_SAMPLER = {"euler": "Euler", "euler_ancestral": "Euler a", "dpmpp_2m": "DPM++ 2M",
                       "dpmpp_2m_sde": "DPM++ 2M SDE", "uni_pc": "UniPC", "res_multistep": None}
@@ -69,9 +76,10 @@ def test_a1111_pngs_read_as_the_request_they_mean(name):
     assert s.info == info
 
 
-@pytest.mark.parametrize("case", sorted(RECORD["cases"]))
-def test_a1111_reads_our_parameters_as_we_mean(case):
-    rec = RECORD["cases"][case]
+@pytest.mark.parametrize("webui, case", [(w, c) for w, r in sorted(RECORDS.items()) for c in sorted(r["cases"])])
+def test_a1111_reads_our_parameters_as_we_mean(webui, case):
+    record = RECORDS[webui]
+    rec = record["cases"][case]
     meta, seen = rec["ours_metadata"], rec["a1111"]
     # the text A1111 parsed is what our writer emits today for that image's metadata
     assert a1111_parameters(meta) == rec["ours_parameters"], \
@@ -94,21 +102,19 @@ def test_a1111_reads_our_parameters_as_we_mean(case):
     assert seen["loras_loaded"]["te_multipliers"] == [lo["weight"] for lo in loras]
     if loras:  # A1111, hashing the same files itself, writes back the Lora hashes we wrote
         assert parsed["Lora hashes"] == seen["lora_hashes_written_back"]
-        assert all(lo["hash"] == RECORD["lora_hashes_by_a1111"][lo["name"]] for lo in meta["loras"])
+        assert all(lo["hash"] == record["lora_hashes_by_a1111"][lo["name"]] for lo in meta["loras"])
     else:
         assert "Lora hashes" not in parsed and seen["lora_hashes_written_back"] is None
 
 
-def test_every_sampler_a1111_has_is_written_with_its_label():
-    """Our writer's labels are the names A1111's sampler table holds (recorded by the script from its table)."""
+@pytest.mark.parametrize("webui", sorted(RECORDS))
+def test_every_label_we_write_is_in_the_webuis_tables(webui):
+    """Our writer's labels are names A1111's (and Forge's) sampler and schedule tables hold (the script recorded
+    the tables), so no sampler we write for them falls back to their default."""
     from qwenstudio.interop.names import A1111_SAMPLER_LABELS, A1111_SCHEDULE_LABELS
 
-    runs = {c["ours_metadata"]["request"]["sampler"]: c["a1111"]["sampler_runs"] for c in RECORD["cases"].values()}
-    for ours, label in A1111_SAMPLER_LABELS.items():
-        if ours in runs:
-            assert runs[ours] == label
-    assert set(A1111_SCHEDULE_LABELS.values()) <= set(RECORD["a1111_schedule_labels"])
-    assert set(A1111_SAMPLER_LABELS.values()) <= set(RECORD["a1111_sampler_labels"])
+    assert set(A1111_SCHEDULE_LABELS.values()) <= set(RECORDS[webui]["a1111_schedule_labels"])
+    assert set(A1111_SAMPLER_LABELS.values()) <= set(RECORDS[webui]["a1111_sampler_labels"])
 
 
 def test_generate_from_a1111_png_runs_its_settings(tmp_path):
