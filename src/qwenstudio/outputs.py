@@ -23,8 +23,9 @@ def _a1111_quote(value: Any) -> str:
 
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The ``parameters`` text as A1111 writes it; LoRAs as A1111 carries them: ``<lora:name:weight>`` tags in the
-    prompt line and ``Lora hashes: "name: hash, ..."`` (for LoRAs whose metadata entry has a ``hash``)."""
-    from .interop import lora_hashes_value, lora_prompt_tags
+    prompt line and ``Lora hashes: "name: hash, ..."`` (for LoRAs whose metadata entry has a ``hash``). Sampler and
+    schedule are A1111's labels where it has them (checked with A1111's parser: tests/interop/test_a1111_peer.py)."""
+    from .interop import a1111_sampler_label, a1111_schedule_label, lora_hashes_value, lora_prompt_tags
 
     r = meta["request"]
     prompt = r["prompt"] + (f" [magic:{r['magic']}]" if r.get("magic") else "")
@@ -37,8 +38,8 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         prompt = f"{prompt} {lora_prompt_tags(loras)}"
     fields = {
         "Steps": r["steps"],
-        "Sampler": r["sampler"],
-        "Schedule type": r["scheduler"],
+        "Sampler": a1111_sampler_label(r["sampler"]),  # A1111 reads its own labels only
+        "Schedule type": a1111_schedule_label(r["scheduler"]),
         "CFG scale": r["cfg"],
         "Seed": r["seed"],
         "Size": f"{r['width']}x{r['height']}",

@@ -30,7 +30,7 @@ def test_generate_writes_png_with_both_metadata_chunks(tmp_path):
         assert im.size == (64, 64)
         params = im.text["parameters"]
         meta = json.loads(im.text["qwenstudio"])
-    assert params.startswith("a red fox\nNegative prompt:  \nSteps: 3, Sampler: euler, Schedule type: reference")
+    assert params.startswith("a red fox\nNegative prompt:  \nSteps: 3, Sampler: Euler, Schedule type: reference")
     assert "Seed: 1, Size: 64x64" in params
     assert meta["request"]["seed"] == 1 and meta["request"]["steps"] == 3 and meta["model"]["variant"] == "tiny"
     assert meta["seed"] == 1 and meta["noise"] == "diffusers"

@@ -164,6 +164,10 @@ def _stored_request(path: Path, prompt, fields: dict, stack: list, controlnet, r
     for note in [*pasted.get("warnings", []), *(f"not mapped: {u}" for u in pasted.get("unmapped", []))]:
         warnings.warn(note, stacklevel=1)
     data = dict(meta["request"])
+    if pasted:  # ... and the new PNG keeps it: where the settings came from, and what was left behind
+        data["extra"] = {**(data.get("extra") or {}), "pasted_from": {
+            "source": pasted.get("source"), "file": path.name, "unmapped": pasted.get("unmapped", []),
+            "warnings": pasted.get("warnings", [])}}
     controlled = any(data.get(k) for k in ("images", "mask", "controls"))
     request = (EditRequest if controlled else GenerateRequest).from_dict(data)
     overrides = dict(fields)

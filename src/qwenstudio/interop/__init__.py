@@ -5,7 +5,7 @@
 
 from qwenstudio.interop.a1111 import extract_lora_tags, lora_hashes_value, lora_prompt_tags, parse_a1111_parameters
 from qwenstudio.interop.comfy_workflow import parse_comfy_prompt
-from qwenstudio.interop.names import sampler_name, scheduler_name
+from qwenstudio.interop.names import a1111_sampler_label, a1111_schedule_label, sampler_name, scheduler_name
 from qwenstudio.interop.pasted import parse_pasted_text, read_pasted_settings, read_png_settings
 from qwenstudio.interop.settings import PastedSettings, a1111_short_hash, tensor_sha256
 from qwenstudio.interop.swarmui import (
@@ -18,6 +18,8 @@ from qwenstudio.interop.swarmui import (
 
 __all__ = [
     "PastedSettings",
+    "a1111_sampler_label",
+    "a1111_schedule_label",
     "a1111_short_hash",
     "apply_prompt_template",
     "export_swarmui_presets",

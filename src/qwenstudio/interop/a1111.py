@@ -154,8 +154,10 @@ def lora_prompt_tags(loras: list[dict[str, Any]]) -> str:
 
 
 def lora_hashes_value(loras: list[dict[str, Any]]) -> str | None:
-    """A1111's ``Lora hashes`` value (a JSON-quoted ``"name: hash, ..."``) for the LoRAs that carry a hash."""
-    pairs = [f"{lo['name']}: {lo['hash']}" for lo in loras if lo.get("hash")]
+    """A1111's ``Lora hashes`` value (a JSON-quoted ``"name: hash, ..."``) for the LoRAs that carry a hash; as
+    A1111's ``ExtraNetworkLora.activate``, ":" and "," are removed from the names (they would split the value)."""
+    drop = str.maketrans("", "", ":,")
+    pairs = [f"{str(lo['name']).translate(drop)}: {lo['hash']}" for lo in loras if lo.get("hash")]
     return json.dumps(", ".join(pairs)) if pairs else None
 
 

@@ -31,6 +31,16 @@ A1111_SCHEDULERS: dict[str, str] = {
     "ddim": "ddim_uniform",
     "linear quadratic": "linear_quadratic",
 }
+# What A1111 writes (and its sd_samplers.all_samplers_map / sd_schedulers.schedulers_map look up: exact labels;
+# any other name silently becomes its default "DPM++ 2M"), for the samplers and schedules it has.
+A1111_SAMPLER_LABELS: dict[str, str] = {
+    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE", "ddim": "DDIM", "uni_pc": "UniPC", "lcm": "LCM",
+}
+A1111_SCHEDULE_LABELS: dict[str, str] = {
+    "simple": "Simple", "normal": "Normal", "karras": "Karras", "exponential": "Exponential",
+    "sgm_uniform": "SGM Uniform", "beta": "Beta", "kl_optimal": "KL Optimal", "ddim_uniform": "DDIM",
+}
 AUTOMATIC_SCHEDULE = "automatic"  # A1111: "the sampler's own default" -> left to our model default
 
 
@@ -66,4 +76,15 @@ def scheduler_name(value: object) -> str | None:
     return A1111_SCHEDULERS.get(" ".join(raw.lower().split()))
 
 
-__all__ = ["A1111_SAMPLERS", "A1111_SCHEDULERS", "AUTOMATIC_SCHEDULE", "sampler_name", "scheduler_name"]
+def a1111_sampler_label(sampler: str) -> str:
+    """The name A1111 shows and writes for our sampler; ours where A1111 has no such sampler."""
+    return A1111_SAMPLER_LABELS.get(sampler, sampler)
+
+
+def a1111_schedule_label(scheduler: str) -> str:
+    """A1111's ``Schedule type`` label for our scheduler; ours where A1111 has none (``reference``)."""
+    return A1111_SCHEDULE_LABELS.get(scheduler, scheduler)
+
+
+__all__ = ["A1111_SAMPLERS", "A1111_SAMPLER_LABELS", "A1111_SCHEDULERS", "A1111_SCHEDULE_LABELS", "AUTOMATIC_SCHEDULE",
+           "a1111_sampler_label", "a1111_schedule_label", "sampler_name", "scheduler_name"]
