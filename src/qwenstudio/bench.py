@@ -234,7 +234,9 @@ class _Runner:
 
         pipe, c = self.pipe, self.c
         if exact and exact.get("compile"):
-            with _eager():
+            from .engine.real_rope import stock_rope
+
+            with _eager(), stock_rope(c.transformer):
                 return self.stock(steps)
         marks: dict[str, Any] = {"text_encode": 0.0, "vae_decode": 0.0}
         step_ends: list[float] = []
