@@ -59,6 +59,8 @@ def test_engine_default_and_metadata_follow_the_rule(models):
     result = engine.generate(prompt="a red apple", steps=2, seed=0, width=64, height=64)
     meta = result.images[0].metadata["model"]
     assert meta["dtype"] == ("bfloat16" if native else "float32")
+    assert engine.components.vae.dtype == torch.float32  # the VAE stays fp32 beside a bf16 DiT on a CPU
+    assert meta.get("vae_dtype") == ("float32" if native else None)
     assert meta["dtype_reason"].startswith("bf16: the weights are stored as bf16" if native else "fp32")
     assert torch.isfinite(result.latents).all()
     fp32 = Engine.load("qwen_image_bf16", models_dirs=(models,), device="cpu", variant="tiny", dtype="float32")

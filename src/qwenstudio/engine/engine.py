@@ -101,14 +101,15 @@ class Engine:
         reason = f"chosen with --variant {variant}" if variant else source.identity.reason
         if not variant and source.identity.guessed:
             warnings.warn(f"'{source.name}': variant {spec.name} ({reason})", stacklevel=2)
-        dtype, dtype_reason = _compute_dtype(dtype, device, source, chosen_by=dtype_chosen_by)
+        dtype, vae_dtype, dtype_reason = _compute_dtype(dtype, device, source, chosen_by=dtype_chosen_by)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
         plan = plan_memory(component_sizes(source, itemsize), measure(device), device=str(device), width=width,
                            height=height, compute_itemsize=itemsize, prefer=offload)
         load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
-            components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
+            components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head,
+                                     vae_dtype=vae_dtype)
         components.device = device
         components.identity = {**components.identity, "variant_reason": reason}
         engine = cls(components, spec, plan=plan)
@@ -130,6 +131,8 @@ class Engine:
         return {"variant": self.spec.name, **c.identity, "device": str(c.device),
                 "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy,
                 **({"dtype_reason": self.dtype_reason} if self.dtype_reason else {}),
+                **({"vae_dtype": str(c.vae.dtype).replace("torch.", "")}
+                   if getattr(c.vae, "dtype", c.dtype) != c.dtype else {}),
                 **({"acceleration": self.acceleration} if self.acceleration else {})}
 
     # ---- requests -----------------------------------------------------------------------------------------
@@ -309,18 +312,19 @@ def _fp32():
 
 
 def _compute_dtype(dtype, device, source, *, chosen_by: str | None):
-    """``(dtype, reason)``: the user's (``--dtype`` / settings) or the default for this device and these weights."""
+    """``(dtype, vae_dtype, reason)``: the user's (``--dtype`` / settings) or the default for this device and these
+    weights (``vae_dtype`` None: the same)."""
     from .precision import default_precision, stored_weight_kind
 
     if dtype is not None:
         name = str(dtype).replace("torch.", "")
-        return dtype, f"{name}: chosen with {chosen_by}"
+        return dtype, None, f"{name}: chosen with {chosen_by}"
     precision = default_precision(device, stored_weight_kind(source))
     import torch
 
     if torch.device(device).type == "cpu" and precision.dtype == torch.bfloat16:
         warnings.warn(f"computing in {precision.reason}", stacklevel=3)
-    return precision.dtype, precision.reason
+    return precision.dtype, precision.vae_dtype, precision.reason
 
 
 def parse_dtype(name: str):

@@ -5,7 +5,9 @@ CUDA: bf16, what the weights are trained and shipped in. CPU: bf16 too when the 
 580x3072 @ 3072x12288 product) *and* the DiT's weights are stored in 16 bits or fewer as bf16/fp8/quantized blocks —
 the published files are bf16 — so computing in fp32 would only upcast weights that carry no more precision, at twice
 the memory. Otherwise (fp32 or fp16 files, CPUs without native bf16) fp32: an fp16 weight loses mantissa in bf16,
-and emulated bf16 is slower than fp32. The choice and its reason are recorded in every image's metadata
+and emulated bf16 is slower than fp32. The VAE stays fp32 beside a bf16 DiT on a CPU: it is small, and decoding in
+bf16 moved pixels by up to 5/255 on the shape-true bench where the bf16 DiT alone moved them by 2/255. The choice
+and its reason are recorded in every image's metadata
 (``model.dtype_reason``); ``--dtype float32`` gives the fp32 computation back.
 """
 
@@ -22,6 +24,7 @@ _BF16_EXACT = ("BF16", "F8_E4M3", "F8_E5M2")
 class Precision:
     dtype: Any
     reason: str
+    vae_dtype: Any = None  # None: the same as ``dtype``
 
 
 def cpu_has_native_bf16() -> bool:
@@ -85,7 +88,8 @@ def default_precision(device, stored: str = "unknown", *, native_bf16: bool | No
     native = cpu_has_native_bf16() if native_bf16 is None else native_bf16
     if stored in ("bf16", "fp8", "quantized") and native:
         return Precision(torch.bfloat16, f"bf16: the weights are stored as {stored} and this CPU multiplies bf16 "
-                                         "natively (--dtype float32 computes in fp32)")
+                                         "natively; VAE in fp32 (--dtype float32 computes all in fp32)",
+                         vae_dtype=torch.float32)
     why = ("the weights are stored in " + stored) if stored in ("fp32", "fp16") else (
         "this CPU has no native bf16" if not native else "the weights' precision is unknown")
     return Precision(torch.float32, f"fp32: {why}")
