@@ -62,13 +62,17 @@ def full_size_components(device, dtype):
 
 def run_bench(*, model="tiny", random_full=False, shape=None, layers=2, vae="tiny", steps=4, cfg=4.0, width=0,
               height=0, repeats=2, device=None, dtype=None, compile="auto", attention="auto", quant=None,
-              cache=None, compare_cache_dit=False) -> dict[str, Any]:
+              cache=None, compare_cache_dit=False, bf16=None) -> dict[str, Any]:
     """Stock ``QwenImagePipeline`` vs our engine on the same modules; then each lossy option vs our exact run.
 
     Order matters because speed options change the modules in place: stock runs first on the untouched model, then
     the exact options (attention backend, regional compile) are applied and ours runs, then the step cache (turned
     off again afterwards), then fp8 (irreversible: last). Warm-up runs (``min(steps, 2)`` steps) are not timed but
-    their wall time is reported: with compile on, that is the compile cost."""
+    their wall time is reported: with compile on, that is the compile cost.
+
+    ``bf16`` (default: on when it is the engine's default here — a CPU with native bf16 and the shape-true model,
+    whose weights are bf16 values as published): also run ours in bf16 compute, and stock diffusers in bf16 beside
+    it, so the table shows what the dtype buys and what our loop buys separately."""
     import torch
 
     from .engine.acceleration import accelerate_engine, parse_compile
@@ -137,13 +141,15 @@ def run_bench(*, model="tiny", random_full=False, shape=None, layers=2, vae="tin
         entry["ratio_cpu_total_vs_stock"] = round(entry["cpu_total"] / max(report["stock"]["cpu_total"], 1e-9), 3)
         if state is not None:
             entry.update(state() if callable(state) else state)
+        if "stock_bf16_total" in entry:
+            entry["ratio_total_vs_stock_bf16"] = round(entry["total"] / entry["stock_bf16_total"], 3)
         report["variants"].append(entry)
         if teardown is not None:
             teardown()
 
-    if cache is not None:
-        from .engine.step_cache import disable_step_cache, enable_step_cache, parse_cache
+    from .engine.step_cache import disable_step_cache, enable_step_cache, parse_cache
 
+    if cache is not None:
         config = parse_cache(cache)
         if config is not None:
             def cache_on():
@@ -154,6 +160,44 @@ def run_bench(*, model="tiny", random_full=False, shape=None, layers=2, vae="tin
             if compare_cache_dit:
                 lossy("cache-dit DBCache F1B0", lambda: _cache_dit_on(c.transformer, config, steps),
                       lambda: _cache_dit_off(c.transformer))
+    if bf16 is None:
+        from .engine.precision import cpu_has_native_bf16
+
+        bf16 = (shape == "wide" and dtype is None and c.device.type == "cpu" and c.dtype == torch.float32
+                and cpu_has_native_bf16())
+    if bf16:
+        def to_dtype(dt):  # as the engine's CPU default: DiT and text encoder in bf16, the VAE stays fp32
+            for m in (c.transformer, c.text_encoder):
+                m.to(dt)
+            c.dtype = dt
+
+        def bf16_on():
+            to_dtype(torch.bfloat16)
+
+            def stock_too():  # after ours ran: stock diffusers on the same bf16 modules
+                runner.stock(steps=min(steps, 2), exact=exact)
+                timings, _ = runner.stock(exact=exact)
+                return {"stock_bf16_total": round(timings["total"], 3),
+                        "stock_bf16_cpu_total": round(timings["cpu_total"], 3),
+                        "default_here": True}
+
+            return stock_too
+
+        lossy("bf16 compute", bf16_on, lambda: to_dtype(torch.float32), warm=True)
+        if cache is not None and parse_cache(cache) is not None:
+            config = parse_cache(cache)
+
+            def bf16_cache_on():
+                to_dtype(torch.bfloat16)
+                sc = enable_step_cache(c.transformer, config)
+                return lambda: {"cache": config.to_dict(),
+                                **_saved(sc.stats.to_dict(), len(c.transformer.transformer_blocks))}
+
+            def bf16_cache_off():
+                disable_step_cache(c.transformer)
+                to_dtype(torch.float32)
+
+            lossy(f"bf16 + step cache {config.threshold}", bf16_cache_on, bf16_cache_off, warm=True)
     if quant == "fp8":
         def fp8_on():
             from .engine.acceleration import fp8_compute_mode
@@ -190,7 +234,9 @@ class _Runner:
 
         pipe, c = self.pipe, self.c
         if exact and exact.get("compile"):
-            with _eager():
+            from .engine.real_rope import stock_rope
+
+            with _eager(), stock_rope(c.transformer):
                 return self.stock(steps)
         marks: dict[str, Any] = {"text_encode": 0.0, "vae_decode": 0.0}
         step_ends: list[float] = []
@@ -372,6 +418,9 @@ def print_report(report: dict) -> None:
 
 
 def _saved_text(v: dict) -> str:
+    if "stock_bf16_total" in v:
+        return (f"stock diffusers in bf16: {v['stock_bf16_total']:.2f} s (ours/stock-bf16 "
+                f"{v['ratio_total_vs_stock_bf16']:.3f}); the engine's default here")
     if "reused" in v:
         return f"{v['reused']}/{v['calls']} calls reused, {v['block_evals_saved']:.0%} block evals"
     return f"{v.get('fp8_compute_layers', 0)} fp8 layers ({v.get('fp8_compute', '')})" if "fp8_layers" in v else ""

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from qwenstudio.engine.sampling import COMFY_SCHEDULERS, SCHEDULERS, build_sigmas, comfy_sigmas, reference_sigmas
-from qwenstudio.engine.sampling.schedules import _beta_ppf
+from qwenstudio.engine.sampling.schedules import beta_ppf as engine_beta_ppf
 from qwenstudio.engine.specs import QWEN_IMAGE_SCHEDULER_CONFIG
 from qwenstudio.errors import InvalidRequest
 
@@ -182,7 +182,7 @@ def test_beta_ppf_against_scipy_when_available():
     stats = pytest.importorskip("scipy.stats")
     for steps in (3, 16, 50):
         q = 1 - np.linspace(0, 1, steps, endpoint=False)
-        np.testing.assert_allclose([_beta_ppf(float(v), 0.6, 0.6) for v in q], stats.beta.ppf(q, 0.6, 0.6), atol=1e-12)
+        np.testing.assert_allclose([engine_beta_ppf(float(v), 0.6, 0.6) for v in q], stats.beta.ppf(q, 0.6, 0.6), atol=1e-12)
 
 
 def test_ddim_uniform_keeps_comfy_length():

@@ -32,6 +32,8 @@ def bench(
                                           "report its error and calls saved."),
     compare_cache_dit: bool = typer.Option(False, "--compare-cache-dit", help="With --cache: the same policy "
                                            "through the cache-dit package, for comparison."),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="Also run bf16 compute (ours and stock); "
+                                     "default: when it is the engine's default here (CPU with native bf16, --shape wide)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the report as Markdown tables."),
     save: Path | None = typer.Option(None, "--save", help="Also write PATH.json and PATH.md."),
@@ -47,7 +49,7 @@ def bench(
         report = run_bench(model=model, random_full=random_full, shape=shape, layers=layers, vae=vae, steps=steps,
                            cfg=cfg, width=width, height=height, repeats=repeats, device=device, dtype=dtype,
                            compile=compile, attention=attention, quant=quant, cache=cache,
-                           compare_cache_dit=compare_cache_dit)
+                           compare_cache_dit=compare_cache_dit, bf16=bf16)
     except QwenStudioError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

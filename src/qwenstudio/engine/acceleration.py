@@ -140,6 +140,10 @@ def apply_acceleration(transformer, *, compile: bool, attention: str | None = "a
     Compiling is lazy: the first forward at each shape pays the warm-up, later ones run the compiled graph."""
     device = device if device is not None else next(transformer.parameters()).device
     backend = select_attention(attention, device)
+    if compile:  # inductor cannot fuse complex arithmetic: compiled blocks rotate with cos/sin (engine/real_rope.py)
+        from .real_rope import use_real_rope
+
+        use_real_rope(transformer)
     if backend != "native":  # native is diffusers' default dispatch: leave the stock modules as they are
         transformer.set_attention_backend(backend)
     cache = None

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ..config import Settings
 from ..errors import InvalidRequest, ModelNotFound
-from .loading import Components, default_device, default_dtype
+from .loading import Components, default_device
 from .memory import Plan, StagePlacement
 from .pipeline import DenoiseHooks, Progress, ProgressCallback, out_of_memory_as_typed_error
 from .requests import GenerateRequest, GenerateResult
@@ -42,6 +42,7 @@ class Engine:
         self.batch_cfg = True  # CFG's two passes as one batched forward (exact; pipeline.make_denoiser)
         self.preset_lookup = None  # name -> preset params, for requests naming a preset (set by the service/CLI)
         self._vision_prompts = None  # built on the first edit: the VL prompt encoder
+        self.dtype_reason = ""  # why this compute dtype (engine/precision.py), recorded in the metadata
         self.acceleration: dict = {}  # speed options applied to the DiT (engine/acceleration.py)
         self.prompts = PromptEncoder(
             components.tokenizer,
@@ -91,6 +92,7 @@ class Engine:
         from .sources import component_sizes, load_source, registry_for, resolve
 
         settings = settings or Settings.from_env()
+        dtype_chosen_by = "dtype=" if dtype is not None else "QWENSTUDIO_DTYPE" if settings.dtype else None
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         elif dtype is None and settings.dtype:
@@ -102,7 +104,7 @@ class Engine:
         reason = f"chosen with --variant {variant}" if variant else source.identity.reason
         if not variant and source.identity.guessed:
             warnings.warn(f"'{source.name}': variant {spec.name} ({reason})", stacklevel=2)
-        dtype = dtype or default_dtype(device)
+        dtype, vae_dtype, dtype_reason = _compute_dtype(dtype, device, source, chosen_by=dtype_chosen_by)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
         sizes = component_sizes(source, itemsize)
@@ -111,10 +113,12 @@ class Engine:
         load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
             with load_progress(sum(sizes.values()), on_load_progress):
-                components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
+                components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head,
+                                         vae_dtype=vae_dtype)
         components.device = device
         components.identity = {**components.identity, "variant_reason": reason}
         engine = cls(components, spec, plan=plan)
+        engine.dtype_reason = dtype_reason
         engine.registry = registry
         engine.allow_paths = allow_paths
         from .acceleration import accelerate_engine
@@ -131,6 +135,9 @@ class Engine:
         c = self.components
         return {"variant": self.spec.name, **c.identity, "device": str(c.device),
                 "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy,
+                **({"dtype_reason": self.dtype_reason} if self.dtype_reason else {}),
+                **({"vae_dtype": str(c.vae.dtype).replace("torch.", "")}
+                   if getattr(c.vae, "dtype", c.dtype) != c.dtype else {}),
                 **({"acceleration": self.acceleration} if self.acceleration else {})}
 
     # ---- requests -----------------------------------------------------------------------------------------
@@ -307,6 +314,22 @@ def _fp32():
     import torch
 
     return torch.float32
+
+
+def _compute_dtype(dtype, device, source, *, chosen_by: str | None):
+    """``(dtype, vae_dtype, reason)``: the user's (``--dtype`` / settings) or the default for this device and these
+    weights (``vae_dtype`` None: the same)."""
+    from .precision import default_precision, stored_weight_kind
+
+    if dtype is not None:
+        name = str(dtype).replace("torch.", "")
+        return dtype, None, f"{name}: chosen with {chosen_by}"
+    precision = default_precision(device, stored_weight_kind(source))
+    import torch
+
+    if torch.device(device).type == "cpu" and precision.dtype == torch.bfloat16:
+        warnings.warn(f"computing in {precision.reason}", stacklevel=3)
+    return precision.dtype, precision.vae_dtype, precision.reason
 
 
 def parse_dtype(name: str):

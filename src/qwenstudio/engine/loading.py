@@ -296,7 +296,8 @@ def check_diffusers_folder(root: Path) -> dict:
     return index
 
 
-def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_head: bool = False) -> Components:
+def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_head: bool = False,
+                          vae_dtype=None) -> Components:
     """Load transformer, VAE, text encoder, tokenizer and scheduler config from a diffusers folder.
     ``keep_lm_head`` loads the text encoder's LM head too (only the stock-pipeline benchmark needs it)."""
     import torch
@@ -306,7 +307,7 @@ def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     transformer = load_folder_transformer(root, device=device, dtype=dtype)
-    parts = load_folder_companions(root, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
+    parts = load_folder_companions(root, device=device, dtype=dtype, keep_lm_head=keep_lm_head, vae_dtype=vae_dtype)
     files = [f for c in ("transformer", "vae", "text_encoder") for f in component_files(root / c)]
     identity = {"name": root.name, "format": "diffusers", "class": index.get("_class_name"),
                 "fingerprint": fingerprint(files)}
@@ -323,7 +324,7 @@ def load_folder_transformer(root: Path, *, device, dtype):
     return transformer
 
 
-def load_folder_companions(root: Path, *, device, dtype, keep_lm_head: bool = False) -> dict:
+def load_folder_companions(root: Path, *, device, dtype, keep_lm_head: bool = False, vae_dtype=None) -> dict:
     """A diffusers folder's VAE, text encoder, tokenizer and scheduler config — also the companions of a
     single-file DiT (GGUF/fp8) when the models home has the official folder but no separate TE/VAE files."""
     from diffusers import AutoencoderKLQwenImage
@@ -332,7 +333,8 @@ def load_folder_companions(root: Path, *, device, dtype, keep_lm_head: bool = Fa
     tokenizer = load_tokenizer(root / "tokenizer")  # fail fast, before the big files
     v_cfg = read_json(root / "vae" / "config.json", "vae config")
     vae = build_empty(lambda: AutoencoderKLQwenImage.from_config(v_cfg))
-    fill_module(vae, iter_safetensors(component_files(root / "vae")), dtype=dtype, device=device, name="vae")
+    fill_module(vae, iter_safetensors(component_files(root / "vae")), dtype=vae_dtype or dtype, device=device,
+                name="vae")
 
     te_cfg = Qwen2_5_VLConfig.from_dict(read_json(root / "text_encoder" / "config.json", "text encoder config"))
     text_encoder = build_empty(lambda: Qwen2_5_VLForConditionalGeneration(te_cfg))

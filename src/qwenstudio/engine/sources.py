@@ -129,24 +129,27 @@ def component_sizes(source: ModelSource, itemsize: int) -> dict[str, int]:
             "vae": size([source.vae.path])}
 
 
-def load_source(source: ModelSource, *, device, dtype, keep_lm_head: bool = False):
+def load_source(source: ModelSource, *, device, dtype, keep_lm_head: bool = False, vae_dtype=None):
+    """``vae_dtype``: the VAE's own dtype when it differs (fp32 beside a bf16 DiT on a CPU: engine/precision.py)."""
     from .loading import load_diffusers_folder
 
     if source.folder is not None:
-        components = load_diffusers_folder(source.folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head)
+        components = load_diffusers_folder(source.folder, device=device, dtype=dtype, keep_lm_head=keep_lm_head,
+                                           vae_dtype=vae_dtype)
         components.identity = {**components.identity, "name": source.name}
         return components
     if source.companions is not None:
-        return _load_dit_with_folder(source, device=device, dtype=dtype)
+        return _load_dit_with_folder(source, device=device, dtype=dtype, vae_dtype=vae_dtype)
     from .formats.comfy import find_tokenizer, load_single_files
 
     components = load_single_files(source.dit.path, source.text_encoder.path, source.vae.path,
-                                   find_tokenizer(list(source.search_dirs)), device=device, dtype=dtype)
+                                   find_tokenizer(list(source.search_dirs)), device=device, dtype=dtype,
+                                   vae_dtype=vae_dtype)
     components.identity = {**components.identity, "name": source.name, "quant": source.dit.quant}
     return components
 
 
-def _load_dit_with_folder(source: ModelSource, *, device, dtype):
+def _load_dit_with_folder(source: ModelSource, *, device, dtype, vae_dtype=None):
     import torch
 
     from .formats.comfy import load_dit_file
@@ -154,7 +157,7 @@ def _load_dit_with_folder(source: ModelSource, *, device, dtype):
     from .loading import Components, fingerprint, load_folder_companions
 
     device = torch.device(device)
-    parts = load_folder_companions(source.companions, device=device, dtype=dtype)
+    parts = load_folder_companions(source.companions, device=device, dtype=dtype, vae_dtype=vae_dtype)
     path = source.dit.path
     if source.dit.container == "gguf":
         from .formats.gguf import gguf_fingerprint

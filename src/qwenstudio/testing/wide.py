@@ -7,7 +7,8 @@ ratio measured on it is the ratio of the real model's per-block compute. The tex
 (3584, 28 heads / 4 KV heads, MLP 18944) with ``text_layers`` layers and the tiny tokenizer's small vocabulary. The
 VAE is the tiny one by default (the bench is about the DiT; the real-width VAE decodes 256² in seconds on a CPU and
 adds ~0.5 GB) — ``vae="real"`` builds the real-width one. Sizes in fp32: DiT ~1.36 GB per block, text encoder
-~0.93 GB per layer.
+~0.93 GB per layer. The random weights are rounded to bf16 values (``stored="bf16"``), as the published files are,
+so the bench can compare fp32 and bf16 compute on the same weights.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class WideSpec:
     text_layers: int = 1
     vae: str = "tiny"  # "tiny" or "real"
     seed: int = 0
+    stored: str = "bf16"  # the weights' values are bf16-representable, as in the published files ("fp32": not)
 
 
 WIDE_DIT_CONFIG = {"patch_size": 2, "in_channels": 64, "out_channels": 16, "attention_head_dim": 128,
@@ -75,10 +77,16 @@ def build_wide_components(spec: WideSpec = WideSpec(), *, device="cpu", dtype=No
     )
     text_encoder = Qwen2_5_VLForConditionalGeneration(config)
     models = [m.eval() for m in (transformer, vae, text_encoder)]
+    if spec.stored == "bf16":  # published weights are bf16: fp32 compute then upcasts them, bf16 compute is exact
+        with torch.no_grad():
+            for m in models:
+                for p in m.parameters():
+                    p.copy_(p.to(torch.bfloat16))
     if dtype != torch.float32 or torch.device(device).type != "cpu":  # built in fp32 on the CPU
         models = [m.to(device=device, dtype=dtype) for m in models]
     identity = {"name": f"wide-{spec.layers}L", "format": "random",
-                "shape": {"layers": spec.layers, "text_layers": spec.text_layers, "vae": spec.vae}}
+                "shape": {"layers": spec.layers, "text_layers": spec.text_layers, "vae": spec.vae,
+                          "stored": spec.stored}}
     return Components(*models, tokenizer, dict(QWEN_IMAGE_SCHEDULER_CONFIG), torch.device(device), dtype, identity)
 
 

@@ -405,8 +405,10 @@ def load_single_files(
     *,
     device=None,
     dtype=None,
+    vae_dtype=None,
 ) -> Components:
-    """Three ComfyUI files + a tokenizer -> Components (identity format "comfy", or "gguf" for a GGUF DiT)."""
+    """Three ComfyUI files + a tokenizer -> Components (identity format "comfy", or "gguf" for a GGUF DiT);
+    ``vae_dtype``: the VAE's dtype when it differs from the rest."""
     device, dtype = _resolve(device, dtype)
     paths = [Path(dit), Path(text_encoder), Path(vae)]
     if tokenizer_dir is None or not _is_tokenizer_dir(Path(tokenizer_dir)):
@@ -423,7 +425,7 @@ def load_single_files(
     else:
         transformer = load_dit_file(paths[0], device=device, dtype=dtype)
     te = load_text_encoder_file(paths[1], device=device, dtype=dtype)
-    vae_model = load_vae_file(paths[2], device=device, dtype=dtype)
+    vae_model = load_vae_file(paths[2], device=device, dtype=vae_dtype or dtype)
     identity = {
         "name": paths[0].stem,
         "format": "gguf" if is_gguf else _dit_format_name(dit_info.quant),

@@ -233,7 +233,7 @@ def _betainc(a: float, b: float, x: float) -> float:
     return front * h
 
 
-def _beta_ppf(q: float, a: float, b: float) -> float:
+def beta_ppf(q: float, a: float, b: float) -> float:
     """Inverse of ``_betainc`` by bisection: stands in for scipy.stats.beta.ppf so scipy is not a dependency."""
     if q <= 0.0:
         return 0.0
@@ -256,7 +256,7 @@ def _beta(ms: _FlowSampling, steps: int, alpha: float = 0.6, beta: float = 0.6) 
     ComfyUI, so very high step counts can yield fewer than steps+1 sigmas."""
     total_timesteps = len(ms.sigmas) - 1
     ts = 1 - np.linspace(0, 1, steps, endpoint=False)
-    ts = np.rint(np.array([_beta_ppf(float(q), alpha, beta) for q in ts]) * total_timesteps)
+    ts = np.rint(np.array([beta_ppf(float(q), alpha, beta) for q in ts]) * total_timesteps)
     sigs = []
     last_t = -1
     for t in ts:
