@@ -22,7 +22,7 @@ TYPE_SIZES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 # Candidate steps, as divisors of the sub-block's range (type-1) or of its extreme value (type-0), around the plain
 # min/max step: a coarser step keeps every value in range, a finer one clips the extremes a little but rounds the
 # bulk more finely (which pays off for bell-shaped weights); four candidates get within ~1 % of llama.cpp's 20-step
-# scan at about a third of its cost.
+# scan in 0.3-0.8x its CPU time (benchmarks/gguf_encode_bench.py).
 TYPE1_SPANS = (-0.75, -0.25, 0.25, 0.75)  # added to the top level, 15 (Q4_K) / 31 (Q5_K)
 TYPE0_SPANS = (31.0, 31.7, 32.3, 33.0)  # |extreme| / step, levels -32..31
 
