@@ -28,8 +28,9 @@ OURS = ("Q4_K", "Q5_K", "Q6_K")  # what `convert --to gguf_*` writes with quant/
 K_ABLE = ("transformer_blocks.0.img_mlp.net.2.weight", "transformer_blocks.0.txt_mlp.net.2.weight")
 # Max |latent difference| vs the fp32 source model, 2 steps at 64x64, cfg 1 (latent std 1.18). Measured on CPU:
 # Q2_K 1.97e-2, Q3_K 1.07e-2, Q4_K 4.0e-3, Q5_K 1.8e-3, Q6_K 8.5e-4 (the 64-wide layers are Q8_0 in every K file),
-# Q4_0 8.2e-3 (every block layer Q4_0). Bounds ~2x measured.
-LATENT_TOL = {"Q2_K": 0.04, "Q3_K": 0.022, "Q4_K": 0.009, "Q5_K": 0.004, "Q6_K": 0.002, "Q4_0": 0.017}
+# Q4_0 8.2e-3 (every block layer Q4_0). Bounds ~2x measured. "F32": our lossless GGUF of the same source through
+# the same path, 0 — so the numbers above are the quantization alone.
+LATENT_TOL = {"Q2_K": 0.04, "Q3_K": 0.022, "Q4_K": 0.009, "Q5_K": 0.004, "Q6_K": 0.002, "Q4_0": 0.017, "F32": 0.0}
 # Ours / llama.cpp's rel. RMS error on the same floats may exceed 1 by at most this much.
 RATIO_TOL = 1.05
 
@@ -101,8 +102,10 @@ def test_llamacpp_file_loads_with_exact_weights(qtype, source_f16):
 # ---- generation through the models home -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def models_root(tmp_path_factory, tiny_folder):
-    """A ComfyUI models/ tree: the tiny text encoder (fp32) and VAE, and llama.cpp's six files as DiTs."""
+def models_root(tmp_path_factory, tiny_folder, source):
+    """A ComfyUI models/ tree: the tiny text encoder (fp32) and VAE, llama.cpp's six files as DiTs, and the fp32
+    source as an F32 GGUF of ours (the harness check: that one must reproduce the reference exactly)."""
+    from qwenstudio.engine.formats.gguf import write_dit_gguf
     from qwenstudio.testing.formats import write_text_encoder_file, write_vae_file
 
     root = tmp_path_factory.mktemp("llamacpp") / "models"
@@ -112,6 +115,7 @@ def models_root(tmp_path_factory, tiny_folder):
     for q in FILE_TYPES:
         (root / "diffusion_models").mkdir(parents=True, exist_ok=True)
         shutil.copy(_file(q), root / "diffusion_models" / _file(q).name)
+    write_dit_gguf(source.state_dict(), root / "diffusion_models" / "tiny64-F32.gguf", "F32")
     return root
 
 
@@ -129,7 +133,7 @@ def reference_latents(tiny_folder, source):
     return Engine(dataclasses.replace(comps, transformer=source), get_spec("tiny")).generate(**GEN).latents
 
 
-@pytest.mark.parametrize("qtype", FILE_TYPES)
+@pytest.mark.parametrize("qtype", (*FILE_TYPES, "F32"))
 def test_generate_from_llamacpp_file_by_name(qtype, models_root, reference_latents, tmp_path):
     from qwenstudio import Engine
     from qwenstudio.config import Settings
