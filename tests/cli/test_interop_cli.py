@@ -36,7 +36,8 @@ def wide_folder(tmp_path_factory):
     return folder, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("qtype, bound", [("q4_k", 0.09), ("q5_k", 0.045), ("q6_k", 0.025)])
+# worst layer measured: 0.0724 (Q4_K), 0.0362 (Q5_K), 0.0174 (Q6_K)
+@pytest.mark.parametrize("qtype, bound", [("q4_k", 0.075), ("q5_k", 0.038), ("q6_k", 0.018)])
 def test_convert_to_kquant_gguf_loads_back(wide_folder, tmp_path, qtype, bound):
     from qwenstudio.engine.formats.gguf import load_dit_gguf
     from qwenstudio.engine.quant.gguf_linear import GGUFLinear, qtype_name

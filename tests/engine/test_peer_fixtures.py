@@ -253,4 +253,4 @@ def test_kquant_blocks_match_comfyui_gguf_and_gguf_py():
             assert np.array_equal(quantize(x.numpy(), t.tensor_type.name), raw), t.name
             rel[t.name] = float((ours - x).pow(2).mean().sqrt() / x.std())
     print(f"\nK-quant rms error / std: {rel}")
-    assert rel["q4_k"] < 0.09 and rel["q5_k"] < 0.045 and rel["q6_k"] < 0.025
+    assert rel["q4_k"] < 0.075 and rel["q5_k"] < 0.038 and rel["q6_k"] < 0.018  # measured 0.0721, 0.0364, 0.0169
