@@ -97,3 +97,23 @@ def test_model_affinity_prefers_the_loaded_model_within_its_bound(tmp_path):
     time.sleep(0.1)
     assert policy.claim(store, "w", ["a", "b"], ["a"])["id"] == "old-b"  # waited past T: FIFO
     store.close()
+
+
+def test_schedulers_and_samplers_that_need_two_steps_are_refused_before_queueing(tmp_path):
+    """Found by the fuzz test: ``kl_optimal`` (and UniPC) at 1 step failed inside the run and answered 500."""
+    client = FakeEngineClient(("a",))
+    app = make_app(tmp_path, client)
+
+    async def scenario():
+        async with asgi_client(app) as http:
+            out = []
+            for extra in ({"scheduler": "kl_optimal"}, {"sampler": "uni_pc"}, {"sampler": "uni_pc_bh2"}):
+                body = {"model": "a", "prompt": "fox", "size": "64x64", "steps": 1, **extra}
+                out.append(await http.post("/v1/images/generations", json=body))
+                out.append(await http.post("/api/jobs", json={k: v for k, v in body.items() if k != "size"}))
+            return out
+
+    for r in asyncio.run(scenario()):
+        assert r.status_code in (400, 422), r.text
+        assert r.json()["error"]["code"] == "invalid_steps"
+        assert "X-Qwenstudio-Job-Id" not in r.headers

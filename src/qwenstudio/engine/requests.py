@@ -154,6 +154,11 @@ class GenerateRequest:
             raise InvalidRequest(f"at most {F.MAX_LORAS} LoRAs per request", code="invalid_lora")
         for ref in self.loras:
             check_float(f"LoRA '{ref.name}' weight", ref.weight, -10.0, 10.0, code="invalid_lora")
+        if self.steps < 2 and self.scheduler == "kl_optimal":  # also checked where the sigmas are built
+            raise InvalidRequest("scheduler 'kl_optimal' needs steps >= 2 (ComfyUI's formula gives NaN for 1 step)",
+                                 code="invalid_steps")
+        if self.steps < 2 and self.sampler in ("uni_pc", "uni_pc_bh2"):
+            raise InvalidRequest(f"sampler '{self.sampler}' needs at least 2 steps", code="invalid_steps")
         if self.magic is not None and self.magic not in POSITIVE_MAGIC:
             raise InvalidRequest(f"unknown magic '{self.magic}'; valid: {', '.join(POSITIVE_MAGIC)}")
 
