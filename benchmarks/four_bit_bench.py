@@ -82,11 +82,27 @@ def _weights(model):
 
 
 def _nbytes(model) -> int:
+    """Bytes actually held: a tensor subclass (torchao) by its inner tensors, bitsandbytes weights with their
+    quant-state absmax (kept outside the module's parameters)."""
     seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t is not None and t.data_ptr() not in seen:
+
+    def add(t):
+        nonlocal total
+        if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Parameter", "Tensor", "Params4bit"):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                add(getattr(t, name))
+            return
+        if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
+
+    for t in (*model.parameters(), *model.buffers()):
+        if t is not None:
+            add(t)
+            state = getattr(t, "quant_state", None)
+            if state is not None:
+                add(state.absmax)
     return total
 
 
@@ -161,7 +177,11 @@ def _rows(root: Path):
             ("int4 g64 (convert --to int4)", "int4_g64", load("int4")),
             ("int4 g64 (--quant int4)", "int4_g64", load("fp32", quant="int4"))]
     rows.append(("nf4 (bitsandbytes, --quant nf4)", "nf4", nf4 if _installed("bitsandbytes") else None))
-    rows.append(("torchao int4 g64 (bf16, eval)", "torchao_int4_g64", torchao if _installed("torchao") else None))
+    # torchao's CPU int4 takes bf16 activations: compare it with bf16 compute, plain and with our int4
+    rows.append(("bf16 compute (fp32 file)", "bf16", load("fp32", dtype="bfloat16")))
+    rows.append(("int4 g64 (--quant int4, bf16 compute)", "int4_g64", load("fp32", dtype="bfloat16", quant="int4")))
+    rows.append(("torchao int4 g64 (bf16 compute, eval)", "torchao_int4_g64",
+                 torchao if _installed("torchao") else None))
     rows += [("svdq_int4_r16 (nunchaku file)", "svdq_int4_r32", load(INT4_FILE.removesuffix(".safetensors"))),
              ("svdq_nvfp4_r32 (nunchaku file)", "svdq_nvfp4_r128", load(FP4_FILE.removesuffix(".safetensors")))]
     return rows
@@ -297,10 +317,10 @@ def main() -> None:
     if args.json:
         print(json.dumps({"dit": rows, "layer": layers}, indent=2))
         return
-    print(f"{'format':34} {'w_err':>7} {'out_rms':>7} {'latent':>7} {'bits/w':>6} {'GB@20.4B':>8} {'cpu_s':>7} "
+    print(f"{'format':38} {'w_err':>7} {'out_rms':>7} {'latent':>7} {'bits/w':>6} {'GB@20.4B':>8} {'cpu_s':>7} "
           f"{'time':>5}")
     for r in rows:
-        head = f"{r['format']:34}"
+        head = f"{r['format']:38}"
         tail = f"{r['bits_per_weight_at_20B']:6.2f} {r['GB_at_20B']:8.1f}"
         if "skipped" in r:
             print(f"{head} {'(' + r['skipped'] + ')':>23} {tail}")
@@ -309,9 +329,9 @@ def main() -> None:
               f"{r['time_vs_fp32']:5.2f}")
     if layers:
         print(f"\none linear 3072 -> 12288, {args.layer_tokens} tokens, 1 thread")
-        print(f"{'implementation':34} {'cpu_s':>7} {'rel_l2':>7} {'weight MiB':>10}")
+        print(f"{'implementation':38} {'cpu_s':>7} {'rel_l2':>7} {'weight MiB':>10}")
         for r in layers:
-            print(f"{r['layer']:34} {r['cpu_s']:7.3f} {r['rel_l2']:7.4f} {r['weight_MiB']:10.1f}")
+            print(f"{r['layer']:38} {r['cpu_s']:7.3f} {r['rel_l2']:7.4f} {r['weight_MiB']:10.1f}")
 
 
 if __name__ == "__main__":
