@@ -235,11 +235,11 @@ def dit_table(args) -> list[dict]:
             model = engine.components.transformer
             dt = engine.components.dtype
             ins = {k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+            w = _weights(model)  # before any forward: bitsandbytes repacks NF4 codes on its first CPU call
             t, out = _time(model, ins, args.repeat)
             latents = engine.generate(**gen).latents.float()
             if base_t is None:
                 base_t, ref_out, ref_lat = t, out, latents
-            w = _weights(model)
             w_err = max(((w[k] - ref_w[k]).abs().max() / ref_w[k].abs().max()).item() for k in ref_w)
             rows.append({**row, "w_err": w_err,
                          "out_rms": ((out - ref_out).pow(2).mean() / ref_out.pow(2).mean()).sqrt().item(),

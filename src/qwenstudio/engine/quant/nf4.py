@@ -63,10 +63,13 @@ def quantize_model_nf4(model: nn.Module, *, device, compute_dtype: torch.dtype,
 
 
 def nf4_dequantized_weight(module, dtype=torch.float32) -> torch.Tensor:
-    """The float weight an NF4 ``Linear4bit`` multiplies by (what a LoRA-equivalence check compares against)."""
+    """The float weight an NF4 ``Linear4bit`` multiplies by (what a LoRA-equivalence check compares against).
+    Call it before the layer's first CPU forward: bitsandbytes then repacks the codes for its AVX512-bf16 kernel."""
     import bitsandbytes as bnb
 
     w = module.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        raise ValueError("this NF4 weight was repacked for bitsandbytes' CPU kernel; dequantize it before a forward")
     return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
 
 
