@@ -293,11 +293,12 @@ def four_bit(size: int, dry_run: bool) -> dict:
               "return_dict": False}
         row: dict = {}
         try:
-            with torch.inference_mode():
-                if mode != "bf16":
-                    t = time.perf_counter()
+            if mode != "bf16":  # as Engine.load does it: outside inference mode (bitsandbytes makes Parameters)
+                t = time.perf_counter()
+                with torch.no_grad():
                     row.update(quantize_on_load(tr, mode, device=dev, dtype=dt))
-                    row["quantize_s"] = round(time.perf_counter() - t, 2)
+                row["quantize_s"] = round(time.perf_counter() - t, 2)
+            with torch.inference_mode():
                 if not dry_run:  # peak of the forward on the quantized model, not of the bf16 one it came from
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
@@ -309,8 +310,9 @@ def four_bit(size: int, dry_run: bool) -> dict:
             if ref is None:
                 ref = got
             row["rel_l2_vs_bf16"] = round(float((got - ref).norm() / ref.norm()), 5)
-            row["dit_gib"] = round(sum(x.numel() * x.element_size() for x in (*tr.parameters(), *tr.buffers()))
-                                   / GIB, 3)
+            held = [*tr.parameters(), *tr.buffers()]
+            held += [x.quant_state.absmax for x in held if getattr(x, "quant_state", None) is not None]  # NF4 stats
+            row["dit_gib"] = round(sum(x.numel() * x.element_size() for x in held) / GIB, 3)
             row["peak_gib"] = _peak_gib(dry_run)
         out[mode] = row
         del c, tr
