@@ -8,9 +8,13 @@
    Targets (H100-class): DiT forward <= 130 ms bf16 / <= 90 ms fp8; Lightning 4-step <= 0.40 s; 50-step CFG 4 <= 9 s.
 3. Memory caps 24/16/12/8 GB (``torch.cuda.set_per_process_memory_fraction``): the placement the planner picks for
    the bf16, fp8 and GGUF-Q4 DiT sizes, and (fp8, in memory) the Lightning run's time under that placement vs resident.
+4. 4-bit (issue 17): ``--quant int4`` (ours) and ``--quant nf4`` (bitsandbytes) on the full-size bf16 DiT —
+   quantize time, forward ms, peak memory, rel-L2 vs bf16 — and nunchaku's kernels on the SVDQuant fixtures vs the
+   torch reference where the GPU supports them (int4: sm75-sm89, nvfp4: sm120; skipped with that reason elsewhere,
+   e.g. on sm90). NF4 needs ``pip install bitsandbytes``, the kernels ``nunchaku``; each row says when it is missing.
 Everything it needs is in the project's dependencies (no downloads: random weights are made on the device).
 
-Usage: python benchmarks/gpu_check.py [--skip-tiny] [--skip-full] [--size 1024] [--json out.json]
+Usage: python benchmarks/gpu_check.py [--skip-tiny] [--skip-full] [--skip-4bit] [--size 1024] [--json out.json]
        python benchmarks/gpu_check.py --dry-run   # CPU, the tiny model at 64², no compile: exercises every
                                                   # section's code offline in seconds (numbers meaningless)
 Exits 2 with a message when there is no CUDA device (and no --dry-run).
@@ -32,6 +36,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-tiny", action="store_true", help="skip the tiny-model strategy/format checks")
     ap.add_argument("--skip-full", action="store_true", help="skip the full-size speed and memory sections")
+    ap.add_argument("--skip-4bit", action="store_true", help="skip the 4-bit section (int4, nf4, nunchaku kernels)")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, no compile: check the script runs")
     ap.add_argument("--json")
@@ -52,6 +57,8 @@ def main() -> int:
         report["dit_forward"] = dit_forward(size, args.dry_run)
         report["end_to_end"] = end_to_end(size, args.dry_run)
         report["memory_caps"] = memory_caps(size, args.dry_run)
+    if not args.skip_4bit:
+        report["four_bit"] = four_bit(64 if args.dry_run else args.size, args.dry_run)
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -260,6 +267,92 @@ def _fp8_under_caps(size: int, placements: dict) -> dict:
             out[cap] = {"strategy": strategy, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
+    return out
+
+
+def four_bit(size: int, dry_run: bool) -> dict:
+    """``--quant int4`` / ``--quant nf4`` on the full-size bf16 DiT (rebuilt per mode from the same seed: quantizing
+    is in place), then nunchaku's kernels vs the torch reference on the committed SVDQuant fixtures."""
+    import torch
+
+    from qwenstudio.engine.quant.load_time import quantize_on_load
+    from qwenstudio.errors import QwenStudioError
+
+    out: dict = {"size": size, "text_tokens": 128}
+    ref = None
+    for mode in ("bf16", "int4", "nf4"):
+        c = _components(dry_run)
+        tr, dev, dt = c.transformer, c.device, c.dtype
+        del c.text_encoder, c.vae
+        g = torch.Generator(device=dev).manual_seed(0)
+        n = (size // 16) ** 2
+        kw = {"hidden_states": torch.randn(1, n, 64, generator=g, device=dev).to(dt),
+              "encoder_hidden_states": torch.randn(1, 128, tr.config.joint_attention_dim, generator=g,
+                                                   device=dev).to(dt),
+              "timestep": torch.tensor([0.5], device=dev), "img_shapes": [[(1, size // 16, size // 16)]],
+              "return_dict": False}
+        row: dict = {}
+        try:
+            if mode != "bf16":  # as Engine.load does it: outside inference mode (bitsandbytes makes Parameters)
+                t = time.perf_counter()
+                with torch.no_grad():
+                    row.update(quantize_on_load(tr, mode, device=dev, dtype=dt))
+                row["quantize_s"] = round(time.perf_counter() - t, 2)
+            with torch.inference_mode():
+                if not dry_run:  # peak of the forward on the quantized model, not of the bf16 one it came from
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                got = tr(**kw)[0].float()
+                row["forward_ms"] = round(_timed(lambda m=tr: m(**kw), dev, repeats=3) * 1e3, 2)
+        except QwenStudioError as e:  # e.g. nf4 off CUDA / without bitsandbytes: the reason is the row
+            row = {"skipped": str(e)}
+        else:
+            if ref is None:
+                ref = got
+            row["rel_l2_vs_bf16"] = round(float((got - ref).norm() / ref.norm()), 5)
+            held = [*tr.parameters(), *tr.buffers()]
+            held += [x.quant_state.absmax for x in held if getattr(x, "quant_state", None) is not None]  # NF4 stats
+            row["dit_gib"] = round(sum(x.numel() * x.element_size() for x in held) / GIB, 3)
+            row["peak_gib"] = _peak_gib(dry_run)
+        out[mode] = row
+        del c, tr
+    out["nunchaku_kernels"] = _nunchaku_kernels("cpu" if dry_run else "cuda")
+    return out
+
+
+def _nunchaku_kernels(device: str) -> dict:
+    """Each SVDQuant fixture on ``device``: with nunchaku's kernels where they run (vs the CPU reference), else the
+    reason they do not (capability first: sm90 cannot run either precision)."""
+    import warnings
+
+    import torch
+
+    from qwenstudio.engine.formats.nunchaku import load_dit_svdquant
+    from qwenstudio.engine.quant.svdquant import kernel_support
+    from qwenstudio.testing.svdquant_files import FIXTURES, FP4_FILE, INT4_FILE
+
+    out = {}
+    for precision, name in (("int4", INT4_FILE), ("nvfp4", FP4_FILE)):
+        reason = kernel_support(precision, device)
+        if reason is not None:
+            out[precision] = {"skipped": reason}
+            continue
+        g = torch.Generator().manual_seed(0)
+        kw = {"hidden_states": torch.randn(1, 64, 64, generator=g), "encoder_hidden_states": torch.randn(1, 16, 32,
+              generator=g), "timestep": torch.tensor([0.5]), "img_shapes": [[(1, 8, 8)]], "return_dict": False}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpu = load_dit_svdquant(FIXTURES / name, device="cpu", dtype=torch.bfloat16)
+        gpu = load_dit_svdquant(FIXTURES / name, device=device, dtype=torch.bfloat16)
+        on = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+        cast = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+        on = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in on.items()}
+        with torch.inference_mode():
+            a, b = gpu(**on)[0].float().cpu(), cpu(**cast)[0].float()
+            ms = _timed(lambda: gpu(**on), device, repeats=5) * 1e3
+        out[precision] = {"kernel_layers": sum(1 for m in gpu.modules() if getattr(m, "kernel", None) is not None),
+                          "rel_l2_kernels_vs_reference": round(float((a - b).norm() / b.norm()), 5),
+                          "forward_ms": round(ms, 3)}
     return out
 
 

@@ -66,6 +66,10 @@ def test_gpu_check_dry_run_exercises_every_section_on_cpu(tmp_path):
     assert e2e["lightning_4step_cfg1"]["variants"][0]["name"] == "fp8" and e2e["lightning_4step_cfg1"]["cfg"] == 1.0
     assert e2e["20step_cfg4"]["variants"][0]["name"].startswith("step cache")
     assert set(report["memory_caps"]) == {"24GB", "16GB", "12GB", "8GB"}
+    four = report["four_bit"]  # the tiny DiT: only the 128-wide MLP down projections fit int4's group of 64
+    assert four["int4"]["int4_layers_quantized"] == 4 and 0 < four["int4"]["rel_l2_vs_bf16"] < 0.1
+    assert "CUDA only" in four["nf4"]["skipped"]
+    assert all("CUDA-only" in row["skipped"] for row in four["nunchaku_kernels"].values())
 
 
 def test_serve_checks_speed_options_before_binding():

@@ -109,9 +109,9 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
     lora_args, loras_text = loras
     stack = [parse_lora_arg(x) for x in lora_args] + (parse_stack_spec(loras_text) if loras_text else [])
     check_bounds(fields)  # a typo'd number fails before anything is loaded
-    variant, stored_cache = run.variant, None
+    variant, stored = run.variant, {}
     if run.from_image is not None:
-        request, made_with, stored_cache = _stored_request(run.from_image, prompt, fields, stack, controlnet, run)
+        request, made_with, stored = _stored_request(run.from_image, prompt, fields, stack, controlnet, run)
         variant = variant or made_with
         edit_mode = edit_mode or isinstance(request, EditRequest)
     else:
@@ -123,8 +123,9 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
         request = (EditRequest if edit_mode else GenerateRequest)(**data)
     from ..engine.acceleration import speed_options
 
-    cache = run.cache if run.cache is not None else stored_cache
-    speed = speed_options(compile=run.compile, attention=run.attention, quant=run.quant, cache=cache)
+    cache = run.cache if run.cache is not None else stored.get("cache")
+    quant = run.quant if run.quant is not None else stored.get("quant")
+    speed = speed_options(compile=run.compile, attention=run.attention, quant=quant, cache=cache)
     engine = Engine.load(run.model, variant=variant, device=run.device, dtype=run.dtype, offload=run.offload,
                          text_encoder=run.text_encoder, vae=run.vae, models_dirs=run.models_dir, **speed)
     if request.preset:
@@ -182,9 +183,10 @@ def _stored_request(path: Path, prompt, fields: dict, stack: list, controlnet, r
     made_with = meta.get("model", {}).get("variant")
     if run.model == "tiny" and made_with not in (None, "tiny", "tiny-edit", "tiny-edit-plus", "tiny-edit-2511"):
         raise InvalidRequest(f"{path} was made with '{meta['model'].get('name')}'; pass --model with that model")
-    # the step cache changes the pixels: a re-run uses the one the image was made with (unless --cache is given)
-    stored_cache = (meta.get("model", {}).get("acceleration") or {}).get("cache")
-    return request, made_with, stored_cache
+    # the step cache and a quantize-on-load change the pixels: a re-run uses the ones the image was made with
+    # (unless --cache / --quant is given)
+    acc = meta.get("model", {}).get("acceleration") or {}
+    return request, made_with, {k: acc[k] for k in ("cache", "quant") if acc.get(k) is not None}
 
 
 def _local_presets():

@@ -62,7 +62,8 @@ _RUN = [
     ("compile", str, typer.Option("auto", "--compile", help="Regional compile of the DiT blocks: auto (off for a "
                                   "one-shot run: warm-up costs more than it saves), on, off.")),
     ("attention", str, typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers.")),
-    ("quant", Optional[str], typer.Option(None, "--quant", help="fp8: fp8 compute on a bf16/fp32 model.")),
+    ("quant", Optional[str], typer.Option(None, "--quant", help="fp8: fp8 compute; int4: groupwise 4-bit weights "
+                                          "(any device); nf4: bitsandbytes NF4 (CUDA) — on a bf16/fp32 model.")),
     ("cache", Optional[str], typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default; "
                                           "lossy: see README Speed).")),
 ]

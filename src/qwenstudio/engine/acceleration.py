@@ -155,7 +155,7 @@ def apply_acceleration(transformer, *, compile: bool, attention: str | None = "a
 
 
 
-QUANT_VALUES = (None, "none", "fp8")
+QUANT_VALUES = (None, "none", "fp8", "int4", "nf4")  # int4/nf4: 4-bit quantize-on-load (quant/load_time.py)
 
 
 def fp8_compute_mode(device, compile: bool, quant_requested: bool) -> str:
@@ -184,7 +184,7 @@ def accelerate_engine(engine, *, compile=False, attention="auto", quant=None, ca
 
     transformer, device = engine.components.transformer, engine.components.device
     if quant not in QUANT_VALUES:
-        raise InvalidRequest(f"unknown quant '{quant}'; valid: fp8", code="invalid_quant")
+        raise InvalidRequest(f"unknown quant '{quant}'; valid: fp8, int4, nf4", code="invalid_quant")
     quant = None if quant == "none" else quant
     on_gpu = torch.device(device).type == "cuda"
     compile_value = parse_compile(compile)
@@ -194,6 +194,10 @@ def accelerate_engine(engine, *, compile=False, attention="auto", quant=None, ca
     do_compile = resolve_compile(compile_value, long_lived=long_lived or (quant == "fp8" and on_gpu),
                                  device=device, builtin=engine.spec.builtin and quant != "fp8")
     done: dict = {}
+    if quant in ("int4", "nf4"):
+        from .quant.load_time import quantize_on_load
+
+        done.update(quantize_on_load(transformer, quant, device=device, dtype=engine.components.dtype))
     has_fp8 = any(isinstance(m, FP8Linear) for m in transformer.modules())
     if quant == "fp8" and not has_fp8:
         done["fp8_layers_quantized"] = len(quantize_model_fp8(transformer))
@@ -224,5 +228,5 @@ def speed_options(*, compile="auto", attention="auto", quant=None, cache=None) -
         select_attention(name, "cpu")  # raises the unknown-backend error
     quant = None if quant in (None, "", "none") else quant.lower()
     if quant not in QUANT_VALUES:
-        raise InvalidRequest(f"unknown quant '{quant}'; valid: fp8", code="invalid_quant")
+        raise InvalidRequest(f"unknown quant '{quant}'; valid: fp8, int4, nf4", code="invalid_quant")
     return {"compile": compile, "attention": name, "quant": quant, "cache": parse_cache(cache)}

@@ -83,8 +83,9 @@ class Engine:
         cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
         is loaded. ``allow_paths=False`` (the server) accepts registry names only. Speed options
         (engine/acceleration.py): ``compile`` (auto: on when ``long_lived``, e.g. a server), ``attention`` backend,
-        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default).
-        ``on_load_progress`` gets the fraction of the weights' bytes loaded so far (engine/loading.py)."""
+        ``quant="fp8"`` (fp8 compute) / ``"int4"`` / ``"nf4"`` (4-bit quantize-on-load), ``cache`` (step cache
+        threshold or ``StepCacheConfig``; off by default). ``on_load_progress`` gets the fraction of the weights'
+        bytes loaded so far (engine/loading.py)."""
         import torch
 
         from .loading import load_progress
@@ -99,6 +100,9 @@ class Engine:
             dtype = parse_dtype(settings.dtype)
         registry = registry_for(settings, models_dirs)
         device = check_device(device or settings.device or default_device())
+        from .quant.load_time import check_quant_device
+
+        check_quant_device(quant, device)  # e.g. --quant nf4 off CUDA: refused before any weight is read
         source = resolve(model, registry, settings, text_encoder=text_encoder, vae=vae, allow_paths=allow_paths)
         spec = get_spec(variant or source.variant)
         reason = f"chosen with --variant {variant}" if variant else source.identity.reason

@@ -71,23 +71,12 @@ def load_dit_int4(info: FileInfo, *, device, dtype):
     return model.eval()
 
 
-def nf4_support(device) -> str | None:
-    """Why bitsandbytes 4-bit cannot run on ``device`` here (None when it can)."""
-    import importlib.util
-
-    import torch
-
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return "bitsandbytes 4-bit layers run on CUDA only"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "the 'bitsandbytes' package is not installed (pip install bitsandbytes)"
-    return None
-
-
 def load_dit_bnb(info: FileInfo, *, device, dtype):
     """A pre-quantized bitsandbytes NF4/FP4 DiT (what diffusers' bitsandbytes quantizer saves): each Linear with a
     ``.weight.quant_state.bitsandbytes__*`` entry becomes ``bnb.nn.Linear4bit`` rebuilt from its stored stats.
     CUDA only; never run on the CPU-only development machine (refused there with the reason)."""
+    from ..quant.nf4 import nf4_support
+
     reason = nf4_support(device)
     if reason is not None:
         raise UnsupportedFormat(f"{info.path}: {info.quant} (bitsandbytes) weights cannot be loaded: {reason}. "

@@ -380,12 +380,14 @@ def kernel_support(precision: str, device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "nunchaku's kernels are CUDA-only"
-    if importlib.util.find_spec("nunchaku") is None:
-        return "the 'nunchaku' package is not installed"
     major, minor = torch.cuda.get_device_capability(device)
     cap = major * 10 + minor
-    ok = 75 <= cap <= 89 if precision == "int4" else cap >= 120
-    return None if ok else f"{precision} kernels do not support this GPU (sm{cap})"
+    if not (75 <= cap <= 89 if precision == "int4" else cap >= 120):  # the GPU first: installing cannot fix it
+        need = "sm75-sm89" if precision == "int4" else "sm120"
+        return f"{precision} kernels do not support this GPU (sm{cap}; they need {need})"
+    if importlib.util.find_spec("nunchaku") is None:
+        return "the 'nunchaku' package is not installed"
+    return None
 
 
 def kernel_layer(m: SVDQuantLinear, linear_cls, device) -> nn.Module:

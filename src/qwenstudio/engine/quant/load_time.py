@@ -1,0 +1,62 @@
+"""4-bit quantize-on-load (``--quant int4`` / ``--quant nf4``): a bf16/fp32 DiT file quantized after loading.
+
+Why at load rather than only through ``convert``: a user with a bf16 file gets 4-bit memory without writing a second
+11 GB file. ``int4`` is our groupwise W4A16 (quant/int4.py; the same numbers ``convert --to int4`` writes, so a run
+on the converted file is the same run), on any device; ``nf4`` is bitsandbytes NF4 the way diffusers' quantizer
+builds it (quant/nf4.py), CUDA only. Both keep the small sensitive layers of ``FP8_KEEP_HIGH_PRECISION`` in float
+(the activation keep-list of fp8 compute does not apply: these are weight-only formats) and return what they did
+for the metadata (``model.acceleration``), so ``--from-image`` repeats the same quantization.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ...errors import InvalidRequest
+
+FOUR_BIT_QUANTS = ("int4", "nf4")
+QUANTIZED_LINEARS = ("FP8Linear", "GGUFLinear", "Int4WeightLinear", "SVDQuantLinear", "Linear4bit")
+
+
+def check_quant_device(quant: str | None, device) -> None:
+    """Refuse, before any weight is read, a quantization the device cannot run."""
+    if quant == "nf4":
+        from .nf4 import nf4_support
+
+        reason = nf4_support(device)
+        if reason is not None:
+            raise InvalidRequest(f"--quant nf4 cannot run on {device}: {reason}", code="quant_unavailable")
+
+
+def quantized_layer_kinds(model) -> set[str]:
+    """Class names of the already-quantized linears in ``model`` (fp8, GGUF, int4, SVDQuant, bitsandbytes)."""
+    return {type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_LINEARS}
+
+
+def quantize_on_load(transformer, quant: str, *, device, dtype) -> dict:
+    """Quantize ``transformer`` in place to ``quant`` (int4 or nf4); returns the metadata entries."""
+    already = quantized_layer_kinds(transformer)
+    if already:
+        raise InvalidRequest(f"--quant {quant} quantizes a bf16/fp32 DiT; this one is already quantized "
+                             f"({', '.join(sorted(already))}): drop --quant or load the float file",
+                             code="quant_needs_float_base")
+    if quant == "int4":
+        from .int4 import GROUP_SIZE, quantize_model_int4
+
+        quantized, skipped = quantize_model_int4(transformer)
+        if skipped:
+            warnings.warn(f"--quant int4: {len(skipped)} linear layers stay float (input size not a multiple of "
+                          f"{GROUP_SIZE}), e.g. {skipped[0]}", stacklevel=3)
+        return {"int4_group_size": GROUP_SIZE, "int4_layers_quantized": len(quantized),
+                "int4_layers_skipped": len(skipped)}
+    if quant == "nf4":
+        check_quant_device(quant, device)
+        import torch
+
+        from .nf4 import NF4_BLOCKSIZE, bitsandbytes_version, quantize_model_nf4
+
+        where = next(transformer.parameters(), torch.empty(0, device=device)).device  # offloaded: quantize there
+        names = quantize_model_nf4(transformer, device=where, compute_dtype=dtype)
+        return {"nf4_layers_quantized": len(names), "nf4_blocksize": NF4_BLOCKSIZE, "nf4_double_quant": False,
+                "nf4_compute_dtype": str(dtype).replace("torch.", ""), "bitsandbytes": bitsandbytes_version()}
+    raise ValueError(f"not a 4-bit quantize-on-load mode: {quant}")
