@@ -1,106 +1,207 @@
-"""The service on a Ray Serve deployment of the tiny model (``RayServeEngineClient``): a local Ray started here, one
-CPU replica. Skipped without the optional extra (``pip install 'qwenstudio[ray]'``)."""
+"""The service on Ray Serve replicas (``RayServeEngineClient``): a local Ray started here, two CPU replicas, each an
+engine pool serving two tiny models with different weights (tiny-a, the --model, and tiny-b), with speed options.
+
+Routing by model (Serve's multiplexing), progress/cancel/typed errors/edits through a replica, the speed options on
+every replica, and a replica killed mid-job: the job is retried once elsewhere, completes exactly once, nothing of
+eight concurrent jobs is lost or duplicated; killed twice, it fails ``replica_failed``. Skipped only when the
+optional extra is missing or Ray cannot start here."""
 
 from __future__ import annotations
 
+import io
+import shutil
+import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 from svc_helpers import JOB, SLOW, read_sse, run_app, wait_status
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 
+REQ = {"prompt": "a red fox", "steps": 2, "width": 64, "height": 64}
+LONG = {"prompt": "a long walk", "steps": 24, "width": 128, "height": 128}  # ~0.5 s: long enough to be killed in
+SPEED = {"compile": "off", "attention": "sdpa", "cache": "0.05"}
+
 
 @pytest.fixture(scope="module")
-def ray_client(tiny_folder, tmp_path_factory):
+def ray_models(tiny_folder, tmp_path_factory):
+    from qwenstudio.testing.tiny import TinySpec, write_diffusers_folder
+
+    root = tmp_path_factory.mktemp("ray-models")
+    shutil.copytree(tiny_folder, root / "tiny-a")
+    write_diffusers_folder(root / "tiny-b", TinySpec(seed=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def direct(ray_models):
+    """(model, request fields) -> pixels of a direct Engine run, with the replicas' speed options."""
+    from qwenstudio import Engine
+    from qwenstudio.engine.acceleration import speed_options
+
+    engines = {m: Engine.load(ray_models / m, device="cpu", **speed_options(**SPEED)) for m in ("tiny-a", "tiny-b")}
+
+    def run(model: str, **fields) -> np.ndarray:
+        return np.asarray(engines[model].generate(**fields).images[0].image)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def ray_client(ray_models, tmp_path_factory):
     from qwenstudio.config import Settings
+    from qwenstudio.engine.acceleration import speed_options
+    from qwenstudio.service.model_pool import LoadOptions, ModelCatalog
     from qwenstudio.service.ray_client import RayServeEngineClient
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-empty")))  # replicas inherit it: no machine models
     started = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 * 1024, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001
+        mp.undo()
+        pytest.skip(f"Ray cannot start here: {type(e).__name__}: {e}")
     init_s = time.monotonic() - started
-    client = RayServeEngineClient("tiny", "tiny", str(tiny_folder), device="cpu", num_replicas=1, num_cpus=1,
-                                  settings=Settings(home=tmp_path_factory.mktemp("ray-engine-home")))
+    settings = Settings(home=tmp_path_factory.mktemp("ray-engine-home"), models_dirs=(ray_models,), device="cpu")
+    catalog = ModelCatalog(settings, "tiny-a", LoadOptions(device="cpu", speed=speed_options(**SPEED)))
+    client = RayServeEngineClient(catalog, num_replicas=2)
     try:
         assert client.wait_ready(120), client.load_error
-        print(f"\nray.init {init_s:.1f} s; Serve deployment + model load {client.startup_s:.1f} s")
+        print(f"\nray.init {init_s:.1f} s; Serve deployment (2 replicas) + model load {client.startup_s:.1f} s")
         yield client
     finally:
         client.close()
         ray.shutdown()
+        mp.undo()
 
 
 @pytest.fixture
 def served(ray_client, tmp_path):
+    """Factory: ``with served(workers=2) as http:`` runs an app on the Ray client."""
+    from contextlib import contextmanager
+
     import httpx
 
     from qwenstudio.config import Settings
     from qwenstudio.service.app import create_app
     from qwenstudio.service.config import ServiceConfig
 
-    app = create_app(Settings(home=tmp_path / "home"), ray_client, ServiceConfig())
-    with run_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
-        yield http
+    @contextmanager
+    def start(**config):
+        app = create_app(Settings(home=tmp_path / "home"), ray_client, ServiceConfig(**config))
+        with run_app(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+            yield http
+
+    return start
+
+
+def alive(ray_client) -> dict[str, dict]:
+    return {k: v for k, v in ray_client.replica_info().items() if v["alive"]}
+
+
+def pixels(http, output: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(http.get(output["url"]).content)).convert("RGB"))
 
 
 def test_job_runs_on_a_replica_with_progress(served, ray_client):
-    assert ray_client.ready and [m.id for m in ray_client.models()] == ["tiny"]
-    assert served.get("/readyz").status_code == 200
-    job = served.post("/api/jobs", json={**JOB, "steps": 3, "preview_every": 1}).json()
-    events = read_sse(served, job["id"])
-    names = [n for n, _ in events]
-    assert names[-1] == "done", events
-    progress = [d for n, d in events if n == "progress"]
-    assert [p["step"] for p in progress] == [1, 2, 3] and all(p["total"] == 3 for p in progress)
-    assert "preview" in names
-    out = events[-1][1]["outputs"][0]
-    assert out["metadata"]["seed"] == JOB["seed"]
-    png = served.get(out["url"])
-    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert ray_client.ready and [m.id for m in ray_client.models()] == ["tiny-a", "tiny-b"]
+    with served() as http:
+        assert http.get("/readyz").status_code == 200
+        job = http.post("/api/jobs", json={**JOB, "steps": 3, "preview_every": 1}).json()
+        events = read_sse(http, job["id"])
+        names = [n for n, _ in events]
+        assert names[-1] == "done", events
+        progress = [d for n, d in events if n == "progress"]
+        assert [p["step"] for p in progress] == [1, 2, 3] and all(p["total"] == 3 for p in progress)
+        assert "preview" in names
+        out = events[-1][1]["outputs"][0]
+        assert out["metadata"]["seed"] == JOB["seed"] and out["metadata"]["model"]["name"] == "tiny-a"
+        png = http.get(out["url"])
+        assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_jobs_go_to_the_replica_holding_their_model(served, ray_client, direct):
+    """B, A, B, A: the first B job loads tiny-b on the replica without a model; every later job runs where its model
+    already is (no model loaded twice); outputs name their model and equal a direct run of it, pixel for pixel."""
+    before = alive(ray_client)
+    assert sorted(len(s["models"]) for s in before.values()) == [0, 1], before  # tiny-a preloaded on one
+    ran = []
+    with served() as http:
+        for i, model in enumerate(("tiny-b", "tiny-a", "tiny-b", "tiny-a")):
+            job = http.post("/api/jobs?wait=true", json={**REQ, "model": model, "seed": i}).json()
+            assert job["status"] == "done", job.get("error")
+            out = job["outputs"][0]
+            assert out["metadata"]["model"]["name"] == model
+            assert out["metadata"]["model"]["acceleration"]["cache"]["threshold"] == 0.05  # the replica's --cache
+            assert np.array_equal(pixels(http, out), direct(model, **REQ, seed=i))
+            ran.append((job["id"], model))
+    states = alive(ray_client)
+    holder = {m: name for name, s in states.items() for m in s["models"]}
+    assert set(holder) == {"tiny-a", "tiny-b"} and holder["tiny-a"] != holder["tiny-b"], states
+    for job_id, model in ran:
+        assert job_id in states[holder[model]]["completed"], (job_id, model, states)
+    loads = [m for s in states.values() for m, _ in s["loads"]]
+    assert sorted(loads) == ["tiny-a", "tiny-b"], loads  # each model loaded once, on one replica
+
+
+def test_speed_options_reach_every_replica(ray_client):
+    states = alive(ray_client)
+    assert len(states) == 2
+    for s in states.values():
+        assert s["speed"]["compile"] is False and s["speed"]["attention"] == "sdpa" and s["speed"]["quant"] is None
+        assert s["speed"]["cache"]["threshold"] == 0.05
+        assert s["device"] == "cpu" and s["max_resident"] >= 1
+        for model in s["resident"].values():
+            assert model["acceleration"]["attention"] == "native"  # diffusers' name of torch sdpa
+            assert model["acceleration"]["cache"]["threshold"] == 0.05 and model["loras"] == []
 
 
 def test_cancel_reaches_the_replica_and_it_goes_on(served, ray_client):
-    cancelled_before = ray_client.replica_info()["runs"]["cancelled"]
-    job_id = served.post("/api/jobs", json=SLOW).json()["id"]
-    deadline = time.monotonic() + 30
-    while served.get(f"/api/jobs/{job_id}").json().get("progress", {}).get("step", 0) < 1:
-        assert time.monotonic() < deadline, "the slow job never made progress"
-        time.sleep(0.05)
-    asked = time.monotonic()
-    assert served.post(f"/api/jobs/{job_id}/cancel").json()["status"] == "cancelling"
-    wait_status(served, job_id, ("cancelled",), timeout=15)
-    assert time.monotonic() - asked < 10
-    assert [n for n, _ in read_sse(served, job_id)][-1] == "cancelled"
-    # the replica stopped the run and takes the next job
-    ok = served.post("/api/jobs?wait=true", json=JOB).json()
-    assert ok["status"] == "done", ok
-    runs = ray_client.replica_info()["runs"]  # the engine on the replica stopped the run (not just the client)
-    assert runs["cancelled"] == cancelled_before + 1, runs
+    def cancelled() -> int:
+        return sum(s["runs"]["cancelled"] for s in ray_client.replica_info().values())
+
+    before = cancelled()
+    with served() as http:
+        job_id = http.post("/api/jobs", json=SLOW).json()["id"]
+        deadline = time.monotonic() + 30
+        while http.get(f"/api/jobs/{job_id}").json().get("progress", {}).get("step", 0) < 1:
+            assert time.monotonic() < deadline, "the slow job never made progress"
+            time.sleep(0.05)
+        asked = time.monotonic()
+        assert http.post(f"/api/jobs/{job_id}/cancel").json()["status"] == "cancelling"
+        wait_status(http, job_id, ("cancelled",), timeout=15)
+        assert time.monotonic() - asked < 10
+        assert [n for n, _ in read_sse(http, job_id)][-1] == "cancelled"
+        ok = http.post("/api/jobs?wait=true", json=JOB).json()  # the replica stopped the run and takes the next
+        assert ok["status"] == "done", ok
+    assert cancelled() == before + 1  # the engine on the replica stopped the run (not just the client)
+    assert ray_client.retried == []
 
 
 def test_typed_errors_keep_their_class_and_code(served, ray_client):
     from qwenstudio.engine.requests import GenerateRequest
     from qwenstudio.errors import InvalidRequest, ModelNotFound
 
-    # refused at prepare, which runs on a replica (tokenizer): 422 with the engine's code, nothing queued
-    r = served.post("/api/jobs", json={"prompt": "word " * 1100, "steps": 1})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "prompt_too_long", r.text
-    assert served.get("/api/jobs").json()["total"] == 0
+    with served() as http:
+        # refused at prepare, which runs on a replica (tokenizer): 422 with the engine's code, nothing queued
+        r = http.post("/api/jobs", json={"prompt": "word " * 1100, "steps": 1})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "prompt_too_long", r.text
+        r = http.post("/api/jobs", json={**REQ, "model": "tiny-c"})
+        assert r.status_code == 404 and "tiny-b" in r.json()["error"]["message"], r.text
+        assert http.get("/api/jobs").json()["total"] == 0
     # raised inside a replica's run (an unvalidated request straight to submit): same class, same code
     with pytest.raises(InvalidRequest) as e:
-        ray_client.submit("bad", "tiny", GenerateRequest(prompt="x", steps=0), lambda ev: True)
+        ray_client.submit("bad", "tiny-a", GenerateRequest(prompt="x", steps=0), lambda ev: True)
     assert e.value.code == "invalid_steps" and e.value.status == 422
     with pytest.raises(ModelNotFound):
         ray_client.submit("other", "nope", GenerateRequest(prompt="x"), lambda ev: True)
 
 
 def test_inpaint_edit_ships_its_inputs_and_comes_back_pixel_exact(served):
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     def png(im) -> bytes:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
@@ -109,12 +210,84 @@ def test_inpaint_edit_ships_its_inputs_and_comes_back_pixel_exact(served):
     source = Image.new("RGB", (70, 50), (200, 30, 30))
     mask = Image.new("L", (70, 50), 0)
     mask.paste(255, (20, 10, 50, 40))
-    img_id = served.post("/api/uploads", files={"file": ("a.png", png(source), "image/png")}).json()["id"]
-    mask_id = served.post("/api/uploads", files={"file": ("m.png", png(mask), "image/png")}).json()["id"]
-    job = served.post("/api/jobs?wait=true", json={"prompt": "a blue square", "images": [img_id], "mask": mask_id,
-                                                   "steps": 2, "seed": 3}).json()
-    assert job["status"] == "done", job.get("error")
-    result = np.asarray(Image.open(io.BytesIO(served.get(job["outputs"][0]["url"]).content)).convert("RGB"))
+    with served() as http:
+        img_id = http.post("/api/uploads", files={"file": ("a.png", png(source), "image/png")}).json()["id"]
+        mask_id = http.post("/api/uploads", files={"file": ("m.png", png(mask), "image/png")}).json()["id"]
+        job = http.post("/api/jobs?wait=true", json={"prompt": "a blue square", "images": [img_id], "mask": mask_id,
+                                                     "steps": 2, "seed": 3}).json()
+        assert job["status"] == "done", job.get("error")
+        result = pixels(http, job["outputs"][0])
     assert result.shape == (50, 70, 3)
     outside = np.asarray(mask) == 0
     assert np.array_equal(result[outside], np.asarray(source)[outside])  # lossless PNG transport, untouched pixels
+
+
+def kill_replica_running(ray_client, wanted, stop: threading.Event, killed: list, times: int = 1) -> None:
+    """Kill (``ray.kill``, no restart) the replica that reports running a job in ``wanted``, ``times`` times."""
+    while not stop.is_set() and len(killed) < times:
+        for name, state in ray_client.replica_info().items():
+            if state["alive"] and state["running"] in wanted and name not in {n for n, _ in killed}:
+                ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+                killed.append((name, state["running"]))
+                break
+        time.sleep(0.02)
+
+
+def test_a_replica_killed_mid_job_the_job_completes_once_elsewhere(served, ray_client, direct):
+    """Eight jobs from two workers over both models; the replica running the third is killed mid-denoise. Every job
+    ends done exactly once (the killed one retried on another replica), each output names its model and the killed
+    job's pixels equal a direct run."""
+    jobs: list[tuple[str, str, int]] = []
+    killed: list[tuple[str, str]] = []
+    stop = threading.Event()
+    with served(workers=2) as http:
+        for i in range(8):
+            model = ("tiny-a", "tiny-b")[i % 2]
+            r = http.post("/api/jobs", json={**LONG, "model": model, "seed": 10 + i})
+            assert r.status_code == 202, r.text
+            jobs.append((r.json()["id"], model, 10 + i))
+        killer = threading.Thread(target=kill_replica_running,
+                                  args=(ray_client, {j for j, _, _ in jobs[2:]}, stop, killed), daemon=True)
+        killer.start()
+        try:
+            finished = [wait_status(http, j, ("done", "failed", "cancelled"), timeout=120) for j, _, _ in jobs]
+        finally:
+            stop.set()
+            killer.join(5)
+        assert killed, "no replica was killed"
+        assert [f["status"] for f in finished] == ["done"] * 8, [(f["status"], f.get("error")) for f in finished]
+        for f, (_, model, _) in zip(finished, jobs):
+            assert len(f["outputs"]) == 1 and f["outputs"][0]["metadata"]["model"]["name"] == model
+        dead_name, victim = killed[0]
+        k = [j for j, _, _ in jobs].index(victim)
+        assert np.array_equal(pixels(http, finished[k]["outputs"][0]), direct(jobs[k][1], **LONG, seed=jobs[k][2]))
+        assert http.get("/api/jobs").json()["total"] == 8
+    assert (victim, dead_name) in ray_client.retried
+    states = ray_client.replica_info()
+    assert states[dead_name]["alive"] is False and victim not in states[dead_name]["completed"]
+    completed = [j for s in states.values() for j in s["completed"] if j in {j for j, _, _ in jobs}]
+    assert sorted(completed) == sorted(j for j, _, _ in jobs)  # each ran to completion once, on one replica
+
+
+def test_a_job_whose_replicas_die_twice_fails_replica_failed(ray_client):
+    from qwenstudio.engine.requests import GenerateRequest
+    from qwenstudio.service.errors import ReplicaFailed
+
+    deadline = time.monotonic() + 60  # Serve replaces the replica the previous test killed
+    while len(alive(ray_client)) < 2:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(0.2)
+    killed: list = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_replica_running, args=(ray_client, {"twice"}, stop, killed, 2),
+                              daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(ReplicaFailed) as e:
+            ray_client.submit("twice", "tiny-a", GenerateRequest(**{**LONG, "steps": 200}), lambda ev: True)
+    finally:
+        stop.set()
+        killer.join(5)
+    assert e.value.code == "replica_failed" and e.value.status == 503
+    assert len(killed) == 2 and e.value.detail["replicas"] == [n for n, _ in killed]
+    assert all("twice" not in s["completed"] for s in ray_client.replica_info().values())

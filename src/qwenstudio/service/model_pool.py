@@ -299,6 +299,35 @@ class MultiModelEngineClient:
         with self._lock:
             return list(reversed(self._resident))
 
+    def load(self, model: str) -> float:
+        """Make ``model`` resident now (on the engine thread, evicting the least recently used beyond
+        ``max_resident``); the seconds the load took, 0 when it was resident. A Ray replica loads through this
+        (service/ray_replica.py)."""
+        entry = self.catalog.get(model)
+        if entry.id in self.resident_models():
+            return 0.0
+        started = time.perf_counter()
+        self._pool.submit(self._engine_for, entry, None).result()
+        return time.perf_counter() - started
+
+    def evict(self, model: str) -> None:
+        """Drop ``model`` from the resident set and give its memory back, on the engine thread (queued behind the
+        running job, never waited for here: a caller on any thread may evict)."""
+        self._pool.submit(self._evict_model, model)
+
+    def _evict_model(self, model: str) -> None:
+        with self._lock:
+            engine = self._resident.pop(model, None)
+        if engine is None:
+            return
+        del engine
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("evicted model %s", model)
+
     # ---- jobs ----------------------------------------------------------------------------------------------
     def prepare(self, model: str, request: Any) -> Any:
         """Before queueing: the model exists and fits (typed 404/422 otherwise); with the model loaded, the

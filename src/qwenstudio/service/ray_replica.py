@@ -1,0 +1,283 @@
+"""One Ray Serve replica = one engine pool: any model of the catalog, loaded on demand, under the replica's own memory
+plan (service/model_pool.py's ``ModelCatalog`` + ``MultiModelEngineClient``, built on the replica's node, so a GPU
+replica plans for its GPU). Every replica gets the same ``LoadOptions`` — device, components, offload and the speed
+options (compile, attention, quant, cache) — so ``serve --ray --compile on`` means the same on every node.
+
+Routing by model uses Ray Serve's model multiplexing, the mechanism Serve supports for "send the request to a
+replica that has this model": the client calls ``handle.options(multiplexed_model_id=model)``, and the replica loads
+through a ``serve.multiplexed`` function whose LRU bound is the pool's ``max_resident``. Serve's router then prefers
+replicas that report the model loaded, falls back to the replica with the fewest models, then to any.
+Ray's LRU and the pool's stay one: Ray evicts first (calling the ``ResidentModel`` token's ``__del__``, its
+documented unload hook), which evicts the engine from the pool; the pool then never holds more than Ray counts.
+
+``ReplicaBoard`` is a small Ray actor each replica reports its state to (models resident, their LoRA stacks and
+acceleration, the job running, run outcomes): what ``RayServeEngineClient.replica_info()`` shows, and how a test
+finds the replica that runs a job. A dead replica's last report stays on the board, marked not alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from ..errors import Cancelled, GenerationFailed, QwenStudioError
+from .engine_client import LoadEvent, StepEvent
+from .ray_wire import encode_result, error_payload
+
+log = logging.getLogger("qwenstudio.service")
+
+DEPLOYMENT_NAME = "EngineReplica"
+
+
+class ReplicaBoard:
+    """Last state reported by each replica, by its actor name (a Ray actor: ``ray.remote(ReplicaBoard)``)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, dict] = {}
+
+    def report(self, state: dict) -> None:
+        self.states[state["replica"]] = state
+
+    def all(self) -> dict[str, dict]:
+        return self.states
+
+
+class ResidentModel:
+    """What the ``serve.multiplexed`` loader returns for a model: Ray keeps it while the model counts as loaded on
+    this replica and calls ``__del__`` when its LRU unloads it (then the pool drops the engine)."""
+
+    def __init__(self, replica: EngineReplica, model: str):
+        self.replica, self.model, self.released = replica, model, False
+
+    def __del__(self) -> None:
+        if not self.released:  # Ray calls it explicitly, the garbage collector once more later
+            self.released = True
+            self.replica.unloaded(self.model)
+
+
+class EngineReplica:
+    """The Serve deployment class. ``default`` is the operator's ``--model`` (a path is allowed for it)."""
+
+    def __init__(self, default: str, settings: Any, options: Any, max_resident: int | None = None,
+                 board: Any = None):
+        from ray import serve
+
+        from .model_pool import ModelCatalog, MultiModelEngineClient
+
+        self.options, self.board = options, board
+        self.pool = MultiModelEngineClient(ModelCatalog(settings, default, options), max_resident=max_resident,
+                                           preload=False)
+        # the replica's own LRU bound, from its own memory plan (or --max-resident): what Ray's multiplexer keeps
+
+        async def load_model(model: str) -> ResidentModel:  # a plain function: Ray keeps its LRU on it
+            return await self.load(model)
+
+        self.load_model = serve.multiplexed(max_num_models_per_replica=self.pool.max_resident)(load_model)
+        context = serve.get_replica_context()
+        import ray
+
+        self.name = ray.get_runtime_context().get_actor_name() or context.replica_id.unique_id
+        self.replica_id = context.replica_id.unique_id
+        self.runs = {"done": 0, "failed": 0, "cancelled": 0}
+        self.completed: list[str] = []  # job ids this replica ran to a result (bounded)
+        self.running: str | None = None
+        self.evicted: list[str] = []
+        self._lock = threading.Lock()
+        self.report(wait=False)
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        models = {}
+        for name in self.pool.resident_models():
+            engine = self.pool.engine(name)
+            if engine is None:
+                continue
+            models[name] = {"loras": [m.get("name") for m in engine.lora_metadata()],
+                            "acceleration": _jsonable(engine.acceleration)}
+        return {"replica": self.name, "replica_id": self.replica_id, "pid": os.getpid(), "alive": True,
+                "models": list(models), "resident": models, "max_resident": self.pool.max_resident,
+                "speed": _jsonable(self.options.speed), "device": self.options.device, "running": self.running,
+                "runs": dict(self.runs), "completed": list(self.completed),
+                "loads": [[m, round(s, 4)] for m, s in self.pool.loads]}
+
+    def report(self, wait: bool = True) -> None:
+        """Send the state to the board; ``wait`` (off the event loop only) until it is there, so what a caller
+        reads after this replica's answer is never older than the answer."""
+        if self.board is None:
+            return
+        try:
+            ref = self.board.report.remote(self.state())
+            if wait:
+                import ray
+
+                ray.get(ref, timeout=10)
+        except Exception:  # noqa: BLE001 (the board is an aid; a replica never fails for it)
+            log.warning("could not report to the replica board", exc_info=True)
+
+    async def info(self) -> dict:
+        return self.state()
+
+    # ---- models --------------------------------------------------------------------------------------------
+    async def load(self, model: str) -> ResidentModel:
+        """What the ``serve.multiplexed`` loader runs: load into the pool off the event loop."""
+        await asyncio.to_thread(self.pool.load, model)
+        await asyncio.to_thread(self.report)
+        return ResidentModel(self, model)
+
+    def unloaded(self, model: str) -> None:
+        self.pool.evict(model)
+        with self._lock:
+            self.evicted.append(model)
+
+    async def warm(self) -> dict:
+        """Load the request's multiplexed model (the client's readiness check: the --model loads somewhere)."""
+        from ray import serve
+
+        try:
+            await self.load_model(serve.get_multiplexed_model_id())
+        except QwenStudioError as e:
+            return {"loaded": False, "error": error_payload(e)}
+        except Exception:
+            log.exception("loading the model failed")
+            return {"loaded": False, "error": error_payload(
+                QwenStudioError("the model failed to load; see the replica log", code="model_load_failed"))}
+        return {"loaded": True, **self.state()}
+
+    # ---- jobs ----------------------------------------------------------------------------------------------
+    async def prepare(self, request: Any) -> tuple[str, Any]:
+        """The pool's prepare for the request's multiplexed model: the engine's full prepare when it is resident
+        here, else its bounds and the memory check on this replica (the model is not loaded for it)."""
+        from ray import serve
+
+        try:
+            return "ok", await asyncio.to_thread(self.pool.prepare, serve.get_multiplexed_model_id(), request)
+        except QwenStudioError as e:
+            return "error", error_payload(e)
+
+    async def generate(self, job_id: str, request: Any, preview_every: int = 0, inputs: dict | None = None):
+        """Stream ``("replica", name)``, ``("loading", {...})`` when the model is loaded for this job,
+        ``("progress", (step, total, elapsed, preview))`` per step, then one ``("result" | "error", payload)``.
+        A Serve cancel of this call raises CancelledError here; the ``finally`` stops the engine at its next step."""
+        from ray import serve
+
+        model = serve.get_multiplexed_model_id()
+        yield "replica", self.name
+        loading = model not in self.pool.resident_models()
+        if loading:
+            yield "loading", {"model": model, "phase": "start"}
+        started = time.perf_counter()
+        with self._lock:
+            self.evicted = []
+        try:
+            await self.load_model(model)
+        except QwenStudioError as e:
+            yield "error", error_payload(e)
+            return
+        if loading:
+            with self._lock:
+                evicted = list(self.evicted)
+            yield "loading", {"model": model, "phase": "done", "seconds": round(time.perf_counter() - started, 4),
+                              "evicted": evicted}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the replica's loop is gone (shutting down): nobody is listening
+                pass
+
+        def on_event(ev) -> bool:
+            if stop.is_set():
+                return False
+            if isinstance(ev, StepEvent):
+                put(("progress", (ev.step, ev.total, ev.elapsed, ev.preview)))
+            elif isinstance(ev, LoadEvent):  # evicted meanwhile and loaded again by the pool
+                put(("loading", {"model": ev.model, "phase": ev.phase, "seconds": ev.seconds,
+                                 "evicted": list(ev.evicted)}))
+            return True
+
+        def run() -> None:
+            if stop.is_set():
+                put(("error", error_payload(Cancelled("cancelled before it started"))))
+                return
+            self.running = job_id
+            self.report()
+            try:
+                result = self.pool.submit(job_id, model, request, on_event, preview_every, inputs)
+                self.runs["done"] += 1
+                self.completed = [*self.completed[-255:], job_id]
+                outcome = ("result", encode_result(result))
+            except QwenStudioError as e:
+                self.runs["cancelled" if isinstance(e, Cancelled) else "failed"] += 1
+                outcome = ("error", error_payload(e))
+            except Exception:
+                self.runs["failed"] += 1
+                log.exception("job %s failed on the replica", job_id)
+                outcome = ("error", error_payload(GenerationFailed(
+                    "the job failed with an internal error; see the replica log", code="internal_error")))
+            self.running = None
+            self.report()  # before the outcome leaves: the board never lags behind what the caller saw
+            put(outcome)
+
+        worker = threading.Thread(target=run, name=f"qwenstudio-job-{job_id[:8]}", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, data = await queue.get()
+                yield kind, data
+                if kind not in ("progress", "loading"):
+                    return
+        finally:
+            stop.set()
+            self.pool.cancel(job_id)
+
+
+def _jsonable(value: Any) -> Any:
+    """Speed options and acceleration reports as JSON-able data (a step-cache config becomes its fields)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def build_deployment(num_replicas: int = 1, num_gpus: float = 0, num_cpus: float | None = None,
+                     max_ongoing_requests: int = 1, ray_actor_options: dict | None = None,
+                     min_replicas: int | None = None, max_replicas: int | None = None):
+    """The Serve deployment of ``EngineReplica``: ``num_replicas`` fixed, or autoscaled between ``min_replicas``
+    and ``max_replicas`` (Serve's ``autoscaling_config``, one job in flight per replica as its target).
+
+    ``max_ongoing_requests=1``: a replica running a job counts as busy, so Serve's router sends the next job for
+    the same model to an idle replica (which loads it) instead of queueing it behind the running one; it waits only
+    when every replica is busy. ``prepare`` shares that slot, so the client bounds its wait for it."""
+    from ray import serve
+
+    options = dict(ray_actor_options or {})
+    options.setdefault("num_gpus", num_gpus)
+    if num_cpus is not None:
+        options.setdefault("num_cpus", num_cpus)
+    kwargs: dict[str, Any] = {"num_replicas": num_replicas}
+    if min_replicas is not None or max_replicas is not None:
+        low = num_replicas if min_replicas is None else min_replicas
+        high = max(low, num_replicas) if max_replicas is None else max_replicas
+        if not 0 <= low <= high or high < 1:
+            raise QwenStudioError(f"replica bounds must satisfy 0 <= min ({low}) <= max ({high}), max >= 1",
+                                  code="invalid_config")
+        kwargs = {"num_replicas": "auto",
+                  "autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                         "initial_replicas": min(max(num_replicas, low), high),
+                                         "target_ongoing_requests": 1}}
+    return serve.deployment(EngineReplica, name=DEPLOYMENT_NAME, max_ongoing_requests=max_ongoing_requests,
+                            ray_actor_options=options, **kwargs)

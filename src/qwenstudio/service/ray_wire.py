@@ -1,0 +1,61 @@
+"""The Ray link's wire format: results and typed errors as plain data (PNG bytes + metadata, error class name +
+code + detail), so nothing but dataclasses, bytes and JSON-able values crosses between the service and a replica."""
+
+from __future__ import annotations
+
+import importlib
+import io
+from typing import Any
+
+from .. import errors
+from ..errors import QwenStudioError
+
+
+def error_payload(e: QwenStudioError) -> dict:
+    cls = type(e)
+    return {"module": cls.__module__, "type": cls.__name__, "message": e.message, "code": e.code,
+            "detail": dict(e.detail), "status": e.status}
+
+
+def error_from_payload(p: dict) -> QwenStudioError:
+    """The same typed error the replica raised (its class when it is a qwenstudio error class, else the base class
+    with the code and status kept)."""
+    cls: Any = None
+    if p.get("module", "").startswith("qwenstudio"):
+        try:
+            cls = getattr(importlib.import_module(p["module"]), p["type"], None)
+        except ImportError:
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, QwenStudioError)):
+        cls = getattr(errors, p.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, QwenStudioError)):
+        cls = QwenStudioError
+    try:
+        err = cls(p["message"], code=p["code"], detail=p.get("detail") or None)
+    except TypeError:  # a subclass with its own constructor
+        err = QwenStudioError(p["message"], code=p["code"], detail=p.get("detail") or None)
+    if err.status != p.get("status", err.status):
+        err.status = p["status"]
+    return err
+
+
+def encode_result(result: Any) -> dict:
+    images = []
+    for img in result.images:
+        buf = io.BytesIO()
+        img.image.save(buf, format="PNG", compress_level=1)
+        images.append({"png": buf.getvalue(), "metadata": img.metadata})
+    return {"images": images, "request": result.request, "timings": result.timings}
+
+
+def decode_result(payload: dict) -> Any:
+    from PIL import Image
+
+    from ..engine.requests import GeneratedImage, GenerateResult
+
+    images = []
+    for item in payload["images"]:
+        im = Image.open(io.BytesIO(item["png"]))
+        im.load()
+        images.append(GeneratedImage(im, item["metadata"]))
+    return GenerateResult(images, payload["request"], payload["timings"])
