@@ -82,7 +82,9 @@ def build_ray_client(model: str, variant: str | None = None, device: str | None 
     except ImportError:
         raise QwenStudioError("--ray needs Ray Serve: pip install 'qwenstudio[ray]'", code="missing_dependency")
     from ..service.model_pool import LoadOptions, ModelCatalog
+    from ..service.ray_replica import replica_counts
 
+    replica_counts(replicas, min_replicas, max_replicas)  # bad bounds: a one-line error before Ray starts
     settings = settings or Settings.from_env()
     options = LoadOptions(device=device, text_encoder=text_encoder, vae=vae, offload=offload, variant=variant,
                           speed=dict(speed or {}))
@@ -141,6 +143,11 @@ def serve(
     config = load_service_config(config_file, keys, defaults=fields, overrides=overrides)
     if ray and "workers" not in overrides and config.workers == 1:  # one job in flight per replica
         config = replace(config, workers=max(config.ray_replicas, config.ray_max_replicas or 0))
+    elif not ray and (config.ray_replicas != 1 or config.ray_min_replicas is not None
+                      or config.ray_max_replicas is not None):
+        import sys
+
+        print("warning: replica settings apply with --ray only; ignored", file=sys.stderr)
     config.check_bind()  # before loading anything
 
     settings = Settings.from_env()

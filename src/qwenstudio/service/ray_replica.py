@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from ..errors import Cancelled, GenerationFailed, QwenStudioError
+from ..errors import Cancelled, GenerationFailed, InvalidRequest, QwenStudioError
 from .engine_client import LoadEvent, StepEvent
 from .ray_wire import encode_result, error_payload
 
@@ -253,11 +253,34 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def replica_counts(num_replicas: int = 1, min_replicas: int | None = None,
+                   max_replicas: int | None = None) -> dict[str, Any]:
+    """``serve.deployment`` keywords for the replica count: ``num_replicas`` fixed, or (either bound given) Serve's
+    ``autoscaling_config`` between the bounds (the floor defaults to ``num_replicas``), starting at ``num_replicas``
+    clamped into them, one job in flight per replica as the target. Bad bounds are a typed error, raised before Ray
+    is touched."""
+    if num_replicas < 1:
+        raise InvalidRequest(f"--replicas must be at least 1, not {num_replicas}", code="invalid_config")
+    if min_replicas is None and max_replicas is None:
+        return {"num_replicas": num_replicas}
+    if min_replicas is not None:
+        low = min_replicas
+    else:  # --replicas is the floor unless it is above the ceiling
+        low = num_replicas if max_replicas is None else min(num_replicas, max_replicas)
+    high = max(low, num_replicas) if max_replicas is None else max_replicas
+    if not 0 <= low <= high or high < 1:
+        raise InvalidRequest(f"replica bounds must satisfy 0 <= min ({low}) <= max ({high}) and max >= 1",
+                             code="invalid_config")
+    return {"num_replicas": "auto",
+            "autoscaling_config": {"min_replicas": low, "max_replicas": high,
+                                   "initial_replicas": min(max(num_replicas, low), high),
+                                   "target_ongoing_requests": 1}}
+
+
 def build_deployment(num_replicas: int = 1, num_gpus: float = 0, num_cpus: float | None = None,
                      max_ongoing_requests: int = 1, ray_actor_options: dict | None = None,
                      min_replicas: int | None = None, max_replicas: int | None = None):
-    """The Serve deployment of ``EngineReplica``: ``num_replicas`` fixed, or autoscaled between ``min_replicas``
-    and ``max_replicas`` (Serve's ``autoscaling_config``, one job in flight per replica as its target).
+    """The Serve deployment of ``EngineReplica`` (counts: ``replica_counts``).
 
     ``max_ongoing_requests=1``: a replica running a job counts as busy, so Serve's router sends the next job for
     the same model to an idle replica (which loads it) instead of queueing it behind the running one; it waits only
@@ -268,16 +291,5 @@ def build_deployment(num_replicas: int = 1, num_gpus: float = 0, num_cpus: float
     options.setdefault("num_gpus", num_gpus)
     if num_cpus is not None:
         options.setdefault("num_cpus", num_cpus)
-    kwargs: dict[str, Any] = {"num_replicas": num_replicas}
-    if min_replicas is not None or max_replicas is not None:
-        low = num_replicas if min_replicas is None else min_replicas
-        high = max(low, num_replicas) if max_replicas is None else max_replicas
-        if not 0 <= low <= high or high < 1:
-            raise QwenStudioError(f"replica bounds must satisfy 0 <= min ({low}) <= max ({high}), max >= 1",
-                                  code="invalid_config")
-        kwargs = {"num_replicas": "auto",
-                  "autoscaling_config": {"min_replicas": low, "max_replicas": high,
-                                         "initial_replicas": min(max(num_replicas, low), high),
-                                         "target_ongoing_requests": 1}}
     return serve.deployment(EngineReplica, name=DEPLOYMENT_NAME, max_ongoing_requests=max_ongoing_requests,
-                            ray_actor_options=options, **kwargs)
+                            ray_actor_options=options, **replica_counts(num_replicas, min_replicas, max_replicas))
