@@ -28,11 +28,14 @@ SPEED = {"compile": "off", "attention": "sdpa", "cache": "0.05"}
 
 @pytest.fixture(scope="module")
 def ray_models(tiny_folder, tmp_path_factory):
+    from qwenstudio import Engine
+    from qwenstudio.testing.loras import write_lora
     from qwenstudio.testing.tiny import TinySpec, write_diffusers_folder
 
     root = tmp_path_factory.mktemp("ray-models")
     shutil.copytree(tiny_folder, root / "tiny-a")
     write_diffusers_folder(root / "tiny-b", TinySpec(seed=1))
+    write_lora(root / "loras" / "style.safetensors", Engine.load(root / "tiny-a", device="cpu").components.transformer, "comfy", seed=1)
     return root
 
 
@@ -148,6 +151,42 @@ def test_jobs_go_to_the_replica_holding_their_model(served, ray_client, direct):
     assert sorted(loads) == ["tiny-a", "tiny-b"], loads  # each model loaded once, on one replica
 
 
+def test_a_lora_stack_prefers_the_replica_that_has_it(ray_client):
+    """Both replicas hold tiny-a; once one has run the ``style`` LoRA, jobs with that stack go to it and jobs
+    without LoRAs to the other (ray_routing.py's second preference), each replica keeping its stack."""
+    from qwenstudio.engine.requests import GenerateRequest, LoraRef
+    from qwenstudio.service.ray_routing import ROUTING_STATS_PERIOD_S
+
+    def run(job_id: str, loras=()) -> None:
+        ray_client.submit(job_id, "tiny-a", GenerateRequest(**REQ, seed=1, loras=list(loras)), lambda ev: True)
+
+    for attempt in range(4):  # two concurrent jobs: the busy holder makes the second load tiny-a on the other
+        if all("tiny-a" in s["models"] for s in alive(ray_client).values()):
+            break
+        pair = [threading.Thread(target=ray_client.submit, args=(f"spread{attempt}{i}", "tiny-a",
+                                 GenerateRequest(**LONG, seed=i), lambda ev: True)) for i in range(2)]
+        for t in pair:
+            t.start()
+        for t in pair:
+            t.join(60)
+    assert all("tiny-a" in s["models"] for s in alive(ray_client).values()), alive(ray_client)
+    style = [LoraRef("style", 1.0)]
+    run("lora0", style)
+    time.sleep(3 * ROUTING_STATS_PERIOD_S)  # the router sees the new stack at the next stats round
+    for i in range(1, 4):
+        run(f"lora{i}", style)
+        run(f"plain{i}")
+    states = alive(ray_client)
+    where = {j: name for name, s in states.items() for j in s["completed"]}
+    lora_replica, plain_replica = where["lora0"], where["plain1"]
+    assert lora_replica != plain_replica
+    assert {where[f"lora{i}"] for i in range(4)} == {lora_replica}
+    assert {where[f"plain{i}"] for i in range(1, 4)} == {plain_replica}
+    assert states[lora_replica]["resident"]["tiny-a"]["loras"] == ["style"]
+    assert states[lora_replica]["resident"]["tiny-a"]["lora_stack"] == "style:1"
+    assert states[plain_replica]["resident"]["tiny-a"]["loras"] == []
+
+
 def test_speed_options_reach_every_replica(ray_client):
     states = alive(ray_client)
     assert len(states) == 2
@@ -157,7 +196,7 @@ def test_speed_options_reach_every_replica(ray_client):
         assert s["device"] == "cpu" and s["max_resident"] >= 1
         for model in s["resident"].values():
             assert model["acceleration"]["attention"] == "native"  # diffusers' name of torch sdpa
-            assert model["acceleration"]["cache"]["threshold"] == 0.05 and model["loras"] == []
+            assert model["acceleration"]["cache"]["threshold"] == 0.05
 
 
 def test_cancel_reaches_the_replica_and_it_goes_on(served, ray_client):

@@ -5,9 +5,10 @@ CPU slot; or autoscaled between ``min_replicas`` and ``max_replicas``), each an 
 the catalog on demand under its own memory plan (service/ray_replica.py). The service talks to them through a Serve
 handle.
 
-* **Routing by model**: every job call is ``handle.options(multiplexed_model_id=model)``: Serve's multiplexing router
-  sends it to a replica that has the model loaded when one is free, else to the one with the fewest models (which
-  loads it). See ray_replica.py for why this mechanism, and what is not (yet) preferred: the LoRA stack.
+* **Routing by model, then LoRA stack**: every job call is ``handle.options(multiplexed_model_id=model)`` with its
+  LoRA stack key; the deployment's ``ModelLoraRouter`` (ray_routing.py: Serve multiplexing's ranks, the holders of
+  the model split by LoRA stack) sends it to a free replica holding the model (the same stack first), else to the
+  one with the fewest models (which loads it).
 * ``submit`` opens a streaming call; the replica yields ``("loading", ...)`` while it loads the model, ``("progress",
   (step, total, elapsed, preview))`` per step, then ``("result", payload)`` or ``("error", payload)``. The client
   hands each to ``on_event`` just like the in-process clients, so SSE progress, ``loading`` events and previews work.
@@ -37,6 +38,7 @@ from ..errors import Cancelled, GenerationFailed, QwenStudioError
 from .engine_client import EventCallback, LoadEvent, ModelInfo, StepEvent
 from .errors import ReplicaFailed
 from .ray_replica import DEPLOYMENT_NAME, EngineReplica, ReplicaBoard, build_deployment
+from .ray_routing import lora_stack_key
 from .ray_wire import decode_result, encode_result, error_from_payload, error_payload
 
 __all__ = ["DEPLOYMENT_NAME", "EngineReplica", "RayServeEngineClient", "ReplicaFailed", "build_deployment",
@@ -181,7 +183,8 @@ class RayServeEngineClient:
         if self._handle is not None:
             from ray.exceptions import RayError
 
-            response = self._handle.options(multiplexed_model_id=entry.id).prepare.remote(request)
+            response = self._handle.options(multiplexed_model_id=entry.id).prepare.remote(
+                request, lora_stack=lora_stack_key(getattr(request, "loras", ())))
             try:
                 status, value = response.result(timeout_s=PREPARE_WAIT_S)
             except TimeoutError:
@@ -235,7 +238,7 @@ class RayServeEngineClient:
         from ray.serve.exceptions import RequestCancelledError
 
         stream = handle.options(stream=True, multiplexed_model_id=model).generate.remote(
-            job_id, request, preview_every, inputs)
+            job_id, request, preview_every, inputs, lora_stack=lora_stack_key(getattr(request, "loras", ())))
         with self._lock:
             self._running[job_id] = stream
         replica = "unknown"

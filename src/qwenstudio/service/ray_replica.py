@@ -5,8 +5,9 @@ options (compile, attention, quant, cache) — so ``serve --ray --compile on`` m
 
 Routing by model uses Ray Serve's model multiplexing, the mechanism Serve supports for "send the request to a
 replica that has this model": the client calls ``handle.options(multiplexed_model_id=model)``, and the replica loads
-through a ``serve.multiplexed`` function whose LRU bound is the pool's ``max_resident``. Serve's router then prefers
-replicas that report the model loaded, falls back to the replica with the fewest models, then to any.
+through a ``serve.multiplexed`` function whose LRU bound is the pool's ``max_resident``; the deployment's router
+(ray_routing.py) ranks replicas that report the model loaded first, those with the same LoRA stack before the others
+(from ``record_routing_stats``), then the replica with the fewest models, then any.
 Ray's LRU and the pool's stay one: Ray evicts first (calling the ``ResidentModel`` token's ``__del__``, its
 documented unload hook), which evicts the engine from the pool; the pool then never holds more than Ray counts.
 
@@ -86,6 +87,7 @@ class EngineReplica:
         self.completed: list[str] = []  # job ids this replica ran to a result (bounded)
         self.running: str | None = None
         self.evicted: list[str] = []
+        self.stacks: dict[str, str] = {}  # model -> the LoRA stack key its last job asked for (ray_routing.py)
         self._lock = threading.Lock()
         self.report(wait=False)
 
@@ -97,7 +99,7 @@ class EngineReplica:
             if engine is None:
                 continue
             models[name] = {"loras": [m.get("name") for m in engine.lora_metadata()],
-                            "acceleration": _jsonable(engine.acceleration)}
+                            "lora_stack": self.stacks.get(name, ""), "acceleration": _jsonable(engine.acceleration)}
         return {"replica": self.name, "replica_id": self.replica_id, "pid": os.getpid(), "alive": True,
                 "models": list(models), "resident": models, "max_resident": self.pool.max_resident,
                 "speed": _jsonable(self.options.speed), "device": self.options.device, "running": self.running,
@@ -120,6 +122,12 @@ class EngineReplica:
 
     async def info(self) -> dict:
         return self.state()
+
+    def record_routing_stats(self) -> dict:
+        """What ``ModelLoraRouter`` reads (Serve calls this every ROUTING_STATS_PERIOD_S): each resident model's
+        LoRA stack."""
+        resident = set(self.pool.resident_models())
+        return {"loras": {m: k for m, k in self.stacks.items() if m in resident}}
 
     # ---- models --------------------------------------------------------------------------------------------
     async def load(self, model: str) -> ResidentModel:
@@ -148,7 +156,7 @@ class EngineReplica:
         return {"loaded": True, **self.state()}
 
     # ---- jobs ----------------------------------------------------------------------------------------------
-    async def prepare(self, request: Any) -> tuple[str, Any]:
+    async def prepare(self, request: Any, lora_stack: str = "") -> tuple[str, Any]:
         """The pool's prepare for the request's multiplexed model: the engine's full prepare when it is resident
         here, else its bounds and the memory check on this replica (the model is not loaded for it)."""
         from ray import serve
@@ -158,9 +166,11 @@ class EngineReplica:
         except QwenStudioError as e:
             return "error", error_payload(e)
 
-    async def generate(self, job_id: str, request: Any, preview_every: int = 0, inputs: dict | None = None):
+    async def generate(self, job_id: str, request: Any, preview_every: int = 0, inputs: dict | None = None,
+                       lora_stack: str = ""):
         """Stream ``("replica", name)``, ``("loading", {...})`` when the model is loaded for this job,
         ``("progress", (step, total, elapsed, preview))`` per step, then one ``("result" | "error", payload)``.
+        ``lora_stack``: the request's LoRA stack key (``ray_routing.lora_stack_key``), for the router's preference.
         A Serve cancel of this call raises CancelledError here; the ``finally`` stops the engine at its next step."""
         from ray import serve
 
@@ -207,6 +217,7 @@ class EngineReplica:
                 put(("error", error_payload(Cancelled("cancelled before it started"))))
                 return
             self.running = job_id
+            self.stacks[model] = lora_stack  # the engine sets this stack now (whatever the job's outcome)
             self.report()
             try:
                 result = self.pool.submit(job_id, model, request, on_event, preview_every, inputs)
@@ -280,7 +291,7 @@ def replica_counts(num_replicas: int = 1, min_replicas: int | None = None,
 def build_deployment(num_replicas: int = 1, num_gpus: float = 0, num_cpus: float | None = None,
                      max_ongoing_requests: int = 1, ray_actor_options: dict | None = None,
                      min_replicas: int | None = None, max_replicas: int | None = None):
-    """The Serve deployment of ``EngineReplica`` (counts: ``replica_counts``).
+    """The Serve deployment of ``EngineReplica`` (counts: ``replica_counts``; routing: ray_routing.py).
 
     ``max_ongoing_requests=1``: a replica running a job counts as busy, so Serve's router sends the next job for
     the same model to an idle replica (which loads it) instead of queueing it behind the running one; it waits only
@@ -291,5 +302,8 @@ def build_deployment(num_replicas: int = 1, num_gpus: float = 0, num_cpus: float
     options.setdefault("num_gpus", num_gpus)
     if num_cpus is not None:
         options.setdefault("num_cpus", num_cpus)
+    from .ray_routing import request_router_config
+
     return serve.deployment(EngineReplica, name=DEPLOYMENT_NAME, max_ongoing_requests=max_ongoing_requests,
-                            ray_actor_options=options, **replica_counts(num_replicas, min_replicas, max_replicas))
+                            ray_actor_options=options, request_router_config=request_router_config(),
+                            **replica_counts(num_replicas, min_replicas, max_replicas))
