@@ -49,6 +49,7 @@ log = logging.getLogger("qwenstudio.service")
 DEFAULT_APP_NAME = "qwenstudio"
 PREPARE_WAIT_S = 3.0  # prepare shares a replica's one slot with its job: when all are busy, check here instead
 RETRIES = 1  # a job whose replica died is sent once more; a second death fails it
+RESIDENT_TTL_S = 1.0
 
 
 class ReplicaDied(Exception):
@@ -77,6 +78,7 @@ class RayServeEngineClient:
         self._running: dict[str, Any] = {}
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
+        self._resident_cache: tuple[list[str], float] = ([], -1e9)
         self._closed = False
         self.retried: list[tuple[str, str]] = []  # (job id, dead replica) of every retry, oldest first (bounded)
         self.startup_s: float | None = None  # ray.init (when started here) + deploy + default model load, seconds
@@ -149,7 +151,12 @@ class RayServeEngineClient:
         return states
 
     def resident_models(self) -> list[str]:
-        """Models loaded on some live replica (the worker prefers their jobs: service/scheduling.py)."""
+        """Models loaded on some live replica (the worker prefers their jobs: service/scheduling.py). Asked on every
+        worker poll, so read from the board at most every RESIDENT_TTL_S."""
+        with self._lock:
+            cached, read_at = self._resident_cache
+        if time.monotonic() - read_at < RESIDENT_TTL_S:
+            return list(cached)
         try:
             states = self.replica_info().values()
         except Exception:  # noqa: BLE001 (an affinity hint only)
@@ -158,7 +165,9 @@ class RayServeEngineClient:
         for state in states:
             if state.get("alive"):
                 seen.extend(m for m in state.get("models", []) if m not in seen)
-        return seen
+        with self._lock:
+            self._resident_cache = (seen, time.monotonic())
+        return list(seen)
 
     def models(self) -> list[ModelInfo]:
         resident = set(self.resident_models()) if self.ready else set()
