@@ -240,6 +240,18 @@ def test_typed_errors_keep_their_class_and_code(served, ray_client):
         ray_client.submit("other", "nope", GenerateRequest(prompt="x"), lambda ev: True)
 
 
+def test_a_preset_from_the_store_applies_on_the_replica(served):
+    with served() as http:
+        assert http.post("/api/presets", json={"name": "fast", "params": {"steps": 3, "cfg": 1.0}}).status_code == 201
+        job = http.post("/api/jobs?wait=true", json={"prompt": "a fox", "preset": "fast", "seed": 4}).json()
+        assert job["status"] == "done", job.get("error")
+        meta = job["outputs"][0]["metadata"]
+        assert meta["request"]["steps"] == 3 and meta["request"]["cfg"] == 1.0
+        assert meta["settings_from"]["steps"] == "preset fast"
+        r = http.post("/api/jobs", json={"prompt": "a fox", "preset": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "preset_not_found", r.text
+
+
 def test_inpaint_edit_ships_its_inputs_and_comes_back_pixel_exact(served):
     def png(im) -> bytes:
         buf = io.BytesIO()

@@ -80,6 +80,7 @@ class RayServeEngineClient:
         self._lock = threading.Lock()
         self._resident_cache: tuple[list[str], float] = ([], -1e9)
         self._closed = False
+        self.preset_lookup: Any = None  # set by create_app: presets by name, from the store (sent with each job)
         self.retried: list[tuple[str, str]] = []  # (job id, dead replica) of every retry, oldest first (bounded)
         self.startup_s: float | None = None  # ray.init (when started here) + deploy + default model load, seconds
         started = time.monotonic()
@@ -193,7 +194,7 @@ class RayServeEngineClient:
             from ray.exceptions import RayError
 
             response = self._handle.options(multiplexed_model_id=entry.id).prepare.remote(
-                request, lora_stack=lora_stack_key(getattr(request, "loras", ())))
+                request, lora_stack=lora_stack_key(getattr(request, "loras", ())), presets=self._presets(request))
             try:
                 status, value = response.result(timeout_s=PREPARE_WAIT_S)
             except TimeoutError:
@@ -212,6 +213,14 @@ class RayServeEngineClient:
         check_bounds(request.__dict__, [k for k, v in request.__dict__.items() if v is not None])
         get_spec(entry.variant)
         return request
+
+    def _presets(self, request: Any) -> dict:
+        """The preset a request names, looked up here (the store is the service's) and sent along: ``{name:
+        params}``; a missing one is the typed ``preset_not_found``."""
+        name = getattr(request, "preset", None)
+        if not name or self.preset_lookup is None:
+            return {}
+        return {name: self.preset_lookup(name)}
 
     def submit(self, job_id: str, model: str, request: Any, on_event: EventCallback, preview_every: int = 0,
                inputs: dict | None = None) -> Any:
@@ -247,7 +256,8 @@ class RayServeEngineClient:
         from ray.serve.exceptions import RequestCancelledError
 
         stream = handle.options(stream=True, multiplexed_model_id=model).generate.remote(
-            job_id, request, preview_every, inputs, lora_stack=lora_stack_key(getattr(request, "loras", ())))
+            job_id, request, preview_every, inputs, lora_stack=lora_stack_key(getattr(request, "loras", ())),
+            presets=self._presets(request))
         with self._lock:
             self._running[job_id] = stream
         replica = "unknown"

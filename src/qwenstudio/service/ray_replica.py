@@ -156,25 +156,42 @@ class EngineReplica:
         return {"loaded": True, **self.state()}
 
     # ---- jobs ----------------------------------------------------------------------------------------------
-    async def prepare(self, request: Any, lora_stack: str = "") -> tuple[str, Any]:
+    def use_presets(self, presets: dict | None) -> None:
+        """The presets the client sent with this call (its store is the service's): what a request's ``preset``
+        resolves to here. One call at a time per replica (``max_ongoing_requests=1``), so one set at a time."""
+        from ..errors import ModelNotFound
+
+        known = dict(presets or {})
+
+        def lookup(name: str) -> dict:
+            if name not in known:
+                raise ModelNotFound(f"no preset named '{name}'", code="preset_not_found")
+            return known[name]
+
+        self.pool.preset_lookup = lookup
+
+    async def prepare(self, request: Any, lora_stack: str = "", presets: dict | None = None) -> tuple[str, Any]:
         """The pool's prepare for the request's multiplexed model: the engine's full prepare when it is resident
         here, else its bounds and the memory check on this replica (the model is not loaded for it)."""
         from ray import serve
 
+        self.use_presets(presets)
         try:
             return "ok", await asyncio.to_thread(self.pool.prepare, serve.get_multiplexed_model_id(), request)
         except QwenStudioError as e:
             return "error", error_payload(e)
 
     async def generate(self, job_id: str, request: Any, preview_every: int = 0, inputs: dict | None = None,
-                       lora_stack: str = ""):
+                       lora_stack: str = "", presets: dict | None = None):
         """Stream ``("replica", name)``, ``("loading", {...})`` when the model is loaded for this job,
         ``("progress", (step, total, elapsed, preview))`` per step, then one ``("result" | "error", payload)``.
-        ``lora_stack``: the request's LoRA stack key (``ray_routing.lora_stack_key``), for the router's preference.
+        ``lora_stack``: the request's LoRA stack key (``ray_routing.lora_stack_key``), for the router's preference;
+        ``presets``: the preset the request names, from the service's store.
         A Serve cancel of this call raises CancelledError here; the ``finally`` stops the engine at its next step."""
         from ray import serve
 
         model = serve.get_multiplexed_model_id()
+        self.use_presets(presets)
         yield "replica", self.name
         loading = model not in self.pool.resident_models()
         if loading:
