@@ -5,7 +5,8 @@ one job worker per replica (ServiceConfig.workers), all jobs submitted at once o
 first submit to the last job done (its PNG written). Replicas are CPU replicas (one CPU slot each, OMP threads 1)
 on a local Ray; each count gets a fresh deployment and a warm-up job per replica first (loads the model everywhere).
 Parallel replicas can only gain what idle cores allow: the report prints the CPU count and the load average.
-Usage: OMP_NUM_THREADS=1 python benchmarks/ray_replicas.py [--jobs 16] [--replicas 1 2] [--steps 8] [--size 128]
+Usage: OMP_NUM_THREADS=1 python benchmarks/ray_replicas.py [--jobs 16] [--replicas 1 2] [--cpus 1 1] [--steps 8]
+       [--size 128]   (--cpus 2 1: one 2-thread replica vs two 1-thread ones, the same CPU budget)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 
-def run_count(models: Path, home: Path, replicas: int, jobs: int, job: dict) -> dict:
+def run_count(models: Path, home: Path, replicas: int, jobs: int, job: dict, cpus: int = 1) -> dict:
     import httpx
 
     from qwenstudio.config import Settings
@@ -32,7 +33,8 @@ def run_count(models: Path, home: Path, replicas: int, jobs: int, job: dict) -> 
     settings = Settings(home=home / f"r{replicas}", models_dirs=(models,), device="cpu")
     catalog = ModelCatalog(settings, "tiny-a", LoadOptions(device="cpu", speed=speed_options(compile="off")))
     started = time.monotonic()
-    client = RayServeEngineClient(catalog, num_replicas=replicas, app_name=f"bench{replicas}")
+    client = RayServeEngineClient(catalog, num_replicas=replicas, num_cpus=cpus, app_name=f"bench{replicas}x{cpus}",
+                                  ray_actor_options={"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cpus)}}})
     try:
         assert client.wait_ready(300), client.load_error
         deploy_s = time.monotonic() - started
@@ -46,7 +48,7 @@ def run_count(models: Path, home: Path, replicas: int, jobs: int, job: dict) -> 
             wall = time.perf_counter() - t0
         states = client.replica_info()
         per_replica = {name[-8:]: sum(1 for j in s["completed"] if j in set(ids)) for name, s in states.items()}
-        return {"replicas": replicas, "jobs": jobs, "done": statuses.count("done"), "wall_s": round(wall, 3),
+        return {"replicas": replicas, "cpus_per_replica": cpus, "jobs": jobs, "done": statuses.count("done"), "wall_s": round(wall, 3),
                 "jobs_per_s": round(jobs / wall, 3), "deploy_s": round(deploy_s, 1), "jobs_per_replica": per_replica}
     finally:
         client.close()
@@ -68,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=16)
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cpus", type=int, nargs="+", default=None, help="CPU slots (= torch threads) per replica, one "
+                    "per --replicas entry (default 1 each; e.g. --replicas 1 2 --cpus 2 1: the same CPU budget)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--json")
@@ -80,10 +84,11 @@ def main() -> None:
     write_diffusers_folder(root / "models" / "tiny-a", TinySpec(seed=0))
     os.environ.setdefault("HF_HUB_CACHE", str(root / "hf-empty"))  # the replicas see only the bench's model
     job = {"prompt": "a red fox", "steps": args.steps, "width": args.size, "height": args.size}
-    ray.init(num_cpus=max(args.replicas), include_dashboard=False, log_to_driver=False,
+    cpus = args.cpus or [1] * len(args.replicas)
+    ray.init(num_cpus=max(n * c for n, c in zip(args.replicas, cpus)), include_dashboard=False, log_to_driver=False,
              object_store_memory=200 * 1024 * 1024)
     try:
-        rows = [run_count(root / "models", root / "home", n, args.jobs, job) for n in args.replicas]
+        rows = [run_count(root / "models", root / "home", n, args.jobs, job, c) for n, c in zip(args.replicas, cpus)]
     finally:
         ray.shutdown()
     base = rows[0]["jobs_per_s"]
@@ -91,10 +96,11 @@ def main() -> None:
               "omp_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows}
     print(f"tiny model, {job['width']}x{job['height']}, {job['steps']} steps, {args.jobs} jobs; "
           f"{report['cpus']} CPUs, load average {report['loadavg_1m']} (1 min, at the end)")
-    print("| replicas | jobs/s | vs 1 | wall s | jobs per replica |")
-    print("|---|---|---|---|---|")
+    print("| replicas | CPU slots (threads) each | jobs/s | vs first | wall s | jobs per replica |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['replicas']} | {r['jobs_per_s']:.2f} | {r['jobs_per_s'] / base:.2f}x | {r['wall_s']:.2f} | "
+        print(f"| {r['replicas']} | {r['cpus_per_replica']} | {r['jobs_per_s']:.2f} | {r['jobs_per_s'] / base:.2f}x | "
+              f"{r['wall_s']:.2f} | "
               f"{', '.join(str(v) for v in r['jobs_per_replica'].values())} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
