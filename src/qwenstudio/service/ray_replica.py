@@ -65,6 +65,7 @@ class EngineReplica:
 
     def __init__(self, default: str, settings: Any, options: Any, max_resident: int | None = None,
                  board: Any = None):
+        import ray
         from ray import serve
 
         from .model_pool import ModelCatalog, MultiModelEngineClient
@@ -79,8 +80,6 @@ class EngineReplica:
 
         self.load_model = serve.multiplexed(max_num_models_per_replica=self.pool.max_resident)(load_model)
         context = serve.get_replica_context()
-        import ray
-
         self.name = ray.get_runtime_context().get_actor_name() or context.replica_id.unique_id
         self.replica_id = context.replica_id.unique_id
         self.runs = {"done": 0, "failed": 0, "cancelled": 0}
@@ -137,7 +136,10 @@ class EngineReplica:
         return ResidentModel(self, model)
 
     def unloaded(self, model: str) -> None:
-        self.pool.evict(model)
+        try:
+            self.pool.evict(model)
+        except RuntimeError:  # the replica is shutting down: its pool (and every engine) goes anyway
+            return
         with self._lock:
             self.evicted.append(model)
 
