@@ -29,6 +29,7 @@ def main() -> None:
     import os
 
     from qwenstudio.config import Settings
+    from qwenstudio.engine.job import EngineJob
     from qwenstudio.engine.requests import GenerateRequest
     from qwenstudio.service.engine_client import LoadEvent
     from qwenstudio.service.model_pool import LoadOptions, ModelCatalog, MultiModelEngineClient
@@ -45,8 +46,9 @@ def main() -> None:
                                         max_resident=resident)
         client.wait_ready(600)
         if resident == 2:  # both loaded before timing
-            client.submit("warm", "tiny-b", GenerateRequest(prompt="warm", seed=0, steps=1, width=args.size,
-                                                            height=args.size), lambda e: True)
+            client.submit(EngineJob("warm", "tiny-b", GenerateRequest(prompt="warm", seed=0, steps=1,
+                                                                      width=args.size, height=args.size)),
+                          lambda e: True)
         times, switching = [], []
         for i in range(args.jobs):
             model = ("tiny-b", "tiny-a")[i % 2]
@@ -59,7 +61,7 @@ def main() -> None:
                 return True
 
             t0 = time.perf_counter()
-            client.submit(f"j{i}", model, req, on_event)
+            client.submit(EngineJob(f"j{i}", model, req), on_event)
             times.append(time.perf_counter() - t0)
             if "start" in marks:
                 switching.append(marks["done"] - marks["start"])  # evict + load

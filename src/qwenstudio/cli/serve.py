@@ -68,9 +68,12 @@ def build_pool_client(model: str, variant: str | None = None, device: str | None
 
 def build_ray_client(model: str, variant: str | None = None, device: str | None = None, settings=None, *,
                      text_encoder: str | None = None, vae: str | None = None, offload: str | None = None,
-                     replicas: int = 1, gpus_per_replica: float | None = None):
-    """A Ray Serve deployment of ``replicas`` engines (needs ``qwenstudio[ray]``): connects to the cluster in
-    ``RAY_ADDRESS`` or starts a local Ray. ``model`` must resolve on every node that runs a replica."""
+                     replicas: int = 1, gpus_per_replica: float | None = None, min_replicas: int | None = None,
+                     max_replicas: int | None = None, max_resident: int | None = None, speed: dict | None = None):
+    """A Ray Serve deployment of ``replicas`` engine pools (needs ``qwenstudio[ray]``; autoscaled between
+    ``min_replicas`` and ``max_replicas`` when either is given): connects to the cluster in ``RAY_ADDRESS`` or
+    starts a local Ray. Every replica serves every model of the catalog with the same load and ``speed`` options;
+    ``model`` (preloaded on one replica) and the models home must resolve on every node that runs a replica."""
     from ..config import Settings
     from ..errors import QwenStudioError
 
@@ -78,10 +81,15 @@ def build_ray_client(model: str, variant: str | None = None, device: str | None 
         from ..service.ray_client import RayServeEngineClient
     except ImportError:
         raise QwenStudioError("--ray needs Ray Serve: pip install 'qwenstudio[ray]'", code="missing_dependency")
+    from ..service.model_pool import LoadOptions, ModelCatalog
+    from ..service.ray_replica import replica_counts
+
+    replica_counts(replicas, min_replicas, max_replicas)  # bad bounds: a one-line error before Ray starts
     settings = settings or Settings.from_env()
-    model_id, spec_name = _model_identity(model, variant, settings)
-    return RayServeEngineClient(model_id, spec_name, model, device=device, settings=settings,
-                                text_encoder=text_encoder, vae=vae, offload=offload, num_replicas=replicas,
+    options = LoadOptions(device=device, text_encoder=text_encoder, vae=vae, offload=offload, variant=variant,
+                          speed=dict(speed or {}))
+    return RayServeEngineClient(ModelCatalog(settings, model, options), num_replicas=replicas,
+                                min_replicas=min_replicas, max_replicas=max_replicas, max_resident=max_resident,
                                 num_gpus=gpus_per_replica)
 
 
@@ -106,7 +114,7 @@ def serve(
     max_upload_bytes: int = 32 << 20,
     rate_limit: str | None = None,
     ray: bool = False,
-    ray_replicas: int = 1,
+    ray_replicas: int | None = None,
     ray_gpus_per_replica: float | None = None,
     api_key_file: str | Path | None = None,
     config_file: str | Path | None = None,
@@ -116,6 +124,8 @@ def serve(
 ) -> None:
     """Run the server until SIGTERM/SIGINT. Raises UnsafeBind for a non-loopback host without a key.
     ``overrides`` are further ServiceConfig fields (max_steps, allowed_hosts, ...), over ``config_file``'s."""
+    from dataclasses import replace
+
     import uvicorn
 
     from ..config import Settings
@@ -128,16 +138,26 @@ def serve(
               "job_deadline_s": job_deadline_s, "max_body_bytes": max_body_bytes,
               "max_upload_bytes": max_upload_bytes, "preview_every": preview_every,
               "rate_limit_per_min": parse_rate(rate_limit) if rate_limit else 0}
+    overrides = {**overrides, **{k: v for k, v in (("ray_replicas", ray_replicas),
+                                                   ("ray_gpus_per_replica", ray_gpus_per_replica)) if v is not None}}
     config = load_service_config(config_file, keys, defaults=fields, overrides=overrides)
+    if ray and "workers" not in overrides and config.workers == 1:  # one job in flight per replica
+        config = replace(config, workers=max(config.ray_replicas, config.ray_max_replicas or 0))
+    elif not ray and (config.ray_replicas != 1 or config.ray_min_replicas is not None
+                      or config.ray_max_replicas is not None):
+        import sys
+
+        print("warning: replica settings apply with --ray only; ignored", file=sys.stderr)
     config.check_bind()  # before loading anything
-    from dataclasses import replace
 
     settings = Settings.from_env()
     # --models-dir joins QWENSTUDIO_MODELS_DIR for the engine *and* the service's listings (/api/models loras)
     settings = replace(settings, models_dirs=(*map(Path, models_dirs), *settings.models_dirs))
     if ray:
         client = build_ray_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae,
-                                  offload=offload, replicas=ray_replicas, gpus_per_replica=ray_gpus_per_replica)
+                                  offload=offload, replicas=config.ray_replicas,
+                                  gpus_per_replica=config.ray_gpus_per_replica, min_replicas=config.ray_min_replicas,
+                                  max_replicas=config.ray_max_replicas, max_resident=max_resident, speed=speed)
     else:
         client = build_pool_client(model, variant, device, settings, text_encoder=text_encoder, vae=vae,
                                    offload=offload, max_resident=max_resident, speed=speed)
@@ -203,9 +223,10 @@ def _graceful_server_class():
         def handle_exit(self, sig, frame) -> None:
             """Stop taking jobs and cancel the running one *now*: uvicorn only runs the app's shutdown after its
             open connections close, and a client waiting on that job holds one open (SECURITY 24)."""
-            manager = getattr(getattr(self.config.app, "state", None), "jobs", None)
-            if manager is not None:
-                manager.begin_shutdown()
+            state = getattr(self.config.app, "state", None)
+            for manager in (getattr(state, "jobs", None), *getattr(state, "extra_workers", ())):
+                if manager is not None:
+                    manager.begin_shutdown()
             super().handle_exit(sig, frame)
 
     return GracefulServer
@@ -254,7 +275,12 @@ def serve_command(
     preview_every: int = typer.Option(0, help="Default preview interval in steps for SSE (0: off)."),
     ray: bool = typer.Option(False, "--ray", help="Run generations on a Ray Serve deployment (RAY_ADDRESS, else a "
                              "local Ray); needs the 'ray' extra."),
-    ray_replicas: int = typer.Option(1, "--ray-replicas", min=1, help="Engine replicas (with --ray)."),
+    ray_replicas: int | None = typer.Option(None, "--replicas", "--ray-replicas", min=1, help="Engine replicas "
+                                            "(with --ray): one per GPU, or per CPU slot (default 1)."),
+    min_replicas: int | None = typer.Option(None, "--min-replicas", min=0, help="With --ray: autoscale, at least "
+                                            "this many replicas (Ray Serve autoscaling)."),
+    max_replicas: int | None = typer.Option(None, "--max-replicas", min=1, help="With --ray: autoscale, at most "
+                                            "this many replicas."),
     ray_gpus_per_replica: float | None = typer.Option(None, "--ray-gpus-per-replica", min=0,
                                                       help="GPUs per replica (with --ray; default 1 when the "
                                                       "cluster has GPUs, else 0)."),
@@ -276,6 +302,8 @@ def serve_command(
                                    ("public_url", public_url), ("max_steps", max_steps), ("max_pixels", max_pixels),
                                    ("max_batch", max_batch), ("shutdown_grace_s", shutdown_grace),
                                    ("store_url", store)) if v}
+    overrides.update({k: v for k, v in (("ray_min_replicas", min_replicas), ("ray_max_replicas", max_replicas))
+                      if v is not None})
     try:
         speed = speed_options(compile=compile, attention=attention, quant=quant, cache=cache)
         serve(host, port, model, api_key, variant=variant, device=device, cors_origins=tuple(cors_origin),

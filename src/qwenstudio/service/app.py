@@ -48,16 +48,22 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     manager = JobManager(store, engine_client, settings.outputs_dir, config, metrics, upload_store,
                          worker=config.run_worker)
     recovered = manager.register()  # several processes may share this store; see JobManager / SECURITY 26
+    extra = [JobManager(store, engine_client, settings.outputs_dir, config, metrics, upload_store)
+             for _ in range(config.workers - 1 if config.run_worker else 0)]  # Ray replicas run jobs in parallel
+    for m in extra:
+        m.register()
     if recovered:
         log.warning("marked %d job(s) left queued/running by a stopped server as failed (interrupted)", recovered)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        manager.start()
+        for m in (manager, *extra):
+            m.start()
         try:
             yield
         finally:
-            manager.stop()
+            for m in (*extra, manager):
+                m.stop()
             store.close()
 
     engine_client.images = upload_store  # edit inputs by content id: this app's uploads are the ImageStore
@@ -71,6 +77,7 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
     app.state.client = engine_client
     app.state.store = store
     app.state.jobs = manager
+    app.state.extra_workers = extra
     app.state.metrics = metrics
     app.state.outputs_dir = settings.outputs_dir
     app.state.uploads = upload_store

@@ -36,6 +36,10 @@ class ServiceConfig:
     preview_every: int = 0  # default for jobs that do not ask; 0 = no previews
     shutdown_grace_s: float = 10.0
     run_worker: bool = True  # False: an API-only process (workers sharing the store run its jobs)
+    # Job workers in this process (jobs run at once): more than 1 only pays with a client that runs jobs in
+    # parallel (serve --ray with several replicas sets it to the replica count). The extra workers follow their jobs
+    # through the store like another node's would: progress events yes, previews no.
+    workers: int = 1
     rate_limit_per_min: int = 0  # per API key (per client address without keys), state-changing requests; 0 = off
     # Operator caps, tighter than the engine's own bounds (None: the engine's): over them a request is a 422.
     max_steps: int | None = None
@@ -61,6 +65,12 @@ class ServiceConfig:
     # this many times in a row, and never once it has waited affinity_max_wait_s.
     affinity_max_consecutive: int = 4
     affinity_max_wait_s: float = 30.0
+    # serve --ray (service/ray_client.py): engine replicas, fixed or autoscaled between the bounds (Ray Serve's
+    # autoscaling_config), GPUs per replica (None: 1 when the cluster has GPUs, else one CPU slot).
+    ray_replicas: int = 1
+    ray_min_replicas: int | None = None
+    ray_max_replicas: int | None = None
+    ray_gpus_per_replica: float | None = None
 
     @classmethod
     def with_keys(cls, keys: tuple[str, ...] | list[str] = (), **kw) -> ServiceConfig:

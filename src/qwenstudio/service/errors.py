@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import InvalidRequest, QwenStudioError
+from ..errors import GenerationFailed, InvalidRequest, QwenStudioError
 
 
 class NotFound(QwenStudioError):
@@ -91,4 +91,12 @@ class StoreUnavailable(QwenStudioError):
     """The job/preset database cannot be opened (PostgreSQL down or refusing us, psycopg missing)."""
 
     code = "store_unavailable"
+    status = 503
+
+
+class ReplicaFailed(GenerationFailed):
+    """A Ray replica died running the job, and so did the one it was retried on (service/ray_client.py): the job
+    failed for the cluster, not for its request; submitting it again may work."""
+
+    code = "replica_failed"
     status = 503

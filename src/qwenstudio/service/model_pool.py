@@ -303,6 +303,35 @@ class MultiModelEngineClient:
         with self._lock:
             return list(reversed(self._resident))
 
+    def load(self, model: str, on_event: EventCallback | None = None) -> float:
+        """Make ``model`` resident now (on the engine thread, evicting the least recently used beyond
+        ``max_resident``); the seconds the load took, 0 when it was resident. ``on_event`` gets its ``LoadEvent``s
+        (start, progress fractions, done). A Ray replica loads through this (service/ray_replica.py)."""
+        entry = self.catalog.get(model)
+        if entry.id in self.resident_models():
+            return 0.0
+        started = time.perf_counter()
+        self._pool.submit(self._engine_for, entry, on_event).result()
+        return time.perf_counter() - started
+
+    def evict(self, model: str) -> None:
+        """Drop ``model`` from the resident set and give its memory back, on the engine thread (queued behind the
+        running job, never waited for here: a caller on any thread may evict)."""
+        self._pool.submit(self._evict_model, model)
+
+    def _evict_model(self, model: str) -> None:
+        with self._lock:
+            engine = self._resident.pop(model, None)
+        if engine is None:
+            return
+        del engine
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("evicted model %s", model)
+
     # ---- jobs ----------------------------------------------------------------------------------------------
     def prepare(self, model: str, request: Any) -> Any:
         """Before queueing: the model exists and fits (typed 404/422 otherwise); with the model loaded, the
@@ -322,11 +351,16 @@ class MultiModelEngineClient:
         get_spec(entry.variant)  # a variant this build knows
         return request
 
-    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0) -> EngineResult:
+    def submit(self, job: EngineJob, on_event: EventCallback, preview_every: int = 0, *,
+               images: ImageStore | None = None) -> EngineResult:
+        """``images``: this job's own ImageStore instead of the client's (a Ray replica: the bytes shipped with the
+        call, service/ray_replica.py), so concurrent callers never share one."""
         entry = self.catalog.get(job.model)
-        return self._pool.submit(self._run, job, entry, on_event, preview_every).result()
+        store = images if images is not None else self.images
+        return self._pool.submit(self._run, job, entry, on_event, preview_every, store).result()
 
-    def _run(self, job: EngineJob, entry: CatalogEntry, on_event: EventCallback, preview_every: int) -> EngineResult:
+    def _run(self, job: EngineJob, entry: CatalogEntry, on_event: EventCallback, preview_every: int,
+             images: ImageStore | None) -> EngineResult:
         job_id = job.id
 
         def should_stop() -> bool:
@@ -342,7 +376,7 @@ class MultiModelEngineClient:
 
                 raise Cancelled("cancelled while the model loaded")
             engine.preset_lookup = self.preset_lookup
-            result = run_on_engine(engine, job, self.images, on_event, preview_every, should_stop)
+            result = run_on_engine(engine, job, images, on_event, preview_every, should_stop)
         finally:
             with self._lock:
                 self._cancelled.discard(job_id)
