@@ -12,7 +12,7 @@ class Settings:
     home: Path = field(default_factory=lambda: Path.home() / ".qwenstudio")
     models_dirs: tuple[Path, ...] = ()
     device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bf16 on cuda, fp32 on cpu
+    dtype: str | None = None  # None: engine/precision.py decides (bf16 on CUDA; on a CPU from the weights and the CPU)
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:

@@ -47,12 +47,19 @@ def test_stored_kind_from_the_file_header(models, tiny_folder, variant, kind):
     assert stored_weight_kind(folder) == "fp32"  # the suite's tiny folder is written in fp32
 
 
-def test_engine_default_and_metadata_follow_the_rule(models):
-    """A bf16 DiT file on this CPU: bf16 compute exactly when the CPU has native bf16 (with a warning); --dtype
-    float32 overrides it; either way the image's metadata says which dtype and why."""
+@pytest.fixture()
+def default_dtype_env(monkeypatch):
+    monkeypatch.delenv("QWENSTUDIO_DTYPE")  # the suite pins fp32 (tests/conftest.py); these tests test the default
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_engine_default_and_metadata_follow_the_rule(models, monkeypatch, default_dtype_env, native):
+    """A bf16 DiT file on a CPU: bf16 compute exactly when the CPU has native bf16 (with a warning; forced both ways
+    here, so the test is the same on any CPU); --dtype float32 overrides it; the metadata says which dtype and why."""
+    from qwenstudio.engine import precision
     from qwenstudio.engine.engine import Engine
 
-    native = cpu_has_native_bf16()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     with pytest.warns(UserWarning, match="computing in bf16") if native else _no_bf16_warning():
         engine = Engine.load("qwen_image_bf16", models_dirs=(models,), device="cpu", variant="tiny")
     assert engine.components.dtype == (torch.bfloat16 if native else torch.float32)
@@ -68,7 +75,7 @@ def test_engine_default_and_metadata_follow_the_rule(models):
     assert fp32.describe()["dtype_reason"] == "float32: chosen with dtype="
 
 
-def test_cli_png_records_the_dtype_and_its_reason(models, tmp_path):
+def test_cli_png_records_the_dtype_and_its_reason(models, tmp_path, default_dtype_env):
     out = tmp_path / "a.png"
     r = CliRunner().invoke(app, ["generate", "an apple", "--model", "qwen_image_fp32", "--models-dir", str(models),
                                  "--variant", "tiny", "--steps", "2", "--seed", "3", "--out", str(out)])
@@ -76,6 +83,23 @@ def test_cli_png_records_the_dtype_and_its_reason(models, tmp_path):
     model = read_png_metadata(out)["model"]
     assert model["dtype"] == "float32"
     assert model["dtype_reason"] == "fp32: the weights are stored in fp32"
+
+
+def test_native_bf16_check_agrees_with_the_cpu_flags():
+    from pathlib import Path
+
+    flags = Path("/proc/cpuinfo")
+    if not flags.exists():
+        pytest.skip("no /proc/cpuinfo on this system")
+    text = flags.read_text()
+    assert cpu_has_native_bf16() == (" avx512_bf16" in text or " amx_bf16" in text or " amx_tile" in text)
+
+
+def test_the_suite_pins_fp32_and_the_setting_is_recorded(tiny_folder):
+    from qwenstudio.engine.engine import Engine
+
+    engine = Engine.load(tiny_folder, variant="tiny", device="cpu")
+    assert engine.describe()["dtype_reason"] == "float32: chosen with QWENSTUDIO_DTYPE"
 
 
 class _no_bf16_warning:
