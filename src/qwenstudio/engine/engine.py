@@ -72,6 +72,7 @@ class Engine:
         quant: str | None = None,
         cache=None,
         long_lived: bool = False,
+        vram_budget: float | None = None,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
         ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe
@@ -81,11 +82,13 @@ class Engine:
         cpu); by default the cheapest that fits is chosen, and a model that cannot fit is refused before anything
         is loaded. ``allow_paths=False`` (the server) accepts registry names only. Speed options
         (engine/acceleration.py): ``compile`` (auto: on when ``long_lived``, e.g. a server), ``attention`` backend,
-        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default)."""
+        ``quant="fp8"`` (fp8 compute), ``cache`` (step cache threshold or ``StepCacheConfig``; off by default).
+        ``vram_budget``: GiB of accelerator memory the memory planner may use (on a CPU device: a simulated
+        accelerator of that size, see engine/memory.py); the plan and its reason are in ``describe()["memory"]``."""
         import torch
 
         from .memory import measure, plan_memory
-        from .sources import component_sizes, load_source, registry_for, resolve
+        from .sources import component_footprints, load_source, registry_for, resolve
 
         settings = settings or Settings.from_env()
         if isinstance(dtype, str):
@@ -102,8 +105,11 @@ class Engine:
         dtype = dtype or default_dtype(device)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
-        plan = plan_memory(component_sizes(source, itemsize), measure(device), device=str(device), width=width,
-                           height=height, compute_itemsize=itemsize, prefer=offload)
+        plan = plan_memory(component_footprints(source, itemsize), measure(device), device=str(device), width=width,
+                           height=height, compute_itemsize=itemsize, prefer=offload, vram_budget=vram_budget,
+                           text_tokens=spec.max_prompt_tokens)
+        if plan.strategy not in ("resident", "cpu"):  # a slower placement is never silent
+            warnings.warn(f"memory plan for '{source.name}': {plan.summary()}", stacklevel=2)
         load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
             components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head)
@@ -126,6 +132,7 @@ class Engine:
         c = self.components
         return {"variant": self.spec.name, **c.identity, "device": str(c.device),
                 "dtype": str(c.dtype).replace("torch.", ""), "offload": self.plan.strategy,
+                **({"memory": self.plan.as_metadata()} if self.plan.reason else {}),
                 **({"acceleration": self.acceleration} if self.acceleration else {})}
 
     # ---- requests -----------------------------------------------------------------------------------------
