@@ -66,6 +66,10 @@ def test_gpu_check_dry_run_exercises_every_section_on_cpu(tmp_path):
     assert e2e["lightning_4step_cfg1"]["variants"][0]["name"] == "fp8" and e2e["lightning_4step_cfg1"]["cfg"] == 1.0
     assert e2e["20step_cfg4"]["variants"][0]["name"].startswith("step cache")
     assert set(report["memory_caps"]) == {"24GB", "16GB", "12GB", "8GB"}
+    assert report["memory_caps"]["8GB"]["fp8"]["strategy"] == "group_offload"  # the planner no longer refuses
+    for kind in ("fp8", "q8_0"):  # each cap's plan ran (the tiny model, CPU on both sides): the resident latents
+        runs = report["memory_runs"][kind]
+        assert all(runs[cap]["max_latent_diff"] == 0 and runs[cap]["slowdown"] > 0 for cap in report["memory_caps"])
 
 
 def test_serve_checks_speed_options_before_binding():

@@ -70,8 +70,9 @@ class Plan:
 
     def summary(self) -> str:
         """One line for the load log: the reason plus what was free."""
-        free = "" if self.vram_free is None else f" (planned for {_gib(self.vram_free)} GPU{' (simulated)' if self.simulated else ''})"
-        return self.reason + free
+        if self.vram_free is None:
+            return self.reason
+        return f"{self.reason} (planned for {_gib(self.vram_free)} GPU{', simulated' if self.simulated else ''})"
 
     def as_metadata(self) -> dict:
         out = {"strategy": self.strategy, "components": {n: self.mode(n) for n in COMPONENTS},
@@ -307,3 +308,12 @@ def stream_weights(module, device, level: str, *, pin: bool = True) -> None:
     apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
                            offload_type=f"{level}_level", use_stream=stream, low_cpu_mem_usage=stream and not pin,
                            **extra)
+
+
+def unstream_weights(module) -> None:
+    """Undo ``stream_weights``: remove the group-offloading hooks; the weights stay where they are (in RAM)."""
+    from diffusers.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in ("group_offloading", "lazy_prefetch_group_offloading", "layer_execution_tracker"):
+        registry.remove_hook(name, recurse=True)
