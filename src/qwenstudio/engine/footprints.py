@@ -9,8 +9,8 @@ Activation figures are estimates from each model's widths (read from the headers
             flash/memory-efficient on GPUs (no tokens² matrix)
   text enc. per prompt token, ~10 hidden-width + 3 MLP-width buffers; a prompt of up to ``text_tokens`` tokens
   VAE       decode peak per output pixel = 21 x base width (96 in Qwen-Image) x itemsize: measured on this repo's
-            real-width VAE in fp32 on the CPU (8.0 kB per pixel at 256²-512², resident-set growth; see the test
-            ``test_vae_decode_estimate_bounds_measured``); tiled decode holds one 256² tile plus the image
+            real-width VAE in fp32 on the CPU (8.0 kB per pixel between 256² and 512², resident-set growth:
+            ``benchmarks/vae_memory.py``); tiled decode holds one 256² tile plus the image
 plus a fixed workspace for kernels and allocator slack (none on a simulated accelerator: the CPU has no kernel
 libraries to reserve for). Real Qwen-Image at 1328², bf16, CFG batched: DiT ≈ 2.2 GiB,
 VAE untiled ≈ 7.2 GiB (so big images decode tiled on small GPUs).
