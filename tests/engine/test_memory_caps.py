@@ -147,3 +147,27 @@ def test_cli_vram_budget(tiny_folder, tmp_path):
     assert json.loads(r.stdout)["images"][0]["model"]["memory"] == memory
     r = cli.invoke(app, ["generate", "a fox", "--steps", "1", "--vram-budget", "-2"])
     assert r.exit_code == 2 and "--vram-budget" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.fixture(scope="module")
+def lora_file(tiny_folder, tmp_path_factory):
+    from qwenstudio.testing.loras import write_lora
+
+    path = tmp_path_factory.mktemp("loras") / "style.safetensors"
+    write_lora(path, Engine.load(tiny_folder, variant="tiny", device="cpu").components.transformer, "comfy", seed=1)
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["group_offload", "leaf_offload"])
+def test_streamed_dit_with_fp8_layers_and_a_lora(tiny_folder, lora_file, strategy):
+    """Streaming is set up at the first stage, after the load-time fp8 layer swap; LoRA side branches ride along."""
+    kw = {**KW, "loras": [(str(lora_file), 0.8)]}
+    ref = Engine.load(tiny_folder, variant="tiny", device="cpu", quant="fp8").generate(**kw)
+    with pytest.warns(UserWarning, match="memory plan"):
+        engine = Engine.load(tiny_folder, variant="tiny", device="cpu", quant="fp8", offload=strategy, vram_budget=1)
+    assert engine.acceleration["fp8_layers_quantized"] > 0
+    with_lora = engine.generate(**kw)
+    _same(with_lora, ref)
+    plain = engine.generate(**KW)
+    _same(plain, Engine.load(tiny_folder, variant="tiny", device="cpu", quant="fp8").generate(**KW))
+    assert float((with_lora.latents - plain.latents).abs().max()) > 1e-3  # the LoRA did apply

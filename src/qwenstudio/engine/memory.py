@@ -257,16 +257,14 @@ def _gib(n: int | None) -> str:
 
 
 class StagePlacement:
-    """Puts each component where the plan says: streamed ones get diffusers' group-offloading hooks once, visiting
-    ones move to the device for their stage (text encode, denoise, decode) and back."""
+    """Puts each component where the plan says: streamed ones get diffusers' group-offloading hooks at their first
+    stage (after the load-time speed options — fp8 layer swaps, compile — have changed the modules), visiting ones
+    move to the device for their stage (text encode, denoise, decode) and back."""
 
     def __init__(self, components, plan: Plan):
         self.components = components
         self.plan = plan
-        for name in ("text_encoder", "transformer"):
-            mode = plan.mode(name)
-            if mode in ("block", "leaf") and getattr(components, name, None) is not None:
-                stream_weights(getattr(components, name), components.device, mode, pin=plan.pin_memory)
+        self.streamed: set[str] = set()
 
     def on_device(self, name: str):
         from contextlib import contextmanager
@@ -274,7 +272,11 @@ class StagePlacement:
         @contextmanager
         def placed():
             module = getattr(self.components, name)
-            if self.plan.mode(name) != "visit" or module is None:
+            mode = self.plan.mode(name)
+            if mode in ("block", "leaf") and module is not None and name not in self.streamed:
+                stream_weights(module, self.components.device, mode, pin=self.plan.pin_memory)
+                self.streamed.add(name)
+            if mode != "visit" or module is None:
                 yield
                 return
             module.to(self.components.device)
