@@ -106,18 +106,6 @@ def _ram() -> tuple[int, int]:
         return os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
 
 
-def safetensors_resident_bytes(files: list[Path], compute_itemsize: int, skip_prefixes: tuple[str, ...] = ()) -> int:
-    """Bytes a component takes once loaded: float tensors at the compute dtype, fp8/int tensors as stored."""
-    from .footprints import safetensors_tensors
-
-    return sum(b for _, b in safetensors_tensors(files, compute_itemsize, skip_prefixes).values())
-
-
-def activation_margin(width: int, height: int, compute_itemsize: int) -> int:
-    """The DiT's working bytes for one CFG-batched step at Qwen-Image's widths (``footprints.dit_activations``)."""
-    return dit_activations(Footprint(0), width, height, itemsize=compute_itemsize)
-
-
 @dataclass(frozen=True)
 class _Need:
     vram: int
