@@ -104,7 +104,7 @@ def stop_checks(should_stop: ShouldStop | None, stages: dict[str, Any]) -> Itera
             check_now = check_for(stage)
             handles.extend(m.register_forward_pre_hook(lambda m, a, c=check_now: c()) for m in module.modules())
             if stage.startswith("vae"):  # only around the attention blocks: a mode over the whole decoder
-                for m in attention_blocks(module):  # intercepts every op (measured +12% decode CPU time)
+                for m in attention_blocks(module):  # intercepts every op (456 per 256² decode, ~3 us each)
                     handles.extend(_scope_mode(m, lambda c=check_now: chunked_attention_mode(c)))
         yield
     finally:
