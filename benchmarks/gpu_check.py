@@ -6,8 +6,10 @@
    DiT forward bf16 eager (= stock) / + regional compile / fp8 scaled-mm + compile (and the fp8 error vs bf16);
    Lightning settings 4 steps CFG 1 end to end; 20 steps CFG 4 (+ the step cache); VAE decode; peak memory.
    Targets (H100-class): DiT forward <= 130 ms bf16 / <= 90 ms fp8; Lightning 4-step <= 0.40 s; 50-step CFG 4 <= 9 s.
-3. Memory caps 24/16/12/8 GB (``torch.cuda.set_per_process_memory_fraction``): the placement the planner picks for
-   the bf16, fp8 and GGUF-Q4 DiT sizes, and (fp8, in memory) the Lightning run's time under that placement vs resident.
+3. Memory caps 24/16/12/8 GB: the plan the memory planner makes (placement, per-component modes, GiB needed, why)
+   for the bf16, fp8, GGUF Q8_0 and Q4_K_M DiT files (header-only stand-ins of the real files), then the fp8 and the
+   GGUF Q8_0 DiT (in memory) run Lightning 4 steps under each cap's plan with the cap enforced
+   (``torch.cuda.set_per_process_memory_fraction``): seconds, slowdown vs resident (target at 8 GB: <= 2x), peak.
 4. 4-bit (issue 17): ``--quant int4`` (ours) and ``--quant nf4`` (bitsandbytes) on the full-size bf16 DiT —
    quantize time, forward ms, peak memory, rel-L2 vs bf16 — and nunchaku's kernels on the SVDQuant fixtures vs the
    torch reference where the GPU supports them (int4: sm75-sm89, nvfp4: sm120; skipped with that reason elsewhere,
@@ -57,6 +59,7 @@ def main() -> int:
         report["dit_forward"] = dit_forward(size, args.dry_run)
         report["end_to_end"] = end_to_end(size, args.dry_run)
         report["memory_caps"] = memory_caps(size, args.dry_run)
+        report["memory_runs"] = memory_runs(size, args.dry_run, report["memory_caps"])
     if not args.skip_4bit:
         report["four_bit"] = four_bit(64 if args.dry_run else args.size, args.dry_run)
     print(json.dumps(report, indent=2))
@@ -209,64 +212,93 @@ def end_to_end(size: int, dry_run: bool) -> dict:
     return out
 
 
+CAPS = (24, 16, 12, 8)
+
+
 def memory_caps(size: int, dry_run: bool) -> dict:
-    """What the planner picks under each cap for the bf16 / fp8 / GGUF-Q4 DiT sizes of the real model, and the fp8
-    Lightning run's time under that placement (the model is built in memory; files would only change load time)."""
+    """The plan under each cap (placement, per-component modes, GiB needed, why) for the bf16 / fp8 / GGUF Q8_0 /
+    GGUF Q4_K_M DiT files of the real model, from header-only stand-ins of those files (testing/headers.py)."""
     from qwenstudio.engine.memory import MemoryInfo, plan_memory
     from qwenstudio.errors import QwenStudioError
+    from qwenstudio.testing.headers import DIT_KINDS, qwen_image_footprints, qwen_image_shapes
 
-    params = {"transformer": 20.43e9, "text_encoder": 8.29e9, "vae": 0.127e9}  # Qwen-Image, in parameters
-    bytes_per = {"bf16": 2.0, "fp8": 1.0, "gguf_q4_k_m": 0.6}
-    ram = MemoryInfo(ram_free=120 * GIB, ram_total=128 * GIB)
+    shapes = qwen_image_shapes()
+    footprints = {kind: qwen_image_footprints(kind, shapes=shapes) for kind in DIT_KINDS}
     out: dict = {}
-    for cap in (24, 16, 12, 8):
-        info = MemoryInfo(ram.ram_free, ram.ram_total, vram_free=cap * GIB, vram_total=cap * GIB)
+    for cap in CAPS:
+        info = MemoryInfo(ram_free=120 * GIB, ram_total=128 * GIB, vram_free=cap * GIB, vram_total=cap * GIB)
         row = {}
-        for dit, b in bytes_per.items():
-            sizes = {"transformer": int(params["transformer"] * b), "text_encoder": int(params["text_encoder"] * 2),
-                     "vae": int(params["vae"] * 2)}
+        for kind, fps in footprints.items():
             try:
-                row[dit] = plan_memory(sizes, info, device="cuda", width=size, height=size, compute_itemsize=2).strategy
+                plan = plan_memory(fps, info, device="cuda", width=size, height=size, compute_itemsize=2)
+                row[kind] = plan.as_metadata()
             except QwenStudioError as e:  # the planner refuses what cannot fit: that is the answer for this cap
-                row[dit] = f"refused: {type(e).__name__}"
+                row[kind] = f"refused: {e}"
         out[f"{cap}GB"] = row
-    if not dry_run:
-        out["fp8_runs"] = _fp8_under_caps(size, {k: v["fp8"] for k, v in out.items()})
     return out
 
 
-def _fp8_under_caps(size: int, placements: dict) -> dict:
-    """Lightning 4 steps with the fp8 DiT under each cap's placement, vs resident (same process, same weights)."""
+def memory_runs(size: int, dry_run: bool, caps: dict) -> dict:
+    """Lightning (4 steps, CFG 1) with the fp8 and the GGUF Q8_0 DiT under each cap's plan vs resident, same process,
+    same weights: seconds, slowdown, max latent difference (target at 8 GB: runs, <= 2x). GPU: full-size random
+    weights, the cap enforced with ``torch.cuda.set_per_process_memory_fraction``. Dry run: the tiny model on the
+    CPU under the same placements (simulated accelerator), which checks the hooks, not the speed."""
+    out = {}
+    for kind in ("fp8", "q8_0"):
+        try:
+            out[kind] = _runs_for(kind, size, dry_run, {cap: row[kind] for cap, row in caps.items()})
+        except Exception as e:  # noqa: BLE001  (a GPU report: record the failure and go on)
+            out[kind] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    return out
+
+
+def _runs_for(kind: str, size: int, dry_run: bool, plans: dict) -> dict:
     import torch
 
     from qwenstudio.engine.engine import Engine
-    from qwenstudio.engine.memory import Plan
+    from qwenstudio.engine.memory import Plan, unstream_weights
     from qwenstudio.engine.quant.fp8 import quantize_model_fp8
     from qwenstudio.engine.specs import get_spec
 
-    c = _components(False)
-    quantize_model_fp8(c.transformer)
-    kw = {"prompt": "a red fox", "seed": 1, "steps": 4, "cfg": 1.0, "width": size, "height": size}
-    out = {}
-    resident = Engine(c, get_spec("qwen-image"), plan=Plan("resident", 0, 0))
-    out["resident_s"] = round(_timed(lambda: resident.generate(**kw), "cuda", repeats=2), 3)
-    total = torch.cuda.get_device_properties(0).total_memory
-    for cap, strategy in placements.items():
-        if strategy.startswith("refused") or strategy == "resident":
-            out[cap] = strategy
+    c = _components(dry_run)
+    if kind == "fp8":
+        quantize_model_fp8(c.transformer)
+    else:
+        _random_q8_0(c.transformer)
+    device = "cpu" if dry_run else "cuda"
+    spec = get_spec("tiny" if dry_run else "qwen-image")
+    kw = {"prompt": "a red fox", "seed": 1, "steps": 2 if dry_run else 4, "cfg": 1.0, "width": size, "height": size}
+    resident = Engine(c, spec, plan=Plan("cpu" if dry_run else "resident", 0, 0))
+    ref = resident.generate(**kw).latents.float().cpu()
+    out: dict = {"resident_s": round(_timed(lambda: resident.generate(**kw), device, repeats=2), 3)}
+    total = None if dry_run else torch.cuda.get_device_properties(0).total_memory
+    for cap, meta in plans.items():
+        if isinstance(meta, str):
+            out[cap] = meta
             continue
+        plan = Plan(meta["strategy"], 0, 0, modes=meta["components"])
         for m in (c.transformer, c.text_encoder, c.vae):
+            unstream_weights(m)
             m.to("cpu")
-        torch.cuda.empty_cache()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap[:-2]) * GIB / total))
+        if not dry_run:
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, int(cap[:-2]) * GIB / total))
+            torch.cuda.reset_peak_memory_stats()
         try:
-            engine = Engine(c, get_spec("qwen-image"), plan=Plan(strategy, 0, 0))
-            t = _timed(lambda e=engine: e.generate(**kw), "cuda", repeats=2)
-            out[cap] = {"strategy": strategy, "seconds": round(t, 3), "slowdown": round(t / out["resident_s"], 2)}
+            if plan.strategy == "resident" and not dry_run:
+                for m in (c.transformer, c.text_encoder, c.vae):
+                    m.to(device)
+            engine = Engine(c, spec, plan=plan)
+            got = engine.generate(**kw).latents.float().cpu()
+            t = _timed(lambda e=engine: e.generate(**kw), device, repeats=2)
+            out[cap] = {"strategy": plan.strategy, "components": meta["components"], "seconds": round(t, 3),
+                        "slowdown": round(t / out["resident_s"], 2), "max_latent_diff": float((got - ref).abs().max()),
+                        "peak_gib": _peak_gib(dry_run)}
         except Exception as e:  # noqa: BLE001  (a GPU report: record any failure and go on to the next cap)
-            out[cap] = {"strategy": strategy, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            out[cap] = {"strategy": plan.strategy, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0)
+            if not dry_run:
+                torch.cuda.set_per_process_memory_fraction(1.0)
     return out
 
 
@@ -354,6 +386,27 @@ def _nunchaku_kernels(device: str) -> dict:
                           "rel_l2_kernels_vs_reference": round(float((a - b).norm() / b.norm()), 5),
                           "forward_ms": round(ms, 3)}
     return out
+def _random_q8_0(transformer) -> None:
+    """Every block Linear as a GGUF Q8_0 layer with random blocks (scale 0.02/127: the weights' spread), made on the
+    layer's device: the GGUF path's memory and dequantize-per-call cost, without a 20 GB file."""
+    import torch
+
+    from qwenstudio.engine.quant.gguf_linear import GGUFLinear
+
+    for name, mod in list(transformer.transformer_blocks.named_modules()):
+        if type(mod) is not torch.nn.Linear or mod.in_features % 32:
+            continue
+        dev = mod.weight.device
+        new = GGUFLinear(mod.in_features, mod.out_features, "Q8_0", bias=mod.bias is not None, device=dev,
+                         dtype=mod.weight.dtype)
+        blocks = new.weight.view(mod.out_features, -1, 34)
+        g = torch.Generator(device=dev).manual_seed(0)
+        blocks[..., 2:] = torch.randint(0, 256, blocks[..., 2:].shape, generator=g, device=dev, dtype=torch.uint8)
+        blocks[..., :2] = torch.tensor([0.02 / 127], dtype=torch.float16, device=dev).view(torch.uint8)
+        if mod.bias is not None:
+            new.bias.data.copy_(mod.bias.data)
+        parent = transformer.transformer_blocks.get_submodule(name.rpartition(".")[0])
+        setattr(parent, name.rpartition(".")[2], new)
 
 
 if __name__ == "__main__":

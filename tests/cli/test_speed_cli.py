@@ -70,6 +70,10 @@ def test_gpu_check_dry_run_exercises_every_section_on_cpu(tmp_path):
     assert four["int4"]["int4_layers_quantized"] == 4 and 0 < four["int4"]["rel_l2_vs_bf16"] < 0.1
     assert "CUDA only" in four["nf4"]["skipped"]
     assert all("CUDA-only" in row["skipped"] for row in four["nunchaku_kernels"].values())
+    assert report["memory_caps"]["8GB"]["fp8"]["strategy"] == "group_offload"  # the planner no longer refuses
+    for kind in ("fp8", "q8_0"):  # each cap's plan ran (the tiny model, CPU on both sides): the resident latents
+        runs = report["memory_runs"][kind]
+        assert all(runs[cap]["max_latent_diff"] == 0 and runs[cap]["slowdown"] > 0 for cap in report["memory_caps"])
 
 
 def test_serve_checks_speed_options_before_binding():

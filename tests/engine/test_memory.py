@@ -24,9 +24,11 @@ def test_gpu_strategies_follow_free_vram():
 
 def test_refusal_names_needed_free_and_alternatives():
     with pytest.raises(InsufficientMemory) as err:
-        _plan(8)
+        _plan(1.5)  # below even one streamed block + a step's activations
     msg = str(err.value)
-    assert "free: 8.0 GiB GPU" in msg and "resident:" in msg and "fp8 or GGUF" in msg
+    assert "free: 1.5 GiB GPU" in msg and "resident:" in msg and "leaf_offload:" in msg and "--device cpu" in msg
+    with pytest.raises(InsufficientMemory, match="fp8 or GGUF"):
+        _plan(1.5, ram_free_gib=30)  # not even the CPU would fit
     with pytest.raises(InsufficientMemory, match="--offload group_offload would fit"):
         _plan(24, prefer="resident")
     with pytest.raises(InsufficientMemory):

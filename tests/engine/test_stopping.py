@@ -108,3 +108,25 @@ def test_vae_attention_is_chunked_bit_identically_with_a_check_per_block():
         with pytest.raises(Cancelled), chunked_attention_mode(stop_at_third):
             F.scaled_dot_product_attention(q, k, v)
         assert len(calls) == 7  # stopped before its third block
+
+
+def test_decode_checks_inside_the_attention_blocks_only(tiny_engine):
+    """The chunking mode is scoped to the VAE's attention blocks (a mode over the whole decoder intercepted every op):
+    a decode whose mid-block attention is chunked into 4 blocks makes exactly 4 more checks than one that is not."""
+    import torch
+
+    from qwenstudio.engine import latents as L
+    from qwenstudio.engine.stopping import ATTENTION_ROWS, attention_blocks
+
+    vae = tiny_engine.components.vae
+    assert attention_blocks(vae.decoder) and all("Attention" in type(m).__name__ for m in attention_blocks(vae.decoder))
+
+    def checks(side: int) -> int:
+        calls = []
+        z = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            L.decode_checked(vae, z, lambda: calls.append(1) and False)
+        return len(calls)
+
+    assert 32 * 32 == ATTENTION_ROWS  # not chunked; 64 x 64 = 4 blocks of rows
+    assert checks(64) - checks(32) == 4

@@ -127,7 +127,8 @@ def _generate(prompt, fields, run: RunOptions, loras, images, mask, controls, co
     quant = run.quant if run.quant is not None else stored.get("quant")
     speed = speed_options(compile=run.compile, attention=run.attention, quant=quant, cache=cache)
     engine = Engine.load(run.model, variant=variant, device=run.device, dtype=run.dtype, offload=run.offload,
-                         text_encoder=run.text_encoder, vae=run.vae, models_dirs=run.models_dir, **speed)
+                         text_encoder=run.text_encoder, vae=run.vae, models_dirs=run.models_dir,
+                         vram_budget=run.vram_budget, **speed)
     if request.preset:
         engine.preset_lookup = _local_presets()
     if engine.spec.builtin:

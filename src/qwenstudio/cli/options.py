@@ -37,6 +37,7 @@ class RunOptions:
     attention: str
     quant: Optional[str]
     cache: Optional[str]
+    vram_budget: Optional[float] = None
 
 
 _RUN = [
@@ -52,7 +53,9 @@ _RUN = [
     ("dtype", Optional[str], typer.Option(None, help="bfloat16, float16, float32 (default: bf16 on CUDA; on a "
                                           "CPU bf16 when it has native bf16 and the weights are bf16/fp8/quantized, "
                                           "VAE fp32; else fp32 — the reason is in the image's metadata).")),
-    ("offload", str, typer.Option("auto", help="auto, resident, model_offload, group_offload, cpu.")),
+    ("offload", str, typer.Option("auto", help="auto, resident, model_offload, group_offload, leaf_offload, cpu.")),
+    ("vram_budget", Optional[float], typer.Option(None, "--vram-budget", help="GiB of GPU memory the memory planner "
+                                                  "may use (on a CPU device: simulate a GPU of that size).")),
     ("retry_fp32", bool, typer.Option(False, "--retry-fp32", help="If latents go NaN/inf, retry once in fp32.")),
     ("out", Optional[Path], typer.Option(None, "--out", "-o", help="Output .png file or folder (default ./outputs).")),
     ("as_json", bool, typer.Option(False, "--json", help="Print results as JSON, no progress bar.")),

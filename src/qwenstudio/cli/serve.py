@@ -247,7 +247,7 @@ def serve_command(
     models_dir: list[Path] = typer.Option([], "--models-dir", help="Extra models dir (repeatable)."),
     text_encoder: str | None = typer.Option(None, "--text-encoder", help="Text encoder name (single-file DiTs)."),
     vae: str | None = typer.Option(None, "--vae", help="VAE name (single-file DiTs)."),
-    offload: str | None = typer.Option(None, help="auto, resident, model_offload, group_offload, cpu."),
+    offload: str | None = typer.Option(None, help="auto, resident, model_offload, group_offload, leaf_offload, cpu."),
     api_key: str | None = typer.Option(None, "--api-key", help="Require this key (comma-separated). Deprecated: "
                                        "`ps` shows it; use QWENSTUDIO_API_KEY or --api-key-file.", show_default=False),
     api_key_file: Path | None = typer.Option(None, "--api-key-file", help="File with the API keys, one per line."),

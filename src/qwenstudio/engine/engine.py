@@ -74,6 +74,7 @@ class Engine:
         cache=None,
         long_lived: bool = False,
         on_load_progress: Callable[[float], Any] | None = None,
+        vram_budget: float | None = None,
     ) -> Engine:
         """Load ``model``: ``"tiny"`` (built-in random model), a diffusers folder, a DiT file (safetensors in any
         ComfyUI flavour, or GGUF), or a name found in the models dirs. ``variant`` names the recipe
@@ -85,12 +86,14 @@ class Engine:
         (engine/acceleration.py): ``compile`` (auto: on when ``long_lived``, e.g. a server), ``attention`` backend,
         ``quant="fp8"`` (fp8 compute) / ``"int4"`` / ``"nf4"`` (4-bit quantize-on-load), ``cache`` (step cache
         threshold or ``StepCacheConfig``; off by default). ``on_load_progress`` gets the fraction of the weights'
-        bytes loaded so far (engine/loading.py)."""
+        bytes loaded so far (engine/loading.py). ``vram_budget``: GiB of accelerator memory the memory planner may
+        use (on a CPU device: a simulated accelerator of that size, see engine/memory.py); the plan and its reason
+        are in ``describe()["memory"]``."""
         import torch
 
         from .loading import load_progress
         from .memory import measure, plan_memory
-        from .sources import component_sizes, load_source, registry_for, resolve
+        from .sources import component_footprints, load_source, registry_for, resolve
 
         settings = settings or Settings.from_env()
         dtype_chosen_by = "dtype=" if dtype is not None else "QWENSTUDIO_DTYPE" if settings.dtype else None
@@ -111,12 +114,15 @@ class Engine:
         dtype, vae_dtype, dtype_reason = _compute_dtype(dtype, device, source, chosen_by=dtype_chosen_by)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
-        sizes = component_sizes(source, itemsize)
-        plan = plan_memory(sizes, measure(device), device=str(device), width=width,
-                           height=height, compute_itemsize=itemsize, prefer=offload)
+        footprints = component_footprints(source, itemsize)
+        plan = plan_memory(footprints, measure(device), device=str(device), width=width,
+                           height=height, compute_itemsize=itemsize, prefer=offload, vram_budget=vram_budget,
+                           text_tokens=spec.max_prompt_tokens)
+        if plan.strategy not in ("resident", "cpu"):  # a slower placement is never silent
+            warnings.warn(f"memory plan for '{source.name}': {plan.summary()}", stacklevel=2)
         load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
         with torch.inference_mode(False):
-            with load_progress(sum(sizes.values()), on_load_progress):
+            with load_progress(sum(fp.total for fp in footprints.values()), on_load_progress):
                 components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head,
                                          vae_dtype=vae_dtype)
         components.device = device
@@ -142,6 +148,7 @@ class Engine:
                 **({"dtype_reason": self.dtype_reason} if self.dtype_reason else {}),
                 **({"vae_dtype": str(c.vae.dtype).replace("torch.", "")}
                    if getattr(c.vae, "dtype", c.dtype) != c.dtype else {}),
+                **({"memory": self.plan.as_metadata()} if self.plan.reason else {}),
                 **({"acceleration": self.acceleration} if self.acceleration else {})}
 
     # ---- requests -----------------------------------------------------------------------------------------

@@ -106,27 +106,33 @@ def _companion_folder(registry: ModelRegistry) -> ModelEntry | None:
 
 
 def component_sizes(source: ModelSource, itemsize: int) -> dict[str, int]:
-    """Resident bytes per component, from headers only (GGUF: its file size, it stays quantized)."""
-    from .loading import check_diffusers_folder, component_files
-    from .memory import safetensors_resident_bytes
+    """Resident bytes per component, from headers only (GGUF: quantized blocks as stored)."""
+    return {name: fp.total for name, fp in component_footprints(source, itemsize).items()}
 
-    def size(files, skip=()):
-        return safetensors_resident_bytes(files, itemsize, skip_prefixes=skip)
+
+def component_footprints(source: ModelSource, itemsize: int) -> dict:
+    """Each component's ``Footprint`` (bytes, blocks, largest layer, widths) from its headers only."""
+    from .footprints import footprint_from_tensors, gguf_tensors, safetensors_tensors
+    from .loading import check_diffusers_folder, component_files
+
+    def fp(name, files, skip=()):
+        return footprint_from_tensors(safetensors_tensors(files, itemsize, skip_prefixes=skip), name)
 
     if source.folder is not None:
         check_diffusers_folder(source.folder)
         return {
-            "transformer": size(component_files(source.folder / "transformer")),
-            "text_encoder": size(component_files(source.folder / "text_encoder"), ("lm_head.",)),
-            "vae": size(component_files(source.folder / "vae")),
+            "transformer": fp("transformer", component_files(source.folder / "transformer")),
+            "text_encoder": fp("text_encoder", component_files(source.folder / "text_encoder"), ("lm_head.",)),
+            "vae": fp("vae", component_files(source.folder / "vae")),
         }
-    dit = source.dit.size_bytes if source.dit.container == "gguf" else size([source.dit.path])
+    dit = (footprint_from_tensors(gguf_tensors(source.dit.path, itemsize), "transformer")
+           if source.dit.container == "gguf" else fp("transformer", [source.dit.path]))
     if source.companions is not None:
         return {"transformer": dit,
-                "text_encoder": size(component_files(source.companions / "text_encoder"), ("lm_head.",)),
-                "vae": size(component_files(source.companions / "vae"))}
-    return {"transformer": dit, "text_encoder": size([source.text_encoder.path], ("lm_head.",)),
-            "vae": size([source.vae.path])}
+                "text_encoder": fp("text_encoder", component_files(source.companions / "text_encoder"), ("lm_head.",)),
+                "vae": fp("vae", component_files(source.companions / "vae"))}
+    return {"transformer": dit, "text_encoder": fp("text_encoder", [source.text_encoder.path], ("lm_head.",)),
+            "vae": fp("vae", [source.vae.path])}
 
 
 def load_source(source: ModelSource, *, device, dtype, keep_lm_head: bool = False, vae_dtype=None):

@@ -7,8 +7,9 @@ decoder and the transformer calls ``should_stop()`` and raises ``Cancelled`` nam
 nothing in the computation (outputs stay bit-identical, tiled or not), so a stop takes effect at the next layer.
 The one layer that is long on its own is the VAE mid-block's spatial self-attention (one scaled-dot-product
 attention over every latent position: quadratic in the pixel count, seconds on CPU at 2048x2048); inside the VAE
-on CPU it runs in blocks of query rows with a check between blocks (``ChunkedAttention``; each row's result does
-not depend on the others, and the output is bit-identical — tests/engine/test_stopping.py). Figures:
+on CPU it runs in blocks of query rows with a check between blocks (``ChunkedAttention``, a TorchFunctionMode active
+only inside the attention blocks; each row's result does not depend on the others, and the output is bit-identical
+— tests/engine/test_stopping.py). Figures:
 benchmarks/cancel_latency.py. The checks fire only on the thread that installed them, so a second engine user on
 another thread is never stopped by this run's flag.
 """
@@ -57,6 +58,13 @@ def chunked_attention_mode(check: Callable[[], None], rows: int = ATTENTION_ROWS
     return ChunkedAttention()
 
 
+def attention_blocks(module) -> list:
+    """The VAE's self-attention blocks (the layers that call ``scaled_dot_product_attention``): modules whose class
+    name says attention; the module itself when none does (then the mode covers all of it, as before)."""
+    found = [m for m in module.modules() if "attention" in type(m).__name__.lower()]
+    return found or [module]
+
+
 def _scope_mode(module, make_mode) -> list:
     """Enter a fresh mode for each forward of ``module`` and leave it when the forward ends, raised or not."""
     active: list = []
@@ -95,8 +103,9 @@ def stop_checks(should_stop: ShouldStop | None, stages: dict[str, Any]) -> Itera
                 continue
             check_now = check_for(stage)
             handles.extend(m.register_forward_pre_hook(lambda m, a, c=check_now: c()) for m in module.modules())
-            if stage.startswith("vae"):
-                handles.extend(_scope_mode(module, lambda c=check_now: chunked_attention_mode(c)))
+            if stage.startswith("vae"):  # only around the attention blocks: a mode over the whole decoder
+                for m in attention_blocks(module):  # intercepts every op (456 per 256² decode, ~3 us each)
+                    handles.extend(_scope_mode(m, lambda c=check_now: chunked_attention_mode(c)))
         yield
     finally:
         for h in handles:
