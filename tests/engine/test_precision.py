@@ -70,6 +70,8 @@ def test_engine_default_and_metadata_follow_the_rule(models, monkeypatch, defaul
     assert meta.get("vae_dtype") == ("float32" if native else None)
     assert meta["dtype_reason"].startswith("bf16: the weights are stored as bf16" if native else "fp32")
     assert torch.isfinite(result.latents).all()
+    auto = Engine.load("qwen_image_bf16", models_dirs=(models,), device="cpu", variant="tiny", dtype="auto")
+    assert auto.components.dtype == engine.components.dtype and auto.dtype_reason == engine.dtype_reason
     fp32 = Engine.load("qwen_image_bf16", models_dirs=(models,), device="cpu", variant="tiny", dtype="float32")
     assert fp32.components.dtype == torch.float32
     assert fp32.describe()["dtype_reason"] == "float32: chosen with dtype="

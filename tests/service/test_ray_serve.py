@@ -368,7 +368,10 @@ def test_a_replica_killed_mid_job_the_job_completes_once_elsewhere(served, ray_c
             assert len(f["outputs"]) == 1 and f["outputs"][0]["metadata"]["model"]["name"] == model
         dead_name, victim = killed[0]
         k = [j for j, _, _ in jobs].index(victim)
-        assert np.array_equal(pixels(http, finished[k]["outputs"][0]), direct(jobs[k][1], **LONG, seed=jobs[k][2]))
+        # the retried job is the same image (a wrong model or seed differs by far more): within 1/255, since in the
+        # full suite the replica (1 thread) and this process may round differently once (seen once in a full run)
+        got = pixels(http, finished[k]["outputs"][0]).astype(int)
+        assert np.abs(got - direct(jobs[k][1], **LONG, seed=jobs[k][2]).astype(int)).max() <= 1
         assert http.get("/api/jobs").json()["total"] == 8
     assert (victim, dead_name) in ray_client.retried
     states = ray_client.replica_info()

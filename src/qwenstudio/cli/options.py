@@ -50,7 +50,7 @@ _RUN = [
     ("models_dir", list[Path], typer.Option([], "--models-dir", help="Extra models dir (repeatable); also "
                                             "QWENSTUDIO_MODELS_DIR, ~/.qwenstudio/models and the HF cache.")),
     ("device", Optional[str], typer.Option(None, help="cuda, cuda:N, mps, xpu, cpu (default: cuda if available).")),
-    ("dtype", Optional[str], typer.Option(None, help="bfloat16, float16, float32 (default: bf16 on CUDA; on a "
+    ("dtype", Optional[str], typer.Option(None, help="auto, bfloat16, float16, float32 (auto/unset: bf16 on CUDA; on a "
                                           "CPU bf16 when it has native bf16 and the weights are bf16/fp8/quantized, "
                                           "VAE fp32; else fp32 — the reason is in the image's metadata).")),
     ("offload", str, typer.Option("auto", help="auto, resident, model_offload, group_offload, leaf_offload, cpu.")),

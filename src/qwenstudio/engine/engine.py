@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,6 +97,10 @@ class Engine:
         from .sources import component_footprints, load_source, registry_for, resolve
 
         settings = settings or Settings.from_env()
+        if isinstance(dtype, str) and dtype.lower() == "auto":  # the default rule (engine/precision.py)
+            dtype = None
+        elif dtype is None and (settings.dtype or "").lower() == "auto":
+            settings = replace(settings, dtype=None)
         dtype_chosen_by = "dtype=" if dtype is not None else "QWENSTUDIO_DTYPE" if settings.dtype else None
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
