@@ -115,3 +115,27 @@ class _no_bf16_warning:
     def __exit__(self, *exc):
         self.ctx.__exit__(*exc)
         assert not [w for w in self.caught if "computing in bf16" in str(w.message)]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_server_sizes_a_model_in_the_dtype_it_will_load_in(models, tmp_path, monkeypatch, default_dtype_env,
+                                                                 native):
+    """The model pool's memory check (submit-time 422, --max-resident) uses the dtype Engine.load will choose: a bf16
+    file on a CPU with native bf16 is sized at 2 bytes per weight, not fp32's 4 (which refused models that fit)."""
+    from qwenstudio.config import Settings
+    from qwenstudio.engine import precision
+    from qwenstudio.engine.sources import component_sizes
+    from qwenstudio.service.model_pool import LoadOptions, ModelCatalog
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    settings = replace_models_dir(Settings.from_env(), models, tmp_path)
+    catalog = ModelCatalog(settings, "qwen_image_bf16", LoadOptions(device="cpu", variant="tiny"))
+    entry = next(e for e in catalog.entries() if e.id == "qwen_image_bf16")
+    source = resolve("qwen_image_bf16", registry_for(settings), settings)
+    assert catalog.sizes(entry) == component_sizes(source, 2 if native else 4)
+
+
+def replace_models_dir(settings, models, tmp_path):
+    from dataclasses import replace
+
+    return replace(settings, home=tmp_path / "home", models_dirs=(models,))

@@ -168,17 +168,18 @@ class ModelCatalog:
                 return self._sizes[entry.id]
         import torch
 
-        from ..engine.loading import default_dtype
+        from ..engine.precision import default_precision, stored_weight_kind
         from ..engine.sources import component_sizes, resolve
 
         device = self.device()
-        dtype = default_dtype(device)
-        if self.settings.dtype:
+        source = resolve(entry.source, self.registry(), self.settings, text_encoder=self.options.text_encoder,
+                         vae=self.options.vae, allow_paths=self.is_default(entry))
+        if self.settings.dtype and self.settings.dtype.lower() != "auto":
             from ..engine.engine import parse_dtype
 
             dtype = parse_dtype(self.settings.dtype)
-        source = resolve(entry.source, self.registry(), self.settings, text_encoder=self.options.text_encoder,
-                         vae=self.options.vae, allow_paths=self.is_default(entry))
+        else:  # the dtype Engine.load will pick for these files on this device (engine/precision.py)
+            dtype = default_precision(device, stored_weight_kind(source)).dtype
         sizes = component_sizes(source, torch.empty(0, dtype=dtype).element_size())
         with self._lock:
             self._sizes[entry.id] = sizes
