@@ -3,7 +3,10 @@
 The path a user takes: a real server on loopback (uvicorn in a thread) whose client is ``RayServeEngineClient``,
 one job worker per replica (ServiceConfig.workers), all jobs submitted at once over HTTP, the clock running from the
 first submit to the last job done (its PNG written). Replicas are CPU replicas (one CPU slot each, OMP threads 1)
-on a local Ray; each count gets a fresh deployment and a warm-up job per replica first (loads the model everywhere).
+on a local Ray; each count gets a fresh deployment, then warm-up rounds until every replica holds the model (one
+long job per replica at once, so each worker is busy long enough for the others to claim theirs and the router to
+send them to the replicas without the model; checked on the replicas' board). Without that, a replica's first load
+(seconds, cold) lands inside the timed window: with tiny jobs that alone made 2 replicas look 4-5x slower than 1.
 Parallel replicas can only gain what idle cores allow: the report prints the CPU count and the load average.
 Usage: OMP_NUM_THREADS=1 python benchmarks/ray_replicas.py [--jobs 16] [--replicas 1 2] [--cpus 1 1] [--steps 8]
        [--size 128]   (--cpus 2 1: one 2-thread replica vs two 1-thread ones, the same CPU budget)
@@ -40,8 +43,7 @@ def run_count(models: Path, home: Path, replicas: int, jobs: int, job: dict, cpu
         deploy_s = time.monotonic() - started
         app = create_app(settings, client, ServiceConfig(queue_size=max(64, jobs), workers=replicas))
         with run_app(app) as url, httpx.Client(base_url=url, timeout=300) as http:
-            warm = [http.post("/api/jobs", json={**job, "seed": 1000 + i}).json()["id"] for i in range(replicas)]
-            wait_all(http, warm)
+            warm_rounds = warm_every_replica(http, client, job, replicas)
             t0 = time.perf_counter()
             ids = [http.post("/api/jobs", json={**job, "seed": i}).json()["id"] for i in range(jobs)]
             statuses = wait_all(http, ids)
@@ -49,9 +51,31 @@ def run_count(models: Path, home: Path, replicas: int, jobs: int, job: dict, cpu
         states = client.replica_info()
         per_replica = {name[-8:]: sum(1 for j in s["completed"] if j in set(ids)) for name, s in states.items()}
         return {"replicas": replicas, "cpus_per_replica": cpus, "jobs": jobs, "done": statuses.count("done"), "wall_s": round(wall, 3),
-                "jobs_per_s": round(jobs / wall, 3), "deploy_s": round(deploy_s, 1), "jobs_per_replica": per_replica}
+                "jobs_per_s": round(jobs / wall, 3), "deploy_s": round(deploy_s, 1), "jobs_per_replica": per_replica,
+                "warm_rounds": warm_rounds}
     finally:
         client.close()
+
+
+WARM_STEPS = 48  # a warm-up job this long keeps its replica busy while the other workers claim theirs
+WARM_ROUNDS = 4
+
+
+def holding(client, model: str) -> int:
+    return sum(1 for s in client.replica_info().values() if s.get("alive") and model in s.get("models", []))
+
+
+def warm_every_replica(http, client, job: dict, replicas: int, model: str = "tiny-a") -> int:
+    """Rounds of ``replicas`` long jobs at once until every replica holds ``model``; returns the rounds it took
+    (an error when it never gets there: the timed run would include a load)."""
+    for rounds in range(1, WARM_ROUNDS + 1):
+        warm = [http.post("/api/jobs", json={**job, "steps": WARM_STEPS, "seed": 1000 + i}).json()["id"]
+                for i in range(replicas)]
+        wait_all(http, warm)
+        if holding(client, model) >= replicas:
+            return rounds
+    raise RuntimeError(f"only {holding(client, model)} of {replicas} replicas loaded {model} after {WARM_ROUNDS} "
+                       "warm-up rounds")
 
 
 def wait_all(http, ids: list[str]) -> list[str]:
@@ -96,12 +120,12 @@ def main() -> None:
               "omp_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows}
     print(f"tiny model, {job['width']}x{job['height']}, {job['steps']} steps, {args.jobs} jobs; "
           f"{report['cpus']} CPUs, load average {report['loadavg_1m']} (1 min, at the end)")
-    print("| replicas | CPU slots (threads) each | jobs/s | vs first | wall s | jobs per replica |")
-    print("|---|---|---|---|---|---|")
+    print("| replicas | CPU slots (threads) each | jobs/s | vs first | wall s | jobs per replica | warm-up rounds |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['replicas']} | {r['cpus_per_replica']} | {r['jobs_per_s']:.2f} | {r['jobs_per_s'] / base:.2f}x | "
               f"{r['wall_s']:.2f} | "
-              f"{', '.join(str(v) for v in r['jobs_per_replica'].values())} |")
+              f"{', '.join(str(v) for v in r['jobs_per_replica'].values())} | {r['warm_rounds']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
