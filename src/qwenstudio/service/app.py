@@ -52,7 +52,6 @@ def create_app(settings: Settings, engine_client: EngineClient, config: ServiceC
              for _ in range(config.workers - 1 if config.run_worker else 0)]  # Ray replicas run jobs in parallel
     for m in extra:
         m.register()
-    manager.peers = extra  # a job queued here wakes an idle extra worker at once
     if recovered:
         log.warning("marked %d job(s) left queued/running by a stopped server as failed (interrupted)", recovered)
 

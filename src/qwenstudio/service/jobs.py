@@ -64,7 +64,6 @@ class JobManager(Worker, Watcher):
         self._thread = threading.Thread(target=self._work, name="qwenstudio-jobs", daemon=True) if worker else None
         self.affinity = ModelAffinity(config.affinity_max_consecutive, config.affinity_max_wait_s)
         self._watcher = threading.Thread(target=self._watch, name="qwenstudio-jobs-watch", daemon=True)
-        self.peers: list[JobManager] = []  # this process's other workers (Ray replicas): woken on submit too
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
     def register(self) -> int:
@@ -180,15 +179,7 @@ class JobManager(Worker, Watcher):
             job.publish("queued", {"job_id": job.id, "position": position})  # before any worker can claim it
             self._wake = True
             self._cond.notify_all()
-        for peer in self.peers:  # an idle peer claims it now, not at its next POLL_S (a free replica sat idle)
-            peer.wake()
         return job
-
-    def wake(self) -> None:
-        """Look for a job now (one was queued in this process) instead of at the next idle poll."""
-        with self._cond:
-            self._wake = True
-            self._cond.notify_all()
 
     def _check_caps(self, request: Any) -> None:
         """The operator's caps (ServiceConfig.max_steps/max_pixels/max_batch), on the resolved request."""
