@@ -30,7 +30,7 @@ def load_dit_int4(info: FileInfo, *, device, dtype):
     from diffusers import QwenImageTransformer2DModel
     from safetensors import safe_open
 
-    from ..loading import build_empty, fill_module, iter_safetensors
+    from ..loading import build_empty
     from ..quant.int4 import Int4WeightLinear
     from .keymaps import infer_dit_config, strip_dit_prefix
 
@@ -61,14 +61,7 @@ def load_dit_int4(info: FileInfo, *, device, dtype):
             setattr(model.get_submodule(parent), leaf, Int4WeightLinear.from_tensors(packed, scale, zero, bias))
             handled |= {layer + s for s in INT4_SUFFIXES} | {layer + ".bias"}
 
-    def rest():
-        for key, t in iter_safetensors([info.path]):
-            if key not in handled:
-                yield key, t
-
-    fill_module(model, rest(), dtype=dtype, device=device, name=f"transformer ({info.path.name})",
-                key_map=strip_dit_prefix)
-    return model.eval()
+    return fill_unhandled(model, info, handled, device=device, dtype=dtype)
 
 
 def load_dit_bnb(info: FileInfo, *, device, dtype):
@@ -85,7 +78,7 @@ def load_dit_bnb(info: FileInfo, *, device, dtype):
     from diffusers import QwenImageTransformer2DModel
     from safetensors import safe_open
 
-    from ..loading import build_empty, fill_module, iter_safetensors
+    from ..loading import build_empty
     from .keymaps import infer_dit_config, strip_dit_prefix
 
     marker = ".weight.quant_state.bitsandbytes__"
@@ -112,12 +105,16 @@ def load_dit_bnb(info: FileInfo, *, device, dtype):
             setattr(model.get_submodule(parent), leaf, new)
             handled |= {layer + ".weight", layer + ".bias"} | {layer + ".weight." + s for s in stats}
 
-    def rest():
-        for key, t in iter_safetensors([info.path]):
-            if key not in handled:
-                yield key, t
+    return fill_unhandled(model, info, handled, device=device, dtype=dtype)
 
-    fill_module(model, rest(), dtype=dtype, device=device, name=f"transformer ({info.path.name})",
+
+def fill_unhandled(model, info: FileInfo, handled: set[str], *, device, dtype):
+    """Every tensor of the file the 4-bit layers did not take (norms, embeddings, kept layers), as usual."""
+    from ..loading import fill_module, iter_safetensors
+    from .keymaps import strip_dit_prefix
+
+    rest = ((key, t) for key, t in iter_safetensors([info.path]) if key not in handled)
+    fill_module(model, rest, dtype=dtype, device=device, name=f"transformer ({info.path.name})",
                 key_map=strip_dit_prefix)
     return model.eval()
 
