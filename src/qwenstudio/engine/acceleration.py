@@ -194,14 +194,18 @@ def accelerate_engine(engine, *, compile=False, attention="auto", quant=None, ca
     do_compile = resolve_compile(compile_value, long_lived=long_lived or (quant == "fp8" and on_gpu),
                                  device=device, builtin=engine.spec.builtin and quant != "fp8")
     done: dict = {}
+    # where the DiT's weights live: on the device when resident, else in RAM (offloaded, or a CPU run); a
+    # quantize-on-load DiT arrives here in RAM and each layer is quantized onto that place (engine.Engine.load)
+    place = torch.device(device) if engine.plan.mode("transformer") == "resident" else torch.device("cpu")
     if quant in ("int4", "nf4"):
         from .quant.load_time import quantize_on_load
 
-        done.update(quantize_on_load(transformer, quant, device=device, dtype=engine.components.dtype))
+        done.update(quantize_on_load(transformer, quant, device=device, place=place, dtype=engine.components.dtype))
     has_fp8 = any(isinstance(m, FP8Linear) for m in transformer.modules())
     if quant == "fp8" and not has_fp8:
-        done["fp8_layers_quantized"] = len(quantize_model_fp8(transformer))
+        done["fp8_layers_quantized"] = len(quantize_model_fp8(transformer, device=place))
         has_fp8 = True
+    transformer.to(place)  # (a no-op unless a quantize-on-load DiT still has float layers in RAM)
     if has_fp8:
         mode = fp8_compute_mode(device, do_compile, quant == "fp8")
         done["fp8_compute"] = mode

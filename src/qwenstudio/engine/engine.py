@@ -108,7 +108,7 @@ class Engine:
             dtype = parse_dtype(settings.dtype)
         registry = registry_for(settings, models_dirs)
         device = check_device(device or settings.device or default_device())
-        from .quant.load_time import check_quant_device
+        from .quant.load_time import LOAD_TIME_QUANTS, check_quant_device
 
         check_quant_device(quant, device)  # e.g. --quant nf4 off CUDA: refused before any weight is read
         source = resolve(model, registry, settings, text_encoder=text_encoder, vae=vae, allow_paths=allow_paths)
@@ -119,17 +119,26 @@ class Engine:
         dtype, vae_dtype, dtype_reason = _compute_dtype(dtype, device, source, chosen_by=dtype_chosen_by)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
-        footprints = component_footprints(source, itemsize)
+        stored = component_footprints(source, itemsize)
+        # a quantize-on-load run (--quant fp8/int4/nf4) is planned at the size it runs at; the load holds the float
+        # DiT in RAM (it is loaded on the CPU and quantized layer by layer onto its device: acceleration.py)
+        quant_at_load = quant if quant in LOAD_TIME_QUANTS else None
+        footprints = component_footprints(source, itemsize, quant_at_load) if quant_at_load else stored
         plan = plan_memory(footprints, measure(device), device=str(device), width=width,
                            height=height, compute_itemsize=itemsize, prefer=offload, vram_budget=vram_budget,
-                           text_tokens=spec.max_prompt_tokens)
+                           text_tokens=spec.max_prompt_tokens,
+                           load_ram=sum(fp.total for fp in stored.values()) if quant_at_load else 0)
         if plan.strategy not in ("resident", "cpu"):  # a slower placement is never silent
             warnings.warn(f"memory plan for '{source.name}': {plan.summary()}", stacklevel=2)
-        load_device = device if plan.strategy in ("resident", "cpu") else torch.device("cpu")
+        on_device = plan.strategy in ("resident", "cpu") and not quant_at_load
+        load_device = device if on_device else torch.device("cpu")
         with torch.inference_mode(False):
-            with load_progress(sum(fp.total for fp in footprints.values()), on_load_progress):
+            with load_progress(sum(fp.total for fp in stored.values()), on_load_progress):
                 components = load_source(source, device=load_device, dtype=dtype, keep_lm_head=keep_lm_head,
                                          vae_dtype=vae_dtype)
+        if plan.strategy == "resident" and not on_device:  # the DiT follows once quantized (accelerate_engine)
+            components.text_encoder.to(device)
+            components.vae.to(device)
         components.device = device
         components.identity = {**components.identity, "variant_reason": reason}
         engine = cls(components, spec, plan=plan)

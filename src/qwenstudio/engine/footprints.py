@@ -106,9 +106,14 @@ def _widths(tensors: dict, name: str) -> tuple[int, int]:
 
 # ---- reading headers ---------------------------------------------------------------------------------------------
 
-def safetensors_tensors(files: list[Path], compute_itemsize: int, skip_prefixes: tuple[str, ...] = ()) -> dict:
-    """``{key: (shape, resident bytes)}``: float tensors at the compute dtype, fp8/int tensors as stored."""
+def safetensors_tensors(files: list[Path], compute_itemsize: int, skip_prefixes: tuple[str, ...] = (),
+                        quant: str | None = None) -> dict:
+    """``{key: (shape, resident bytes)}``: float tensors at the compute dtype, fp8/int tensors as stored. ``quant``
+    (a DiT run with ``--quant fp8|int4|nf4``): the float Linear weights the quantizer rewrites at load are counted
+    at their quantized size (``quantized_weight_bytes``)."""
+    from .formats.keymaps import strip_dit_prefix
     from .loading import read_safetensors_header
+    from .quant.load_time import quantized_weight_bytes
 
     itemsize = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "I32": 4,
                 "I64": 8}
@@ -121,8 +126,12 @@ def safetensors_tensors(files: list[Path], compute_itemsize: int, skip_prefixes:
             for d in info["shape"]:
                 numel *= d
             dt = info["dtype"]
-            size = compute_itemsize if dt in ("F64", "F32", "F16", "BF16") else itemsize.get(dt, 1)
-            out[key] = (tuple(info["shape"]), numel * size)
+            is_float = dt in ("F64", "F32", "F16", "BF16")
+            nbytes = numel * (compute_itemsize if is_float else itemsize.get(dt, 1))
+            if quant and is_float and key.endswith(".weight"):
+                quantized = quantized_weight_bytes(strip_dit_prefix(key)[: -len(".weight")], info["shape"], quant)
+                nbytes = nbytes if quantized is None else quantized
+            out[key] = (tuple(info["shape"]), nbytes)
     return out
 
 

@@ -20,7 +20,7 @@ checking a plan without the GPU).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -130,10 +130,13 @@ def plan_memory(
     cfg_batched: bool = True,
     text_tokens: int = 1024,
     vram_budget: float | None = None,
+    load_ram: int = 0,
 ) -> Plan:
     """Choose a placement for the components of ``sizes`` (bytes or ``Footprint``: transformer, text_encoder,
     vae) for images of ``width`` x ``height`` in batches of ``batch``, or raise InsufficientMemory naming what each
-    placement needs, what is free and what would fit. ``vram_budget``: GiB the plan may use (see module doc)."""
+    placement needs, what is free and what would fit. ``vram_budget``: GiB the plan may use (see module doc).
+    ``load_ram``: RAM the load itself passes through, whatever the placement (a quantize-on-load run holds the
+    float DiT in RAM before it is quantized; ``sizes`` then give the quantized DiT, as it runs)."""
     if prefer is not None and prefer not in STRATEGIES + ("auto",):
         raise InvalidRequest(f"unknown offload strategy '{prefer}'; valid: auto, {', '.join(STRATEGIES)}")
     if vram_budget is not None and not vram_budget > 0:
@@ -149,7 +152,7 @@ def plan_memory(
     stream = str(device).startswith("cuda")  # side-stream prefetch and pinned RAM need CUDA
     run = {"width": width, "height": height, "batch": batch, "cfg_batched": cfg_batched, "text_tokens": text_tokens,
            "itemsize": compute_itemsize, "workspace": 0 if cpu_device else WORKSPACE}
-    needs = {s: _needs(s, fps, free, info.ram_free, stream, run) for s in STRATEGIES}
+    needs = {s: _with_load_ram(_needs(s, fps, free, info.ram_free, stream, run), load_ram) for s in STRATEGIES}
     order = list(ACCELERATED) if (not cpu_device or simulated) else ["cpu"]
     if prefer not in (None, "auto"):
         if prefer != "cpu" and cpu_device and not simulated:
@@ -181,6 +184,9 @@ def plan_memory(
         hint = "--device cpu would fit (much slower); or use a smaller file (GGUF Q4_K_M DiT, fp8 text encoder)"
     else:
         hint = "use a smaller file (fp8 or GGUF Q4_K_M DiT, fp8 text encoder) or free memory"
+    if load_ram > info.ram_free:  # the quantized run might fit; its load does not
+        hint = (f"loading holds {_gib(load_ram)} in RAM (the float DiT before it is quantized): write the "
+                "quantized file once (`qwenstudio convert SRC DST --to int4`, or an fp8/GGUF file) and load that")
     raise InsufficientMemory(f"not enough memory to load this model ({tried}; {free_text}); {hint}",
                              detail={"needed": {s: (needs[s].vram, needs[s].ram) for s in order},
                                      "free": {**info.__dict__, "vram_planned": free}})
@@ -238,6 +244,13 @@ def _needs(strategy: str, fps: dict, free: int | None, ram_free: int, stream: bo
               f"{' and decodes in tiles' if tiled else ''}")
     return _Need(max(stages.values()), ram, {"text_encoder": te_mode, "transformer": dit_mode, "vae": "visit"},
                  detail, tiled, above, pin)
+
+
+def _with_load_ram(need: _Need, load_ram: int) -> _Need:
+    if load_ram <= need.ram:
+        return need
+    return replace(need, ram=load_ram, detail=f"{need.detail} (loading holds {_gib(load_ram)} in RAM: the float "
+                                              "DiT before it is quantized)")
 
 
 def _gib(n: int | None) -> str:

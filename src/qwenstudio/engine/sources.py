@@ -105,18 +105,20 @@ def _companion_folder(registry: ModelRegistry) -> ModelEntry | None:
     return folders[0] if folders else None
 
 
-def component_sizes(source: ModelSource, itemsize: int) -> dict[str, int]:
+def component_sizes(source: ModelSource, itemsize: int, quant: str | None = None) -> dict[str, int]:
     """Resident bytes per component, from headers only (GGUF: quantized blocks as stored)."""
-    return {name: fp.total for name, fp in component_footprints(source, itemsize).items()}
+    return {name: fp.total for name, fp in component_footprints(source, itemsize, quant).items()}
 
 
-def component_footprints(source: ModelSource, itemsize: int) -> dict:
-    """Each component's ``Footprint`` (bytes, blocks, largest layer, widths) from its headers only."""
+def component_footprints(source: ModelSource, itemsize: int, quant: str | None = None) -> dict:
+    """Each component's ``Footprint`` (bytes, blocks, largest layer, widths) from its headers only. ``quant``: the
+    DiT's ``--quant``, so a quantize-on-load run is sized as it will run (the text encoder and VAE stay as stored)."""
     from .footprints import footprint_from_tensors, gguf_tensors, safetensors_tensors
     from .loading import check_diffusers_folder, component_files
 
     def fp(name, files, skip=()):
-        return footprint_from_tensors(safetensors_tensors(files, itemsize, skip_prefixes=skip), name)
+        q = quant if name == "transformer" else None
+        return footprint_from_tensors(safetensors_tensors(files, itemsize, skip_prefixes=skip, quant=q), name)
 
     if source.folder is not None:
         check_diffusers_folder(source.folder)

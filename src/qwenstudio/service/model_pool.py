@@ -72,7 +72,7 @@ class ModelCatalog:
         self._memory = memory
         self._entries: list[CatalogEntry] = []
         self._read_at = -1e9
-        self._sizes: dict[str, dict[str, int]] = {}
+        self._sizes: dict[tuple, dict[str, int]] = {}  # (model id, quant) -> bytes per component
         self._registry: Any = None
         self._snapshots: dict | None = None
         self._warned: set[str] = set()  # names hidden by --model, logged once
@@ -161,11 +161,17 @@ class ModelCatalog:
 
         return (self._memory or measure)(self.device())
 
-    def sizes(self, entry: CatalogEntry) -> dict[str, int]:
-        """Resident bytes per component (file headers only; cached per model)."""
+    def sizes(self, entry: CatalogEntry, *, as_stored: bool = False) -> dict[str, int]:
+        """Resident bytes per component (file headers only; cached per model): the DiT as ``--quant`` runs it, or
+        with ``as_stored`` as its file holds it (what a quantize-on-load passes through RAM)."""
+        from ..engine.quant.load_time import LOAD_TIME_QUANTS
+
+        quant = self.options.speed.get("quant")
+        quant = quant if quant in LOAD_TIME_QUANTS and not as_stored else None
+        key = (entry.id, quant)
         with self._lock:
-            if entry.id in self._sizes:
-                return self._sizes[entry.id]
+            if key in self._sizes:
+                return self._sizes[key]
         import torch
 
         from ..engine.precision import default_precision, stored_weight_kind
@@ -180,12 +186,12 @@ class ModelCatalog:
             dtype = parse_dtype(self.settings.dtype)
         else:  # the dtype Engine.load will pick for these files on this device (engine/precision.py)
             dtype = default_precision(device, stored_weight_kind(source)).dtype
-        sizes = component_sizes(source, torch.empty(0, dtype=dtype).element_size())
+        sizes = component_sizes(source, torch.empty(0, dtype=dtype).element_size(), quant)
         with self._lock:
-            self._sizes[entry.id] = sizes
+            self._sizes[key] = sizes
         return sizes
 
-    def _plan(self, sizes: dict[str, int], info, variant: str):
+    def _plan(self, sizes: dict[str, int], info, variant: str, load_ram: int = 0):
         import torch
 
         from ..engine.loading import default_dtype
@@ -197,7 +203,7 @@ class ModelCatalog:
         width, height = max(spec.resolutions.values(), key=lambda wh: wh[0] * wh[1])
         return plan_memory(sizes, info, device=str(device), width=width, height=height,
                            compute_itemsize=torch.empty(0, dtype=default_dtype(device)).element_size(),
-                           prefer=self.options.offload)
+                           prefer=self.options.offload, load_ram=load_ram)
 
     def check_fits(self, entry: CatalogEntry, freeable: int = 0) -> None:
         """Raise ModelTooLarge when ``entry`` cannot fit even once ``freeable`` bytes (the other resident models)
@@ -206,7 +212,10 @@ class ModelCatalog:
         info = replace(info, ram_free=info.ram_free + freeable,
                        vram_free=None if info.vram_free is None else info.vram_free + freeable)
         try:
-            self._plan(self.sizes(entry), info, entry.variant)
+            stored = self.sizes(entry, as_stored=True)
+            sizes = self.sizes(entry)
+            load_ram = sum(stored.values()) if stored != sizes else 0
+            self._plan(sizes, info, entry.variant, load_ram=load_ram)
         except InsufficientMemory as e:
             raise ModelTooLarge(f"model '{entry.id}' cannot be loaded on this server: {e.message}",
                                 detail=e.detail) from None

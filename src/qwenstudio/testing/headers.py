@@ -52,17 +52,29 @@ def qwen_image_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
             "vae": _meta_shapes(lambda: AutoencoderKLQwenImage.from_config(QWEN_IMAGE_VAE_CONFIG))}
 
 
-def qwen_image_tensors(dit: str = "bf16", *, itemsize: int = 2, shapes: dict | None = None) -> dict[str, dict]:
+def qwen_image_tensors(dit: str = "bf16", *, itemsize: int = 2, shapes: dict | None = None,
+                       quant: str | None = None) -> dict[str, dict]:
     """``{component: {key: (shape, resident bytes)}}`` for full-size Qwen-Image with a ``dit`` kind of DiT file, the
-    bf16 text encoder (Qwen2.5-VL-7B, no LM head) and the VAE. ``shapes``: ``qwen_image_shapes()``, to reuse."""
+    bf16 text encoder (Qwen2.5-VL-7B, no LM head) and the VAE. ``shapes``: ``qwen_image_shapes()``, to reuse.
+    ``quant`` (with a bf16 DiT): the DiT as ``--quant fp8|int4|nf4`` runs it (the rule of engine/footprints.py)."""
+    from ..engine.quant.load_time import quantized_weight_bytes
+
     shapes = shapes or qwen_image_shapes()
-    return {name: {k: (s, _value_bytes(k, s, dit if name == "transformer" else "bf16", itemsize))
-                   for k, s in shapes[name].items()} for name in shapes}
+
+    def resident(name: str, key: str, shape: tuple[int, ...]) -> int:
+        if name == "transformer" and quant and dit == "bf16" and key.endswith(".weight"):
+            q = quantized_weight_bytes(key[: -len(".weight")], shape, quant)
+            if q is not None:
+                return q
+        return _value_bytes(key, shape, dit if name == "transformer" else "bf16", itemsize)
+
+    return {name: {k: (s, resident(name, k, s)) for k, s in shapes[name].items()} for name in shapes}
 
 
-def qwen_image_footprints(dit: str = "bf16", *, itemsize: int = 2, shapes: dict | None = None) -> dict:
+def qwen_image_footprints(dit: str = "bf16", *, itemsize: int = 2, shapes: dict | None = None,
+                          quant: str | None = None) -> dict:
     """The planner's input for full-size Qwen-Image (``qwen_image_tensors`` through ``footprint_from_tensors``)."""
     from ..engine.footprints import footprint_from_tensors
 
     return {name: footprint_from_tensors(t, name)
-            for name, t in qwen_image_tensors(dit, itemsize=itemsize, shapes=shapes).items()}
+            for name, t in qwen_image_tensors(dit, itemsize=itemsize, shapes=shapes, quant=quant).items()}

@@ -208,15 +208,16 @@ def quantize_linear_fp8(linear: nn.Linear, dtype=torch.float8_e4m3fn) -> FP8Line
 
 
 def quantize_model_fp8(model: nn.Module, *, keep=FP8_KEEP_HIGH_PRECISION,
-                       suffixes=FP8_COMPUTE_KEEP_SUFFIXES) -> list[str]:
+                       suffixes=FP8_COMPUTE_KEEP_SUFFIXES, device=None) -> list[str]:
     """``--quant fp8`` on a float model: every ``nn.Linear`` not on the keep-lists becomes an ``FP8Linear`` (per-row
-    scales), in place. Returns the names quantized."""
+    scales), in place. Returns the names quantized. ``device``: each layer moves there, then is quantized there."""
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not
              keep_activations_high_precision(n, keep, suffixes)]
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, quantize_linear_fp8(getattr(parent, leaf)))
+        layer = getattr(parent, leaf)
+        setattr(parent, leaf, quantize_linear_fp8(layer if device is None else layer.to(device)))
     return names
 
 

@@ -116,10 +116,11 @@ def quantize_linear_int4(linear: nn.Linear, group_size: int = GROUP_SIZE) -> Int
 
 
 def quantize_model_int4(model: nn.Module, keep: tuple[str, ...] | None = None,
-                        group_size: int = GROUP_SIZE) -> tuple[list[str], list[str]]:
+                        group_size: int = GROUP_SIZE, device=None) -> tuple[list[str], list[str]]:
     """``--quant int4`` on a float DiT, in place: every ``nn.Linear`` except the weight keep-list (the small
     sensitive layers ``convert --to int4`` keeps bf16) becomes ``Int4WeightLinear``. Returns (quantized, skipped):
-    layers whose input size is not a multiple of ``group_size`` stay float (none at Qwen-Image's real shapes)."""
+    layers whose input size is not a multiple of ``group_size`` stay float (none at Qwen-Image's real shapes).
+    ``device``: each layer moves there, then is quantized there (the float model never needs to fit it whole)."""
     from .fp8 import FP8_KEEP_HIGH_PRECISION, keep_high_precision
 
     keep = FP8_KEEP_HIGH_PRECISION if keep is None else keep
@@ -132,6 +133,6 @@ def quantize_model_int4(model: nn.Module, keep: tuple[str, ...] | None = None,
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, quantize_linear_int4(m, group_size))
+        setattr(parent, leaf, quantize_linear_int4(m if device is None else m.to(device), group_size))
         quantized.append(name)
     return quantized, skipped

@@ -15,6 +15,7 @@ import warnings
 from ...errors import InvalidRequest
 
 FOUR_BIT_QUANTS = ("int4", "nf4")
+LOAD_TIME_QUANTS = ("fp8", "int4", "nf4")  # the --quant values that rewrite a float DiT's Linear weights at load
 QUANTIZED_LINEARS = ("FP8Linear", "GGUFLinear", "Int4WeightLinear", "SVDQuantLinear", "Linear4bit")
 
 
@@ -33,8 +34,11 @@ def quantized_layer_kinds(model) -> set[str]:
     return {type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_LINEARS}
 
 
-def quantize_on_load(transformer, quant: str, *, device, dtype) -> dict:
-    """Quantize ``transformer`` in place to ``quant`` (int4 or nf4); returns the metadata entries."""
+def quantize_on_load(transformer, quant: str, *, device, dtype, place=None) -> dict:
+    """Quantize ``transformer`` in place to ``quant`` (int4 or nf4); returns the metadata entries. ``device``: the
+    run's device (what it must support); ``place``: where the quantized layers go (the device for a resident DiT,
+    the CPU for an offloaded one; default: where the weights are), one layer at a time, so the float DiT never has
+    to fit there."""
     already = quantized_layer_kinds(transformer)
     if already:
         raise InvalidRequest(f"--quant {quant} quantizes a bf16/fp32 DiT; this one is already quantized "
@@ -43,7 +47,7 @@ def quantize_on_load(transformer, quant: str, *, device, dtype) -> dict:
     if quant == "int4":
         from .int4 import GROUP_SIZE, quantize_model_int4
 
-        quantized, skipped = quantize_model_int4(transformer)
+        quantized, skipped = quantize_model_int4(transformer, device=place)
         if skipped:
             warnings.warn(f"--quant int4: {len(skipped)} linear layers stay float (input size not a multiple of "
                           f"{GROUP_SIZE}), e.g. {skipped[0]}", stacklevel=3)
@@ -55,8 +59,37 @@ def quantize_on_load(transformer, quant: str, *, device, dtype) -> dict:
 
         from .nf4 import NF4_BLOCKSIZE, bitsandbytes_version, quantize_model_nf4
 
-        where = next(transformer.parameters(), torch.empty(0, device=device)).device  # offloaded: quantize there
-        names = quantize_model_nf4(transformer, device=where, compute_dtype=dtype)
+        if place is None:
+            place = next(transformer.parameters(), torch.empty(0, device=device)).device
+        names = quantize_model_nf4(transformer, device=place, compute_dtype=dtype)
         return {"nf4_layers_quantized": len(names), "nf4_blocksize": NF4_BLOCKSIZE, "nf4_double_quant": False,
                 "nf4_compute_dtype": str(dtype).replace("torch.", ""), "bitsandbytes": bitsandbytes_version()}
     raise ValueError(f"not a 4-bit quantize-on-load mode: {quant}")
+
+
+def quantized_weight_bytes(layer: str, shape: tuple[int, ...], quant: str) -> int | None:
+    """Bytes the float weight of Linear ``layer`` (un-prefixed diffusers name, weight ``shape`` [out, in]) takes after
+    ``--quant quant`` (None: the quantizer leaves that layer float). The memory planner sizes a quantize-on-load run
+    with it (engine/footprints.py), so a bf16 file run with ``--quant int4`` is planned at 4-bit size, not at the
+    file's. Each rule is the storage of the layer the quantizer builds:
+      int4  ``Int4WeightLinear``: 0.5 B per weight + bf16 scale and zero per 64 inputs (input a multiple of 64)
+      nf4   bitsandbytes ``Linear4bit``: 0.5 B per weight + an fp32 absmax per block of 64 weights
+      fp8   ``FP8Linear``: 1 B per weight + an fp32 scale per output row
+    """
+    from .fp8 import keep_activations_high_precision, keep_high_precision
+
+    if quant not in LOAD_TIME_QUANTS or len(shape) != 2:
+        return None
+    out_features, in_features = shape
+    numel = out_features * in_features
+    if quant == "fp8":
+        return None if keep_activations_high_precision(layer) else numel + 4 * out_features
+    if keep_high_precision(layer):
+        return None
+    if quant == "int4":
+        from .int4 import GROUP_SIZE
+
+        return None if in_features % GROUP_SIZE else numel // 2 + 2 * 2 * out_features * (in_features // GROUP_SIZE)
+    from .nf4 import NF4_BLOCKSIZE
+
+    return numel // 2 + 4 * -(-numel // NF4_BLOCKSIZE)
