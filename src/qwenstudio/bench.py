@@ -8,6 +8,7 @@ Prompt caches are cleared before each run so text encoding is compared like for 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import statistics
@@ -67,7 +68,8 @@ def run_bench(*, model="tiny", random_full=False, shape=None, layers=2, vae="tin
 
     Order matters because speed options change the modules in place: stock runs first on the untouched model, then
     the exact options (attention backend, regional compile) are applied and ours runs, then the step cache (turned
-    off again afterwards), then fp8 (irreversible: last). Warm-up runs (``min(steps, 2)`` steps) are not timed but
+    off again afterwards), then each ``quant`` of ``fp8,int4,nf4`` (each from the same float DiT, restored
+    after it). Warm-up runs (``min(steps, 2)`` steps) are not timed but
     their wall time is reported: with compile on, that is the compile cost.
 
     ``bf16`` (default: on when it is the engine's default here — a CPU with native bf16 and the shape-true model,
@@ -82,6 +84,7 @@ def run_bench(*, model="tiny", random_full=False, shape=None, layers=2, vae="tin
 
     if repeats < 1 or steps < 1:
         raise InvalidRequest("repeats and steps must be >= 1")
+    quants = parse_bench_quants(quant, device or default_device())
     if shape not in (None, "wide"):
         raise InvalidRequest(f"unknown bench shape '{shape}'; valid: wide", code="invalid_shape")
     parse_compile(compile)  # a typo fails before minutes of model building
@@ -198,19 +201,67 @@ def run_bench(*, model="tiny", random_full=False, shape=None, layers=2, vae="tin
                 to_dtype(torch.float32)
 
             lossy(f"bf16 + step cache {config.threshold}", bf16_cache_on, bf16_cache_off, warm=True)
-    if quant == "fp8":
-        def fp8_on():
-            from .engine.acceleration import fp8_compute_mode
-            from .engine.quant.fp8 import quantize_model_fp8, set_fp8_compute
+    if quants:
+        float_linears = {n: copy.deepcopy(m) for n, m in c.transformer.named_modules() if type(m) is torch.nn.Linear}
+        float_bytes = dit_weight_bytes(c.transformer)
 
-            n = len(quantize_model_fp8(c.transformer))
-            mode = fp8_compute_mode(c.device, exact.get("compile", False), True)
-            return {"fp8_layers": n, "fp8_compute": mode, "fp8_compute_layers": set_fp8_compute(c.transformer, mode)}
+        def restore_float():  # each quantizer starts from the same float DiT
+            for name, m in float_linears.items():
+                parent, _, leaf = name.rpartition(".")
+                setattr(c.transformer.get_submodule(parent) if parent else c.transformer, leaf, copy.deepcopy(m))
 
-        lossy("fp8", fp8_on, warm=True)
-    elif quant not in (None, "none"):
-        raise InvalidRequest(f"unknown quant '{quant}'; valid: fp8", code="invalid_quant")
+        for q in quants:
+            def quant_on(q=q):
+                state = _quantize(c, q, exact)
+                return {**state, "dit_weight_bytes": dit_weight_bytes(c.transformer),
+                        "dit_weight_bytes_float": float_bytes}
+
+            lossy(q, quant_on, restore_float, warm=True)
     return report
+
+
+BENCH_QUANTS = ("fp8", "int4", "nf4")
+
+
+def parse_bench_quants(quant: str | None, device) -> list[str]:
+    """``--quant fp8,int4,nf4`` -> the list, checked before minutes of model building (nf4 also for the device)."""
+    if quant in (None, "", "none"):
+        return []
+    quants = [q.strip().lower() for q in quant.split(",") if q.strip()]
+    for q in quants:
+        if q not in BENCH_QUANTS:
+            raise InvalidRequest(f"unknown quant '{q}'; valid: {', '.join(BENCH_QUANTS)} (comma-separated)",
+                                 code="invalid_quant")
+    if "nf4" in quants:
+        from .engine.quant.load_time import check_quant_device
+
+        check_quant_device("nf4", device)
+    return quants
+
+
+def dit_weight_bytes(transformer) -> int:
+    """Bytes of the DiT's weights as they sit in memory: parameters, buffers, and bitsandbytes' absmax (held in
+    each 4-bit weight's quant_state, outside the module's tensors)."""
+    n = sum(t.numel() * t.element_size() for t in [*transformer.parameters(), *transformer.buffers()])
+    for m in transformer.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:
+            n += state.absmax.numel() * state.absmax.element_size()
+    return n
+
+
+def _quantize(c, quant: str, exact: dict) -> dict:
+    """Quantize the bench DiT in place the way ``--quant`` does at load; returns what was done."""
+    if quant == "fp8":
+        from .engine.acceleration import fp8_compute_mode
+        from .engine.quant.fp8 import quantize_model_fp8, set_fp8_compute
+
+        n = len(quantize_model_fp8(c.transformer))
+        mode = fp8_compute_mode(c.device, exact.get("compile", False), True)
+        return {"fp8_layers": n, "fp8_compute": mode, "fp8_compute_layers": set_fp8_compute(c.transformer, mode)}
+    from .engine.quant.load_time import quantize_on_load
+
+    return quantize_on_load(c.transformer, quant, device=c.device, dtype=c.dtype)
 
 
 class _Runner:
@@ -423,7 +474,14 @@ def _saved_text(v: dict) -> str:
                 f"{v['ratio_total_vs_stock_bf16']:.3f}); the engine's default here")
     if "reused" in v:
         return f"{v['reused']}/{v['calls']} calls reused, {v['block_evals_saved']:.0%} block evals"
-    return f"{v.get('fp8_compute_layers', 0)} fp8 layers ({v.get('fp8_compute', '')})" if "fp8_layers" in v else ""
+    weights = (f"; DiT weights {v['dit_weight_bytes'] / v['dit_weight_bytes_float']:.2f}x the float ones"
+               if v.get("dit_weight_bytes_float") else "")
+    if "fp8_layers" in v:
+        return f"{v.get('fp8_compute_layers', 0)} fp8 layers ({v.get('fp8_compute', '')}){weights}"
+    for q in ("int4", "nf4"):
+        if f"{q}_layers_quantized" in v:
+            return f"{v[f'{q}_layers_quantized']} {q} layers{weights}"
+    return ""
 
 
 def report_markdown(report: dict) -> str:

@@ -23,12 +23,15 @@ def run(*args):
 
 def test_bench_reports_lossy_options_against_the_exact_run(tmp_path):
     save = tmp_path / "bench"
-    r = run("bench", "--steps", "6", "--repeats", "1", "--cache", "0.5", "--quant", "fp8", "--json", "--save",
+    r = run("bench", "--steps", "6", "--repeats", "1", "--cache", "0.5", "--quant", "fp8,int4", "--json", "--save",
             str(save))
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report["max_pixel_diff"] <= 1 and report["options"] == {"compile": False, "attention": "native"}
-    cache, fp8 = report["variants"]
+    cache, fp8, int4 = report["variants"]
+    # int4 quantizes the float DiT again (an fp8 one would be refused: quant_needs_float_base), with its error and bytes
+    assert int4["name"] == "int4" and int4["int4_layers_quantized"] > 0 and 0 < int4["latent_rel_l2"] < 0.2
+    assert int4["dit_weight_bytes"] < int4["dit_weight_bytes_float"] == fp8["dit_weight_bytes_float"]
     # 6 steps x CFG as one batched forward = 6 transformer calls
     assert cache["name"] == "step cache 0.5" and cache["calls"] == 6 and cache["reused"] + cache["computed"] == 6
     assert fp8["name"] == "fp8" and fp8["fp8_compute"] == "emulate" and fp8["fp8_layers"] > 0
@@ -38,6 +41,9 @@ def test_bench_reports_lossy_options_against_the_exact_run(tmp_path):
     assert json.loads(save.with_suffix(".json").read_text())["variants"][1]["name"] == "fp8"
     md = save.with_suffix(".md").read_text()
     assert "| stage | stock diffusers (s) | qwenstudio (s) | ours/stock |" in md and "| fp8 |" in md
+    assert "| int4 |" in md and "int4 layers; DiT weights" in md
+    r = run("bench", "--quant", "fp8,int3")
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "unknown quant 'int3'" in r.output
 
 
 def test_generate_speed_options_are_recorded_and_typos_are_one_line_errors(tmp_path):

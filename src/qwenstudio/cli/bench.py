@@ -27,7 +27,8 @@ def bench(
     dtype: str | None = typer.Option(None),
     compile: str = typer.Option("auto", "--compile", help="auto (on, except the tiny model), on, off."),
     attention: str = typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, ..."),
-    quant: str | None = typer.Option(None, "--quant", help="fp8: also time fp8 compute and report its error."),
+    quant: str | None = typer.Option(None, "--quant", help="fp8, int4, nf4 (comma-separated): also time each "
+                                      "quantized DiT and report its error and weight bytes."),
     cache: float | None = typer.Option(None, "--cache", help="Step cache threshold: also time the cache and "
                                           "report its error and calls saved."),
     compare_cache_dit: bool = typer.Option(False, "--compare-cache-dit", help="With --cache: the same policy "
