@@ -4,6 +4,7 @@ and named by content, unpacked exactly, dequantized within the format's error, r
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 
 import pytest
@@ -316,38 +317,139 @@ def test_nunchaku_file_of_another_model_is_not_a_qwen_dit(tmp_path):
     assert info.role == "unknown" and info.quant == "svdq_int4_r16"
 
 
-class _KernelStandIn(nn.Module):
-    """nunchaku's ``SVDQW4A4Linear`` constructor and parameter layout (models/linear.py), computing with our
-    reference from its packed parameters: checks that what ``kernel_layer`` hands the kernels is the file layout."""
+LAYOUTS = json.loads((FIXTURES / "nunchaku_linear_layouts.json").read_text())
 
-    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", torch_dtype=torch.bfloat16,
-                 device=None):
+
+class _RecordedSVDQW4A4Linear(nn.Module):
+    """nunchaku's ``SVDQW4A4Linear`` as its own code made it (``nunchaku_linear_layouts.json``, written by
+    record_nunchaku_layouts.py from nunchaku's models/linear.py): the constructor creates exactly the recorded
+    tensors and attributes for the recorded sizes (others fail); ``forward`` enforces the input nunchaku's forward
+    and kernels take (3-D, contiguous, the dtype of its tensors) and computes with our reference from the packed
+    tensors — the layout check is nunchaku's, the numbers ours."""
+
+    calls: list = []  # forward inputs seen, per test (reset by the tests)
+    edit = staticmethod(lambda tensors: tensors)  # a test may alter the recorded layout to see it refused
+
+    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", act_unsigned=False,
+                 torch_dtype=torch.bfloat16, device=None):
         super().__init__()
-        gs = 16 if precision == "nvfp4" else 64
-        sdt = torch.float8_e4m3fn if precision == "nvfp4" else torch_dtype
-        p = lambda *s, dt=torch_dtype: nn.Parameter(torch.empty(*s, dtype=dt, device=device), requires_grad=False)
-        self.qweight = p(out_features, in_features // 2, dt=torch.int8)
-        self.wscales = p(in_features // gs, out_features, dt=sdt)
-        self.smooth_factor, self.smooth_factor_orig = p(in_features), p(in_features)
-        self.proj_down, self.proj_up, self.bias = p(in_features, rank), p(out_features, rank), p(out_features)
-        self.wcscales = p(out_features) if precision == "nvfp4" else None
-        self.precision, self.wtscale = precision, 1.0
+        args = {"in_features": in_features, "out_features": out_features, "rank": rank, "precision": precision,
+                "act_unsigned": act_unsigned, "torch_dtype": str(torch_dtype).removeprefix("torch."), "bias": bias}
+        case = next((c for c in LAYOUTS["SVDQW4A4Linear"]["cases"] if c["args"] == args), None)
+        assert case is not None, f"no recorded nunchaku layout for {args}: add the size to the recorder"
+        for name, spec in self.edit(dict(case["tensors"])).items():
+            if spec is None:
+                setattr(self, name, None)
+                continue
+            t = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+            if spec["fill"] == "ones":
+                t = torch.ones_like(t)
+            self.register_parameter(name, nn.Parameter(t, requires_grad=spec["requires_grad"]))
+        for name, value in case["attributes"].items():
+            setattr(self, name, getattr(torch, value) if name == "torch_dtype" else value)
 
-    def forward(self, x):
+    def forward(self, x, output=None):
+        type(self).calls.append((tuple(x.shape), x.dtype, x.is_contiguous()))
+        assert x.dim() == 3 and x.is_contiguous() and x.dtype == self.torch_dtype == self.proj_up.dtype
         from qwenstudio.engine.quant.svdquant import from_kernel_layout
 
-        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias")
-        t = {n: getattr(self, n).detach() for n in names}
-        t["wtscale"] = torch.tensor([self.wtscale])
-        return from_kernel_layout(t, self.precision, act_unsigned=False, dtype=torch.float32, device="cpu")(x)
+        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales")
+        t = {n: getattr(self, n).detach() for n in names if getattr(self, n) is not None}
+        if self.wtscale is not None:
+            t["wtscale"] = torch.tensor([float(self.wtscale)])
+        ref = from_kernel_layout(t, self.precision, act_unsigned=self.act_unsigned, dtype=torch.float32, device="cpu")
+        return ref(x.float()).to(x.dtype)
+
+
+def test_recorded_nunchaku_layout_is_what_the_reader_assumes():
+    """nunchaku's own constructor (recorded) gives the files' layout: int8 [out, in/2] codes, scales [in/group,
+    out] in the 16-bit type (fp8 for nvfp4), [in, r] / [out, r] factors, bf16 wcscales filled with ones for nvfp4,
+    wtscale None for int4; and its forward takes [B, S, C], flattens it and pads the tokens to 256 itself."""
+    for case in LAYOUTS["SVDQW4A4Linear"]["cases"]:
+        a, t = case["args"], case["tensors"]
+        n, k, r, dt = a["out_features"], a["in_features"], a["rank"], a["torch_dtype"]
+        g, sdt = (16, "float8_e4m3fn") if a["precision"] == "nvfp4" else (64, dt)
+        assert (t["qweight"]["shape"], t["qweight"]["dtype"]) == ([n, k // 2], "int8")
+        assert (t["wscales"]["shape"], t["wscales"]["dtype"]) == ([k // g, n], sdt)
+        assert t["proj_down"]["shape"] == [k, r] and t["proj_up"]["shape"] == [n, r]
+        if a["precision"] == "nvfp4":
+            assert t["wcscales"] == {"shape": [n], "dtype": dt, "kind": "parameter", "requires_grad": False,
+                                     "fill": "ones"} and case["attributes"]["wtscale"] == 1.0
+        else:
+            assert t["wcscales"] is None and case["attributes"]["wtscale"] is None
+        quant, gemm = case["calls"]
+        assert case["forward_input"]["shape"] == [2, 300, k] and quant["args"]["input"]["shape"] == [600, k]
+        assert quant["args"]["output"]["shape"] == [768, k // 2] and gemm["args"]["out"]["shape"] == [600, n]
+        assert gemm["args"]["act_unsigned"] is a["act_unsigned"] and gemm["args"]["wcscales"] == (
+            {"shape": [n], "dtype": dt, "contiguous": True} if a["precision"] == "nvfp4" else None)
+
+
+def test_attach_policy_matches_nunchakus_mlp():
+    """nunchaku runs the int4 MLP's fc2 only inside fused_gelu_mlp, fed by fc1's epilogue (qout, act_unsigned), so
+    attach_kernels keeps exactly those on the reference path; nvfp4 fc2s are signed and run alone."""
+    mlp = LAYOUTS["NunchakuFeedForward"]
+    assert mlp["int4"]["fc2_act_unsigned"] is True and mlp["nvfp4"]["fc2_act_unsigned"] is False
+    _, fc1, fc2 = mlp["int4"]["calls"]
+    assert fc1["args"]["qout"] is not None and fc1["args"]["out"] is None  # fc1 never returns a float output
+    assert fc2["args"]["act_unsigned"] is True
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
-def test_kernel_layer_gets_the_file_layout(precision, loaded):
+def test_kernel_layer_sets_nunchakus_recorded_layout(precision, loaded):
     from qwenstudio.engine.quant.svdquant import kernel_layer
 
     m = loaded[precision].get_submodule("transformer_blocks.0.attn.to_k")
-    k = kernel_layer(m, _KernelStandIn, "cpu")
-    x = torch.randn(2, 9, 128)
-    assert k.qweight.dtype == torch.int8 and k.proj_down.shape == (128, m.rank)
-    assert torch.allclose(k(x), m(x), atol=1e-5)
+    k = kernel_layer(m, _RecordedSVDQW4A4Linear, "cpu")
+    case = next(c for c in LAYOUTS["SVDQW4A4Linear"]["cases"] if c["args"]["precision"] == precision
+                and c["args"]["in_features"] == 128 and c["args"]["out_features"] == 128
+                and c["args"]["torch_dtype"] == "bfloat16")
+    for name, spec in case["tensors"].items():
+        got = getattr(k, name)
+        assert (got is None) if spec is None else (list(got.shape), str(got.dtype)) == (
+            spec["shape"], f"torch.{spec['dtype']}"), name
+    assert k.wtscale == (m.wtscale if precision == "nvfp4" else None)
+    x = torch.randn(2, 9, 128).bfloat16()
+    assert torch.allclose(k(x).float(), m(x.float()), atol=2e-2, rtol=1e-2)  # bf16 output rounding
+    k16 = kernel_layer(m, _RecordedSVDQW4A4Linear, "cpu", torch.float16) if precision == "int4" else None
+    if k16 is not None:  # Turing: fp16 tensors
+        assert k16.bias.dtype == k16.proj_up.dtype == k16.wscales.dtype == torch.float16
+
+
+@pytest.mark.parametrize("edit", ["transposed_scales", "int32_codes", "extra_tensor"])
+def test_kernel_layer_refuses_a_layout_it_was_not_written_for(edit, loaded, monkeypatch):
+    from qwenstudio.engine.quant.svdquant import kernel_layer
+    from qwenstudio.errors import IncompatibleWeights
+
+    def alter(t):
+        if edit == "transposed_scales":
+            t["wscales"] = {**t["wscales"], "shape": t["wscales"]["shape"][::-1]}
+        elif edit == "int32_codes":
+            t["qweight"] = {**t["qweight"], "shape": [128, 16], "dtype": "int32"}
+        else:
+            t["wzeros"] = dict(t["bias"])
+        return t
+
+    monkeypatch.setattr(_RecordedSVDQW4A4Linear, "edit", staticmethod(alter))
+    m = loaded["int4"].get_submodule("transformer_blocks.0.attn.to_k")
+    with pytest.raises(IncompatibleWeights, match="nunchaku's _RecordedSVDQW4A4Linear"):
+        kernel_layer(m, _RecordedSVDQW4A4Linear, "cpu")
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_kernel_path_through_the_model(precision, loaded, monkeypatch):
+    """attach_kernels on the tiny file with nunchaku's recorded class: the model's forward hands every attached
+    layer a contiguous 3-D input in the kernel's dtype, and the output stays the reference's within bf16 noise."""
+    from qwenstudio.engine.quant.svdquant import attach_kernels
+
+    model = copy.deepcopy(loaded[precision])
+    monkeypatch.setattr(_RecordedSVDQW4A4Linear, "calls", [])
+    n = attach_kernels(model, "cpu", linear_cls=_RecordedSVDQW4A4Linear, torch_dtype=torch.bfloat16)
+    assert n == (10 if precision == "int4" else 12)  # int4: both fc2s stay on the reference path
+    fc2 = model.get_submodule("transformer_blocks.0.img_mlp.net.2")
+    assert (fc2.kernel is None) == (precision == "int4")
+    ref, out = _run(loaded[precision]), _run(model)
+    calls = _RecordedSVDQW4A4Linear.calls
+    assert len(calls) == n and all(len(s) == 3 and s[0] == 1 and c and d == torch.bfloat16 for s, d, c in calls)
+    rel = ((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    print(f"{precision}: kernel-path stand-in (bf16 in/out) vs reference, relative RMS {rel:.4f}")
+    assert rel < 0.05

@@ -249,9 +249,11 @@ class SVDQuantLinear(nn.Module):
         return b.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.is_cuda and self.act_quant:
-            return self.kernel(x.reshape(-1, *x.shape[-2:]).to(torch.bfloat16)).to(x.dtype).reshape(
-                *x.shape[:-1], self.out_features)
+        if self.kernel is not None and self.act_quant and x.device == self.kernel.qweight.device:
+            # nunchaku's forward takes [B, S, C] (it flattens B*S and pads the tokens to 256 itself), contiguous
+            # (its kernels read raw pointers, no strides), in the dtype of its tensors (the kernel's type follows it)
+            k_in = x.reshape(1, -1, self.in_features).to(self.kernel.proj_up.dtype).contiguous()
+            return self.kernel(k_in).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         lora = nn.functional.linear(nn.functional.linear(x2.float(), self.proj_down.float()), self.proj_up.float())
@@ -371,10 +373,18 @@ def awq_modulation_layer(tensors: dict, *, splits: int = 6, dtype=torch.float32,
 
 
 # ---- nunchaku's CUDA kernels, where they exist -----------------------------------------------------------------
+# Checked against nunchaku's own classes (tests/fixtures/peers/nunchaku/record_nunchaku_layouts.py records
+# SVDQW4A4Linear's tensors, attributes and kernel calls from its code; tests/engine/test_svdquant.py holds this
+# adapter to that record). Never run: no GPU the kernels support was available.
+
+INT4_SM = (75, 80, 86, 89)  # nunchaku utils.check_hardware_compatibility and setup.py's build targets
+NVFP4_SM = (120, 121)
+
 
 def kernel_support(precision: str, device) -> str | None:
     """Why nunchaku's kernels cannot run ``precision`` on ``device`` (None when they can): they need CUDA, the
-    ``nunchaku`` package, and int4: sm75-sm89 (Turing to Ada), nvfp4: sm120 (Blackwell consumer cards)."""
+    ``nunchaku`` package, and int4: sm75/80/86/89 (Turing, Ampere, Ada), nvfp4: sm120/121 (Blackwell RTX 50,
+    GB10) — exactly the list nunchaku checks; other GPUs (Hopper, sm87 Orin, datacenter Blackwell) have no build."""
     import importlib.util
 
     device = torch.device(device)
@@ -382,45 +392,73 @@ def kernel_support(precision: str, device) -> str | None:
         return "nunchaku's kernels are CUDA-only"
     major, minor = torch.cuda.get_device_capability(device)
     cap = major * 10 + minor
-    if not (75 <= cap <= 89 if precision == "int4" else cap >= 120):  # the GPU first: installing cannot fix it
-        need = "sm75-sm89" if precision == "int4" else "sm120"
+    if cap not in (INT4_SM if precision == "int4" else NVFP4_SM):  # the GPU first: installing cannot fix it
+        need = "sm75/80/86/89" if precision == "int4" else "sm120/121"
         return f"{precision} kernels do not support this GPU (sm{cap}; they need {need})"
     if importlib.util.find_spec("nunchaku") is None:
         return "the 'nunchaku' package is not installed"
     return None
 
 
-def kernel_layer(m: SVDQuantLinear, linear_cls, device) -> nn.Module:
-    """``m`` as a nunchaku ``SVDQW4A4Linear`` (``linear_cls``): its tensors re-packed into the kernel layout under
-    nunchaku's parameter names. The same layout the files have, so a round trip through it is exact."""
-    k = linear_cls(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None, precision=m.precision,
-                   torch_dtype=torch.bfloat16, device=device)
+def kernel_dtype(device) -> torch.dtype:
+    """The 16-bit type nunchaku's kernels compute in on ``device``: fp16 on Turing (sm75 has no bf16 MMA; nunchaku's
+    Turing example: "Turing GPUs only support fp16 precision"), bf16 elsewhere (its Qwen-Image default)."""
+    return torch.float16 if torch.cuda.get_device_capability(torch.device(device)) == (7, 5) else torch.bfloat16
+
+
+def kernel_tensors(m: SVDQuantLinear) -> dict[str, torch.Tensor]:
+    """``m`` in the kernels' layout under nunchaku's parameter names (the files' layout: a round trip is exact)."""
     scales = pack_micro_scales(m.wscales) if m.precision == "nvfp4" else pack_scales(m.wscales)
-    tensors = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
-               "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
-               "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
+    t = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
+         "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
+         "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
     if m.bias is not None:
-        tensors["bias"] = pack_scales(m.bias.detach())
-    if m.wcscales is not None:
-        tensors["wcscales"] = pack_scales(m.wcscales)
+        t["bias"] = pack_scales(m.bias.detach())
+    if m.precision == "nvfp4":  # nunchaku fills ones when a file has none (patch_scale_key)
+        wc = m.wcscales if m.wcscales is not None else torch.ones(m.out_features, device=m.qweight.device)
+        t["wcscales"] = pack_scales(wc)
+    return t
+
+
+def kernel_layer(m: SVDQuantLinear, linear_cls, device, torch_dtype=torch.bfloat16) -> nn.Module:
+    """``m`` as a nunchaku ``SVDQW4A4Linear`` (``linear_cls``) in ``torch_dtype``. Every tensor nunchaku's class
+    has is set, each with exactly the shape and dtype its constructor made (``.data = t`` would accept any shape):
+    a nunchaku whose layout differs is refused here, by name, instead of computing garbage in the kernel."""
+    from ...errors import IncompatibleWeights
+
+    k = linear_cls(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None, precision=m.precision,
+                   act_unsigned=m.act_unsigned, torch_dtype=torch_dtype, device=device)
+    cls = type(k).__name__
+    tensors = kernel_tensors(m)
+    theirs = {n for n, _ in k.named_parameters(recurse=False)} | {n for n, _ in k.named_buffers(recurse=False)}
+    if theirs != set(tensors):
+        raise IncompatibleWeights(f"nunchaku's {cls} has tensors {sorted(theirs)}, this adapter sets "
+                                  f"{sorted(tensors)}: a nunchaku version it was not written for")
     for name, t in tensors.items():
-        getattr(k, name).data = t.to(device=device, dtype=getattr(k, name).dtype)
-    k.wtscale = m.wtscale
+        target = getattr(k, name)
+        want = t.dtype if t.dtype in (torch.int8, torch.float8_e4m3fn) else torch_dtype  # codes are never cast
+        if target.dtype != want or tuple(target.shape) != tuple(t.shape):
+            raise IncompatibleWeights(f"nunchaku's {cls}.{name} is {tuple(target.shape)} {target.dtype}; the "
+                                      f"layer's packed tensor is {tuple(t.shape)} {want}")
+        target.data = t.to(device=device, dtype=want)
+    k.wtscale = m.wtscale if m.precision == "nvfp4" else None  # int4: nunchaku keeps None (the kernel asserts 1)
     return k
 
 
-def attach_kernels(model: nn.Module, device) -> int:
-    """Give every SVDQuant layer that the kernels can run alone a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``);
-    its forward then calls it (CUDA, activation rounding on). MLP fc2 layers (act_unsigned) stay on the reference
-    path: nunchaku runs them only inside its fused GELU MLP kernel. Returns the number of layers attached. Written
-    against nunchaku's API; not run on the development machine (no nunchaku-capable GPU)."""
-    from nunchaku.models.linear import SVDQW4A4Linear
-
+def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=None) -> int:
+    """Give every SVDQuant layer the kernels can run alone a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``); its
+    forward calls it for inputs on ``device`` with the activation rounding on. The caller checks ``kernel_support``
+    first. int4 MLP fc2 layers (act_unsigned) stay on the reference path: nunchaku computes them only inside
+    ``fused_gelu_mlp``, from fc1's epilogue (GELU + 0.171875 shift, quantized for fc2); its ``forward`` would
+    quantize a float input signed. nvfp4 fc2s are signed and get a kernel. Returns the number of layers attached."""
+    if linear_cls is None:
+        from nunchaku.models.linear import SVDQW4A4Linear as linear_cls
+    torch_dtype = torch_dtype or kernel_dtype(device)
     n = 0
     for m in model.modules():
-        if not isinstance(m, SVDQuantLinear) or m.act_unsigned or kernel_support(m.precision, device) is not None:
+        if not isinstance(m, SVDQuantLinear) or m.act_unsigned:
             continue
         # not a submodule: model.to(dtype) must not re-type the kernel's tensors
-        object.__setattr__(m, "kernel", kernel_layer(m, SVDQW4A4Linear, device))
+        object.__setattr__(m, "kernel", kernel_layer(m, linear_cls, device, torch_dtype))
         n += 1
     return n
