@@ -4,6 +4,7 @@ and named by content, unpacked exactly, dequantized within the format's error, r
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 import shutil
 
@@ -453,3 +454,107 @@ def test_kernel_path_through_the_model(precision, loaded, monkeypatch):
     rel = ((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     print(f"{precision}: kernel-path stand-in (bf16 in/out) vs reference, relative RMS {rel:.4f}")
     assert rel < 0.05
+
+
+# ---- real files' layout: nunchaku's NunchakuQwenImageTransformer2DModel state dicts at the real config ----------
+
+REAL = json.loads(gzip.decompress((FIXTURES / "nunchaku_qwenimage_state_dicts.json.gz").read_bytes()))
+REAL_FILES = {"svdq-int4_r32-qwen-image": ("svdq_int4_r32", "int4"), "svdq-fp4_r128-qwen-image": ("svdq_nvfp4_r128",
+                                                                                               "nvfp4")}
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4, "F8_E4M3": 1}
+
+
+def _real_header(name, *, without=()):
+    """The header of a real nunchaku file: the state dict nunchaku's loader expects plus the ``wtscale`` scalars it
+    pops from the file (nvfp4), and the metadata nunchaku's merge_safetensors writes."""
+    f = REAL["files"][name]
+    table = {k: v for k, v in f["state_dict"].items() if not k.endswith(tuple(without))}
+    table.update({f"{layer}.wtscale": [[1], "BF16"] for layer in f["wtscale_popped_from_file"]})
+    fp4 = f["precision"] == "nvfp4"
+    qcfg = {"method": "svdquant", "rank": f["rank"],
+            **{side: {"dtype": "fp4_e2m1_all" if fp4 else "int4", "group_size": 16 if fp4 else 64}
+               for side in ("weight", "activation")}}
+    meta = {"config": json.dumps(REAL["config"]), "comfy_config": "{}",
+            "model_class": "NunchakuQwenImageTransformer2DModel", "quantization_config": json.dumps(qcfg)}
+    return table, meta
+
+
+def _sparse_safetensors(path, table, meta):
+    """A safetensors file with that exact header and no data written (sparse: ~12 GB apparent, ~0 on disk) — what
+    ``qwenstudio models`` reads of a real download is its header alone."""
+    header, offset = {"__metadata__": meta}, 0
+    for k, (shape, dt) in table.items():
+        n = _ITEMSIZE[dt]
+        for d in shape:
+            n *= d
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_real_file_header_is_listed_as_what_it_is(name, tmp_path):
+    from qwenstudio.engine.registry import ModelRegistry
+
+    table, meta = _real_header(name)
+    (tmp_path / "diffusion_models").mkdir()
+    path = _sparse_safetensors(tmp_path / "diffusion_models" / f"{name}.safetensors", table, meta)
+    info = detect(path)
+    assert (info.role, info.quant, info.dtype) == ("dit", *REAL_FILES[name])
+    [entry] = ModelRegistry([tmp_path]).scan()
+    assert entry.kind == "dit" and entry.public()["quant"] == REAL_FILES[name][0]
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_real_file_header_config_and_every_key_placed(name, with_metadata):
+    """The real config comes back (from the metadata, or from the shapes alone), and every key of the real layout
+    has a place in diffusers' 60-block DiT: no key unused, no model tensor missing, no shape different."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenstudio.engine.formats.nunchaku import map_keys, nunchaku_config, svdquant_kind
+    from qwenstudio.engine.loading import build_empty
+
+    table, meta = _real_header(name)
+    shapes = {k: tuple(s) for k, (s, _) in table.items()}
+    dtypes = {k: d for k, (_, d) in table.items()}
+    assert svdquant_kind(dtypes, shapes) == REAL_FILES[name]
+    cfg = nunchaku_config(meta if with_metadata else {}, shapes)
+    real = {k: v for k, v in REAL["config"].items() if not k.startswith("_")}
+    assert {k: cfg[k] for k in cfg} == {k: real[k] for k in cfg}
+    assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["joint_attention_dim"]) == (60, 24, 3584)
+    model = build_empty(lambda: QwenImageTransformer2DModel.from_config(cfg))
+    plans, plain = map_keys(model, shapes, dtypes)
+    placed = [k for p in plans for k in p.keys] + plain
+    assert len(placed) == len(set(placed)) and set(placed) == set(shapes)  # each key exactly once
+    assert sum(p.kind == "awq" for p in plans) == 120 and sum(len(p.targets) for p in plans if p.kind == "svdq") \
+        == 60 * 12  # q, k, v, add_q/k/v, to_out, to_add_out, 2 MLPs x 2 per block
+    assert [p.targets for p in plans if p.layer == "transformer_blocks.7.attn.add_qkv_proj"] == [
+        ("transformer_blocks.7.attn.add_q_proj", "transformer_blocks.7.attn.add_k_proj",
+         "transformer_blocks.7.attn.add_v_proj")]
+    assert {p.layer.split(".", 2)[2] for p in plans if p.act_unsigned} == {"img_mlp.net.2", "txt_mlp.net.2"}
+
+
+def test_real_file_header_wrong_or_incomplete_is_refused():
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenstudio.engine.formats.nunchaku import map_keys, nunchaku_config
+    from qwenstudio.errors import IncompatibleWeights
+
+    table, meta = _real_header("svdq-fp4_r128-qwen-image", without=(".wcscales",))  # nunchaku fills ones: optional
+    shapes = {k: tuple(s) for k, (s, _) in table.items()}
+    dtypes = {k: d for k, (_, d) in table.items()}
+    from qwenstudio.engine.loading import build_empty
+
+    model = build_empty(lambda: QwenImageTransformer2DModel.from_config(nunchaku_config(meta, shapes)))
+    map_keys(model, shapes, dtypes)
+    for broken, match in (({k: v for k, v in shapes.items() if k != "norm_out.linear.weight"}, "missing"),
+                          ({**shapes, "transformer_blocks.3.attn.to_qkv.lora_down": (3072, 128)}, "unexpected"),
+                          ({**shapes, "txt_in.weight": (3072, 4096)}, "shape")):
+        with pytest.raises(IncompatibleWeights, match=match):
+            map_keys(model, broken, {**dtypes, "transformer_blocks.3.attn.to_qkv.lora_down": "BF16"})
