@@ -329,6 +329,7 @@ class _RecordedSVDQW4A4Linear(nn.Module):
     tensors — the layout check is nunchaku's, the numbers ours."""
 
     calls: list = []  # forward inputs seen, per test (reset by the tests)
+    fused: list = []  # fused MLP inputs seen
     edit = staticmethod(lambda tensors: tensors)  # a test may alter the recorded layout to see it refused
 
     def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", act_unsigned=False,
@@ -349,17 +350,30 @@ class _RecordedSVDQW4A4Linear(nn.Module):
         for name, value in case["attributes"].items():
             setattr(self, name, getattr(torch, value) if name == "torch_dtype" else value)
 
-    def forward(self, x, output=None):
-        type(self).calls.append((tuple(x.shape), x.dtype, x.is_contiguous()))
-        assert x.dim() == 3 and x.is_contiguous() and x.dtype == self.torch_dtype == self.proj_up.dtype
+    def reference(self):
         from qwenstudio.engine.quant.svdquant import from_kernel_layout
 
         names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales")
         t = {n: getattr(self, n).detach() for n in names if getattr(self, n) is not None}
         if self.wtscale is not None:
             t["wtscale"] = torch.tensor([float(self.wtscale)])
-        ref = from_kernel_layout(t, self.precision, act_unsigned=self.act_unsigned, dtype=torch.float32, device="cpu")
-        return ref(x.float()).to(x.dtype)
+        return from_kernel_layout(t, self.precision, act_unsigned=self.act_unsigned, dtype=torch.float32, device="cpu")
+
+    def forward(self, x, output=None):
+        type(self).calls.append((tuple(x.shape), x.dtype, x.is_contiguous()))
+        assert x.dim() == 3 and x.is_contiguous() and x.dtype == self.torch_dtype == self.proj_up.dtype
+        assert not self.act_unsigned  # nunchaku's forward quantizes signed: an act_unsigned layer never runs alone
+        return self.reference()(x.float()).to(x.dtype)
+
+
+def _recorded_fused_gelu_mlp(x, fc1, fc2, pad_size=256):
+    """nunchaku's ``fused_gelu_mlp(x, fc1, fc2, pad_size)`` (recorded signature and calls): a [B, S, C] contiguous
+    input in the layers' dtype, fc2 act_unsigned for int4; computed with our reference (fc1, tanh GELU, fc2)."""
+    _RecordedSVDQW4A4Linear.fused.append(tuple(x.shape))
+    assert x.dim() == 3 and x.is_contiguous() and x.dtype == fc1.torch_dtype == fc2.torch_dtype
+    assert not fc1.act_unsigned and fc2.act_unsigned == (fc2.precision == "int4")
+    h = nn.functional.gelu(fc1.reference()(x.float()), approximate="tanh")
+    return fc2.reference()(h).to(x.dtype)
 
 
 def test_recorded_nunchaku_layout_is_what_the_reader_assumes():
@@ -387,7 +401,7 @@ def test_recorded_nunchaku_layout_is_what_the_reader_assumes():
 
 def test_attach_policy_matches_nunchakus_mlp():
     """nunchaku runs the int4 MLP's fc2 only inside fused_gelu_mlp, fed by fc1's epilogue (qout, act_unsigned), so
-    attach_kernels keeps exactly those on the reference path; nvfp4 fc2s are signed and run alone."""
+    attach_kernels runs those MLPs fused and never calls an act_unsigned kernel alone; nvfp4 fc2s are signed."""
     mlp = LAYOUTS["NunchakuFeedForward"]
     assert mlp["int4"]["fc2_act_unsigned"] is True and mlp["nvfp4"]["fc2_act_unsigned"] is False
     _, fc1, fc2 = mlp["int4"]["calls"]
@@ -437,23 +451,34 @@ def test_kernel_layer_refuses_a_layout_it_was_not_written_for(edit, loaded, monk
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
-def test_kernel_path_through_the_model(precision, loaded, monkeypatch):
-    """attach_kernels on the tiny file with nunchaku's recorded class: the model's forward hands every attached
-    layer a contiguous 3-D input in the kernel's dtype, and the output stays the reference's within bf16 noise."""
+def test_kernel_path_through_the_model(precision, loaded, monkeypatch, tmp_path):
+    """attach_kernels on the tiny file with nunchaku's recorded class: every layer gets a kernel; the attention layers
+    (and nvfp4's MLP layers) are called with a contiguous 3-D input in the kernel's dtype, the int4 MLPs as one
+    fused_gelu_mlp (as nunchaku's Qwen-Image runs them); the output stays the reference's within bf16 noise. A LoRA
+    on the MLP makes it fall back to per-layer calls (fc2 on the reference), never to a signed fc2 kernel call."""
     from qwenstudio.engine.quant.svdquant import attach_kernels
 
+    assert LAYOUTS["NunchakuFeedForward"]["fused_gelu_mlp"].startswith("(x: torch.Tensor, fc1: nunchaku.models")
     model = copy.deepcopy(loaded[precision])
     monkeypatch.setattr(_RecordedSVDQW4A4Linear, "calls", [])
-    n = attach_kernels(model, "cpu", linear_cls=_RecordedSVDQW4A4Linear, torch_dtype=torch.bfloat16)
-    assert n == (10 if precision == "int4" else 12)  # int4: both fc2s stay on the reference path
-    fc2 = model.get_submodule("transformer_blocks.0.img_mlp.net.2")
-    assert (fc2.kernel is None) == (precision == "int4")
+    monkeypatch.setattr(_RecordedSVDQW4A4Linear, "fused", [])
+    n = attach_kernels(model, "cpu", linear_cls=_RecordedSVDQW4A4Linear, torch_dtype=torch.bfloat16,
+                       fused_mlp=_recorded_fused_gelu_mlp)
+    assert n == 12
     ref, out = _run(loaded[precision]), _run(model)
-    calls = _RecordedSVDQW4A4Linear.calls
-    assert len(calls) == n and all(len(s) == 3 and s[0] == 1 and c and d == torch.bfloat16 for s, d, c in calls)
+    calls, fused = _RecordedSVDQW4A4Linear.calls, _RecordedSVDQW4A4Linear.fused
+    assert (len(calls), len(fused)) == ((8, 2) if precision == "int4" else (12, 0))
+    assert all(len(s) == 3 and s[0] == 1 and c and d == torch.bfloat16 for s, d, c in calls)
     rel = ((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     print(f"{precision}: kernel-path stand-in (bf16 in/out) vs reference, relative RMS {rel:.4f}")
     assert rel < 0.05
+    path, _ = write_lora(tmp_path / "mlp-lora.safetensors", build_source_dit(), "diffusers", seed=3)
+    LoraManager(model).set_stack([(path, 1.0)])
+    calls.clear()
+    fused.clear()
+    _run(model)
+    assert type(model.get_submodule("transformer_blocks.0.img_mlp.net.2")).__name__ == "LoraLinear"
+    assert not fused and len(calls) == (10 if precision == "int4" else 12)  # int4 fc1s alone, fc2s on the reference
 
 
 # ---- real files' layout: nunchaku's NunchakuQwenImageTransformer2DModel state dicts at the real config ----------

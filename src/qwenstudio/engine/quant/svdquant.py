@@ -249,9 +249,10 @@ class SVDQuantLinear(nn.Module):
         return b.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and self.act_quant and x.device == self.kernel.qweight.device:
+        if self.kernel is not None and self.act_quant and not self.act_unsigned and x.device == self.kernel.qweight.device:
             # nunchaku's forward takes [B, S, C] (it flattens B*S and pads the tokens to 256 itself), contiguous
-            # (its kernels read raw pointers, no strides), in the dtype of its tensors (the kernel's type follows it)
+            # (its kernels read raw pointers, no strides), in the dtype of its tensors (the kernel's type follows it).
+            # An int4 fc2 (act_unsigned) has a kernel only for the fused MLP (attach_kernels): alone, it is the reference.
             k_in = x.reshape(1, -1, self.in_features).to(self.kernel.proj_up.dtype).contiguous()
             return self.kernel(k_in).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
@@ -445,20 +446,47 @@ def kernel_layer(m: SVDQuantLinear, linear_cls, device, torch_dtype=torch.bfloat
     return k
 
 
-def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=None) -> int:
-    """Give every SVDQuant layer the kernels can run alone a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``); its
-    forward calls it for inputs on ``device`` with the activation rounding on. The caller checks ``kernel_support``
-    first. int4 MLP fc2 layers (act_unsigned) stay on the reference path: nunchaku computes them only inside
-    ``fused_gelu_mlp``, from fc1's epilogue (GELU + 0.171875 shift, quantized for fc2); its ``forward`` would
-    quantize a float input signed. nvfp4 fc2s are signed and get a kernel. Returns the number of layers attached."""
+def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=None, fused_mlp=None) -> int:
+    """Give every SVDQuant layer a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``), used for inputs on ``device``
+    with the activation rounding on; the caller checks ``kernel_support`` first. As in nunchaku's Qwen-Image, the
+    int4 MLPs (fc2 act_unsigned) run as one ``fused_gelu_mlp``: fc1's epilogue applies the tanh GELU, adds 0.171875
+    and quantizes for fc2 — nunchaku's plain ``forward`` would quantize fc2's float input signed, so an int4 fc2 never
+    runs alone: when a LoRA wraps fc1 or fc2 that MLP falls back to per-layer calls, its fc2 on the reference path.
+    nvfp4 fc2s are signed and also run alone. Returns the number of layers given a kernel."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
     if linear_cls is None:
         from nunchaku.models.linear import SVDQW4A4Linear as linear_cls
+    if fused_mlp is None:
+        from nunchaku.ops.fused import fused_gelu_mlp as fused_mlp
     torch_dtype = torch_dtype or kernel_dtype(device)
     n = 0
     for m in model.modules():
-        if not isinstance(m, SVDQuantLinear) or m.act_unsigned:
-            continue
-        # not a submodule: model.to(dtype) must not re-type the kernel's tensors
-        object.__setattr__(m, "kernel", kernel_layer(m, linear_cls, device, torch_dtype))
-        n += 1
+        if isinstance(m, SVDQuantLinear):
+            # not a submodule: model.to(dtype) must not re-type the kernel's tensors
+            object.__setattr__(m, "kernel", kernel_layer(m, linear_cls, device, torch_dtype))
+            n += 1
+
+    class KernelFeedForward(FeedForward):
+        """diffusers' FeedForward (same module tree and names) whose forward is nunchaku's fused MLP when both
+        layers are still bare SVDQuant layers with kernels."""
+
+        fused = staticmethod(fused_mlp)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            fc1, fc2 = self.net[0].proj, self.net[2]
+            if not (isinstance(fc1, SVDQuantLinear) and isinstance(fc2, SVDQuantLinear) and fc1.kernel is not None
+                    and fc2.kernel is not None and fc1.act_quant and fc2.act_quant
+                    and hidden_states.device == fc1.kernel.qweight.device):
+                return super().forward(hidden_states, *args, **kwargs)
+            x = hidden_states.reshape(1, -1, fc1.in_features).to(fc1.kernel.proj_up.dtype).contiguous()
+            y = self.fused(x, fc1.kernel, fc2.kernel)
+            return y.to(hidden_states.dtype).reshape(*hidden_states.shape[:-1], fc2.out_features)
+
+    for ff in model.modules():
+        if type(ff) is FeedForward and isinstance(ff.net[0], GELU) and ff.net[0].approximate == "tanh" \
+                and isinstance(ff.net[0].proj, SVDQuantLinear) and isinstance(ff.net[2], SVDQuantLinear) \
+                and ff.net[2].act_unsigned:
+            ff.__class__ = KernelFeedForward
     return n
