@@ -99,6 +99,34 @@ def test_kernel_layouts_round_trip_exactly(precision):
         assert torch.equal(pack_lowrank(unpack_lowrank(sd[f"{layer}.{name}"], down), down), sd[f"{layer}.{name}"])
 
 
+def test_our_unpackers_invert_nunchakus_own_packers():
+    """Seeded tensors packed by nunchaku's own packers (nunchaku_packer_examples.json.gz, record_nunchaku_layouts.py:
+    NunchakuWeightPacker for W4A4, TinyChat pack_w4 for the AWQ modulation): our unpackers give the inputs back
+    exactly, and our packers give nunchaku's bytes."""
+    from qwenstudio.engine.quant.svdquant import unpack_awq_weight
+
+    ex = json.loads(gzip.decompress((FIXTURES / "nunchaku_packer_examples.json.gz").read_bytes()))
+    n, k, r = ex["n"], ex["k"], ex["rank"]
+
+    def t(name, *shape):
+        raw = torch.frombuffer(bytearray.fromhex(ex[name]), dtype=torch.uint8)
+        return raw.view(getattr(torch, ex["dtypes"][name])).reshape(shape)
+
+    codes = t("codes", n, k)
+    assert torch.equal(int4_codes := unpack_weight(t("weight", n, k // 2)), codes.view(torch.uint8) & 0xF)
+    assert torch.equal(pack_weight(int4_codes), t("weight", n, k // 2))
+    assert torch.equal(unpack_scales(t("wscales", k // 64, n), n), t("scales", n, k // 64))
+    assert torch.equal(pack_scales(t("scales", n, k // 64)), t("wscales", k // 64, n))
+    fp4 = unpack_micro_scales(t("wscales_fp4", k // 16, n), n)
+    assert fp4.dtype == torch.float8_e4m3fn and torch.equal(fp4.bfloat16(), t("micro", n, k // 16))
+    assert torch.equal(unpack_scales(t("bias_packed", n), n), t("bias", n))
+    assert torch.equal(unpack_lowrank(t("proj_down", k, r), down=True), t("down", r, k))
+    assert torch.equal(unpack_lowrank(t("proj_up", n, r), down=False), t("up", n, r))
+    assert torch.equal(pack_lowrank(t("down", r, k), True), t("proj_down", k, r))
+    awq = unpack_awq_weight(t("awq_qweight", 4, 128).contiguous().view(torch.int32))
+    assert torch.equal(awq, t("awq_codes", 16, 128))
+
+
 def test_hand_computed_weight_element():
     """The element (n, k) of an int4 weight, located with the tile arithmetic written out by hand (nunchaku's
     128 x 64 tiles: 8 n-packs of 2 x 8 lanes, 2 k-packs of 4 lanes x 8 nibbles per int32), equals the unpacker's."""
