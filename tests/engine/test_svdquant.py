@@ -493,6 +493,10 @@ def test_kernel_path_through_the_model(precision, loaded, monkeypatch, tmp_path)
     n = attach_kernels(model, "cpu", linear_cls=_RecordedSVDQW4A4Linear, torch_dtype=torch.bfloat16,
                        fused_mlp=_recorded_fused_gelu_mlp)
     assert n == 12
+    layers = [m for m in model.modules() if isinstance(m, SVDQuantLinear)]
+    kept = [m for m in layers if not m.released]  # the natural copies still held: int4 fc2s only
+    assert all(m.qweight is None and m.proj_up is None for m in layers if m.released)
+    assert [m.act_unsigned for m in kept] == ([True, True] if precision == "int4" else [])
     ref, out = _run(loaded[precision]), _run(model)
     calls, fused = _RecordedSVDQW4A4Linear.calls, _RecordedSVDQW4A4Linear.fused
     assert (len(calls), len(fused)) == ((8, 2) if precision == "int4" else (12, 0))
@@ -500,6 +504,19 @@ def test_kernel_path_through_the_model(precision, loaded, monkeypatch, tmp_path)
     rel = ((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
     print(f"{precision}: kernel-path stand-in (bf16 in/out) vs reference, relative RMS {rel:.4f}")
     assert rel < 0.05
+    set_activation_quant(model, False)  # a released layer off the kernel path rebuilds its tensors from the kernel's
+    try:
+        w4a16 = _run(model)
+    finally:
+        set_activation_quant(model, True)
+    set_activation_quant(loaded[precision], False)
+    try:
+        assert torch.allclose(w4a16, _run(loaded[precision]), atol=1e-5)
+    finally:
+        set_activation_quant(loaded[precision], True)
+    to_k = model.get_submodule("transformer_blocks.0.attn.to_k")
+    ref_k = loaded[precision].get_submodule("transformer_blocks.0.attn.to_k")
+    assert torch.equal(to_k.effective_weight(), ref_k.effective_weight())  # exact round trip through the kernel
     path, _ = write_lora(tmp_path / "mlp-lora.safetensors", build_source_dit(), "diffusers", seed=3)
     LoraManager(model).set_stack([(path, 1.0)])
     calls.clear()

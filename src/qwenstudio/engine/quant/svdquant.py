@@ -207,6 +207,7 @@ class SVDQuantLinear(nn.Module):
         self.act_quant = True
         self.wtscale = 1.0
         self.kernel: nn.Module | None = None  # a nunchaku SVDQW4A4Linear, set by attach_kernels
+        self.released = False  # True once the kernel alone holds the tensors (release_to_kernel)
         for name in ("qweight", "wscales", "smooth", "proj_down", "proj_up", "wcscales"):
             self.register_buffer(name, None)
         self.register_parameter("bias", None)
@@ -223,8 +224,35 @@ class SVDQuantLinear(nn.Module):
             m.bias = nn.Parameter(bias, requires_grad=False)
         return m
 
+    def release_to_kernel(self) -> None:
+        """Drop the natural-layout tensors once ``kernel`` holds the same numbers, so the kernel path keeps the
+        file's bytes once, not twice. A reference call afterwards rebuilds them from the kernel's tensors (an exact
+        round trip, per call: only for the slow paths — activation rounding off, inputs on another device)."""
+        if self.kernel is None:
+            raise ValueError("release_to_kernel needs an attached kernel")
+        for name in ("qweight", "wscales", "smooth", "proj_down", "proj_up", "wcscales"):
+            self._buffers[name] = None
+        self.bias = None
+        self.released = True
+
+    def natural(self, device=None) -> SVDQuantLinear:
+        """This layer with its natural-layout tensors: itself, or when released a copy rebuilt from the kernel's."""
+        if not self.released:
+            return self
+        k = self.kernel
+        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales")
+        t = {n: getattr(k, n).detach() for n in names if getattr(k, n, None) is not None}
+        if k.wtscale is not None:
+            t["wtscale"] = torch.tensor([float(k.wtscale)])
+        m = from_kernel_layout(t, self.precision, act_unsigned=self.act_unsigned, dtype=k.proj_up.dtype,
+                               device=device if device is not None else k.qweight.device)
+        m.act_quant = self.act_quant
+        return m
+
     def residual_weight(self) -> torch.Tensor:
         """The dequantized 4-bit part, in the smoothed input basis: float32 [out, in]."""
+        if self.released:
+            return self.natural().residual_weight()
         codes = unpack_nibbles(self.qweight)
         vals = int4_values(codes) if self.precision == "int4" else e2m1_values(codes)
         n, k = vals.shape
@@ -237,12 +265,16 @@ class SVDQuantLinear(nn.Module):
     def effective_weight(self, dtype=torch.float32) -> torch.Tensor:
         """``W = residual / smooth + up @ down``: the float weight this layer stands for (without the activation
         rounding). Used to compare against the source weights and as the 'dequantized base'."""
+        if self.released:
+            return self.natural().effective_weight(dtype)
         w = self.residual_weight() / self.smooth.float()[None, :] + self.proj_up.float() @ self.proj_down.float()
         return w.to(dtype)
 
     def effective_bias(self, dtype=torch.float32) -> torch.Tensor:
         """The bias of the float layer this stands for: for act_unsigned (fc2) layers the file's bias absorbed
         ``-W_res @ shift`` (the shift is added to the input), so it is added back."""
+        if self.released:
+            return self.natural().effective_bias(dtype)
         b = self.bias.float() if self.bias is not None else torch.zeros(self.out_features, device=self.qweight.device)
         if self.act_unsigned:
             b = b + (self.residual_weight() / self.smooth.float()[None, :]).sum(1) * GELU_SHIFT
@@ -255,6 +287,8 @@ class SVDQuantLinear(nn.Module):
             # An int4 fc2 (act_unsigned) has a kernel only for the fused MLP (attach_kernels): alone, it is the reference.
             k_in = x.reshape(1, -1, self.in_features).to(self.kernel.proj_up.dtype).contiguous()
             return self.kernel(k_in).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.released:
+            return self.natural(x.device)(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         lora = nn.functional.linear(nn.functional.linear(x2.float(), self.proj_down.float()), self.proj_up.float())
@@ -446,13 +480,16 @@ def kernel_layer(m: SVDQuantLinear, linear_cls, device, torch_dtype=torch.bfloat
     return k
 
 
-def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=None, fused_mlp=None) -> int:
+def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=None, fused_mlp=None,
+                   release: bool = True) -> int:
     """Give every SVDQuant layer a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``), used for inputs on ``device``
     with the activation rounding on; the caller checks ``kernel_support`` first. As in nunchaku's Qwen-Image, the
     int4 MLPs (fc2 act_unsigned) run as one ``fused_gelu_mlp``: fc1's epilogue applies the tanh GELU, adds 0.171875
     and quantizes for fc2 — nunchaku's plain ``forward`` would quantize fc2's float input signed, so an int4 fc2 never
     runs alone: when a LoRA wraps fc1 or fc2 that MLP falls back to per-layer calls, its fc2 on the reference path.
-    nvfp4 fc2s are signed and also run alone. Returns the number of layers given a kernel."""
+    nvfp4 fc2s are signed and also run alone. With ``release`` every layer but those int4 fc2s (kept for that
+    fallback) drops its natural-layout copy (``release_to_kernel``): the 4-bit weights are held once, as in nunchaku.
+    Returns the number of layers given a kernel."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
@@ -466,6 +503,8 @@ def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=Non
         if isinstance(m, SVDQuantLinear):
             # not a submodule: model.to(dtype) must not re-type the kernel's tensors
             object.__setattr__(m, "kernel", kernel_layer(m, linear_cls, device, torch_dtype))
+            if release and not m.act_unsigned:
+                m.release_to_kernel()
             n += 1
 
     class KernelFeedForward(FeedForward):
