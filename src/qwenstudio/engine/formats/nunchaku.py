@@ -82,13 +82,13 @@ class LayerPlan:
         return self.layer.endswith("mlp.net.2")
 
 
-def plan_layers(shapes: dict, dtypes: dict) -> list[LayerPlan]:
+def plan_layers(shapes: dict, dtypes: dict, source: str = "nunchaku file") -> list[LayerPlan]:
     """The 4-bit layers of a nunchaku header (key -> shape, key -> safetensors dtype), each with its place."""
     plans = []
     for layer in sorted({k[: -len(".qweight")] for k in shapes if k.endswith(".qweight")}):
         m = re.fullmatch(r"(transformer_blocks\.\d+\.)(.+)", layer)
         if m is None:
-            raise IncompatibleWeights(f"'{layer}' has no place in a Qwen-Image DiT")
+            raise IncompatibleWeights(f"{source}: '{layer}' has no place in a Qwen-Image DiT")
         prefix, local = m.groups()
         rows, cols = shapes[f"{layer}.qweight"]
         awq = dtypes[f"{layer}.qweight"] == "I32"  # AWQ: [out/4, in/2] int32; SVDQuant: [out, in/2] int8
@@ -105,7 +105,7 @@ def map_keys(model, shapes: dict, dtypes: dict, source: str = "nunchaku file") -
     IncompatibleWeights naming it."""
     from torch import nn
 
-    plans = plan_layers(shapes, dtypes)
+    plans = plan_layers(shapes, dtypes, source)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     covered: set[str] = set()
     for p in plans:
