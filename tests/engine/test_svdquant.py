@@ -4,6 +4,8 @@ and named by content, unpacked exactly, dequantized within the format's error, r
 from __future__ import annotations
 
 import copy
+import gzip
+import json
 import shutil
 
 import pytest
@@ -95,6 +97,34 @@ def test_kernel_layouts_round_trip_exactly(precision):
         assert torch.equal(pack_scales(unpack_scales(v, v.shape[0])), v)
     for name, down in (("proj_down", True), ("proj_up", False)):
         assert torch.equal(pack_lowrank(unpack_lowrank(sd[f"{layer}.{name}"], down), down), sd[f"{layer}.{name}"])
+
+
+def test_our_unpackers_invert_nunchakus_own_packers():
+    """Seeded tensors packed by nunchaku's own packers (nunchaku_packer_examples.json.gz, record_nunchaku_layouts.py:
+    NunchakuWeightPacker for W4A4, TinyChat pack_w4 for the AWQ modulation): our unpackers give the inputs back
+    exactly, and our packers give nunchaku's bytes."""
+    from qwenstudio.engine.quant.svdquant import unpack_awq_weight
+
+    ex = json.loads(gzip.decompress((FIXTURES / "nunchaku_packer_examples.json.gz").read_bytes()))
+    n, k, r = ex["n"], ex["k"], ex["rank"]
+
+    def t(name, *shape):
+        raw = torch.frombuffer(bytearray.fromhex(ex[name]), dtype=torch.uint8)
+        return raw.view(getattr(torch, ex["dtypes"][name])).reshape(shape)
+
+    codes = t("codes", n, k)
+    assert torch.equal(int4_codes := unpack_weight(t("weight", n, k // 2)), codes.view(torch.uint8) & 0xF)
+    assert torch.equal(pack_weight(int4_codes), t("weight", n, k // 2))
+    assert torch.equal(unpack_scales(t("wscales", k // 64, n), n), t("scales", n, k // 64))
+    assert torch.equal(pack_scales(t("scales", n, k // 64)), t("wscales", k // 64, n))
+    fp4 = unpack_micro_scales(t("wscales_fp4", k // 16, n), n)
+    assert fp4.dtype == torch.float8_e4m3fn and torch.equal(fp4.bfloat16(), t("micro", n, k // 16))
+    assert torch.equal(unpack_scales(t("bias_packed", n), n), t("bias", n))
+    assert torch.equal(unpack_lowrank(t("proj_down", k, r), down=True), t("down", r, k))
+    assert torch.equal(unpack_lowrank(t("proj_up", n, r), down=False), t("up", n, r))
+    assert torch.equal(pack_lowrank(t("down", r, k), True), t("proj_down", k, r))
+    awq = unpack_awq_weight(t("awq_qweight", 4, 128).contiguous().view(torch.int32))
+    assert torch.equal(awq, t("awq_codes", 16, 128))
 
 
 def test_hand_computed_weight_element():
@@ -316,38 +346,285 @@ def test_nunchaku_file_of_another_model_is_not_a_qwen_dit(tmp_path):
     assert info.role == "unknown" and info.quant == "svdq_int4_r16"
 
 
-class _KernelStandIn(nn.Module):
-    """nunchaku's ``SVDQW4A4Linear`` constructor and parameter layout (models/linear.py), computing with our
-    reference from its packed parameters: checks that what ``kernel_layer`` hands the kernels is the file layout."""
+LAYOUTS = json.loads((FIXTURES / "nunchaku_linear_layouts.json").read_text())
 
-    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", torch_dtype=torch.bfloat16,
-                 device=None):
+
+class _RecordedSVDQW4A4Linear(nn.Module):
+    """nunchaku's ``SVDQW4A4Linear`` as its own code made it (``nunchaku_linear_layouts.json``, written by
+    record_nunchaku_layouts.py from nunchaku's models/linear.py): the constructor creates exactly the recorded
+    tensors and attributes for the recorded sizes (others fail); ``forward`` enforces the input nunchaku's forward
+    and kernels take (3-D, contiguous, the dtype of its tensors) and computes with our reference from the packed
+    tensors — the layout check is nunchaku's, the numbers ours."""
+
+    calls: list = []  # forward inputs seen, per test (reset by the tests)
+    fused: list = []  # fused MLP inputs seen
+    edit = staticmethod(lambda tensors: tensors)  # a test may alter the recorded layout to see it refused
+
+    def __init__(self, in_features, out_features, rank=32, bias=True, precision="int4", act_unsigned=False,
+                 torch_dtype=torch.bfloat16, device=None):
         super().__init__()
-        gs = 16 if precision == "nvfp4" else 64
-        sdt = torch.float8_e4m3fn if precision == "nvfp4" else torch_dtype
-        p = lambda *s, dt=torch_dtype: nn.Parameter(torch.empty(*s, dtype=dt, device=device), requires_grad=False)
-        self.qweight = p(out_features, in_features // 2, dt=torch.int8)
-        self.wscales = p(in_features // gs, out_features, dt=sdt)
-        self.smooth_factor, self.smooth_factor_orig = p(in_features), p(in_features)
-        self.proj_down, self.proj_up, self.bias = p(in_features, rank), p(out_features, rank), p(out_features)
-        self.wcscales = p(out_features) if precision == "nvfp4" else None
-        self.precision, self.wtscale = precision, 1.0
+        args = {"in_features": in_features, "out_features": out_features, "rank": rank, "precision": precision,
+                "act_unsigned": act_unsigned, "torch_dtype": str(torch_dtype).removeprefix("torch."), "bias": bias}
+        case = next((c for c in LAYOUTS["SVDQW4A4Linear"]["cases"] if c["args"] == args), None)
+        assert case is not None, f"no recorded nunchaku layout for {args}: add the size to the recorder"
+        for name, spec in self.edit(dict(case["tensors"])).items():
+            if spec is None:
+                setattr(self, name, None)
+                continue
+            t = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]), device=device)
+            if spec["fill"] == "ones":
+                t = torch.ones_like(t)
+            self.register_parameter(name, nn.Parameter(t, requires_grad=spec["requires_grad"]))
+        for name, value in case["attributes"].items():
+            setattr(self, name, getattr(torch, value) if name == "torch_dtype" else value)
 
-    def forward(self, x):
+    def reference(self):
         from qwenstudio.engine.quant.svdquant import from_kernel_layout
 
-        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias")
-        t = {n: getattr(self, n).detach() for n in names}
-        t["wtscale"] = torch.tensor([self.wtscale])
-        return from_kernel_layout(t, self.precision, act_unsigned=False, dtype=torch.float32, device="cpu")(x)
+        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales")
+        t = {n: getattr(self, n).detach() for n in names if getattr(self, n) is not None}
+        if self.wtscale is not None:
+            t["wtscale"] = torch.tensor([float(self.wtscale)])
+        return from_kernel_layout(t, self.precision, act_unsigned=self.act_unsigned, dtype=torch.float32, device="cpu")
+
+    def forward(self, x, output=None):
+        type(self).calls.append((tuple(x.shape), x.dtype, x.is_contiguous()))
+        assert x.dim() == 3 and x.is_contiguous() and x.dtype == self.torch_dtype == self.proj_up.dtype
+        assert not self.act_unsigned  # nunchaku's forward quantizes signed: an act_unsigned layer never runs alone
+        return self.reference()(x.float()).to(x.dtype)
+
+
+def _recorded_fused_gelu_mlp(x, fc1, fc2, pad_size=256):
+    """nunchaku's ``fused_gelu_mlp(x, fc1, fc2, pad_size)`` (recorded signature and calls): a [B, S, C] contiguous
+    input in the layers' dtype, fc2 act_unsigned for int4; computed with our reference (fc1, tanh GELU, fc2)."""
+    _RecordedSVDQW4A4Linear.fused.append(tuple(x.shape))
+    assert x.dim() == 3 and x.is_contiguous() and x.dtype == fc1.torch_dtype == fc2.torch_dtype
+    assert not fc1.act_unsigned and fc2.act_unsigned == (fc2.precision == "int4")
+    h = nn.functional.gelu(fc1.reference()(x.float()), approximate="tanh")
+    return fc2.reference()(h).to(x.dtype)
+
+
+def test_recorded_nunchaku_layout_is_what_the_reader_assumes():
+    """nunchaku's own constructor (recorded) gives the files' layout: int8 [out, in/2] codes, scales [in/group,
+    out] in the 16-bit type (fp8 for nvfp4), [in, r] / [out, r] factors, bf16 wcscales filled with ones for nvfp4,
+    wtscale None for int4; and its forward takes [B, S, C], flattens it and pads the tokens to 256 itself."""
+    for case in LAYOUTS["SVDQW4A4Linear"]["cases"]:
+        a, t = case["args"], case["tensors"]
+        n, k, r, dt = a["out_features"], a["in_features"], a["rank"], a["torch_dtype"]
+        g, sdt = (16, "float8_e4m3fn") if a["precision"] == "nvfp4" else (64, dt)
+        assert (t["qweight"]["shape"], t["qweight"]["dtype"]) == ([n, k // 2], "int8")
+        assert (t["wscales"]["shape"], t["wscales"]["dtype"]) == ([k // g, n], sdt)
+        assert t["proj_down"]["shape"] == [k, r] and t["proj_up"]["shape"] == [n, r]
+        if a["precision"] == "nvfp4":
+            assert t["wcscales"] == {"shape": [n], "dtype": dt, "kind": "parameter", "requires_grad": False,
+                                     "fill": "ones"} and case["attributes"]["wtscale"] == 1.0
+        else:
+            assert t["wcscales"] is None and case["attributes"]["wtscale"] is None
+        quant, gemm = case["calls"]
+        assert case["forward_input"]["shape"] == [2, 300, k] and quant["args"]["input"]["shape"] == [600, k]
+        assert quant["args"]["output"]["shape"] == [768, k // 2] and gemm["args"]["out"]["shape"] == [600, n]
+        assert gemm["args"]["act_unsigned"] is a["act_unsigned"] and gemm["args"]["wcscales"] == (
+            {"shape": [n], "dtype": dt, "contiguous": True} if a["precision"] == "nvfp4" else None)
+
+
+def test_attach_policy_matches_nunchakus_mlp():
+    """nunchaku runs the int4 MLP's fc2 only inside fused_gelu_mlp, fed by fc1's epilogue (qout, act_unsigned), so
+    attach_kernels runs those MLPs fused and never calls an act_unsigned kernel alone; nvfp4 fc2s are signed."""
+    mlp = LAYOUTS["NunchakuFeedForward"]
+    assert mlp["int4"]["fc2_act_unsigned"] is True and mlp["nvfp4"]["fc2_act_unsigned"] is False
+    _, fc1, fc2 = mlp["int4"]["calls"]
+    assert fc1["args"]["qout"] is not None and fc1["args"]["out"] is None  # fc1 never returns a float output
+    assert fc2["args"]["act_unsigned"] is True
 
 
 @pytest.mark.parametrize("precision", ["int4", "nvfp4"])
-def test_kernel_layer_gets_the_file_layout(precision, loaded):
+def test_kernel_layer_sets_nunchakus_recorded_layout(precision, loaded):
     from qwenstudio.engine.quant.svdquant import kernel_layer
 
     m = loaded[precision].get_submodule("transformer_blocks.0.attn.to_k")
-    k = kernel_layer(m, _KernelStandIn, "cpu")
-    x = torch.randn(2, 9, 128)
-    assert k.qweight.dtype == torch.int8 and k.proj_down.shape == (128, m.rank)
-    assert torch.allclose(k(x), m(x), atol=1e-5)
+    k = kernel_layer(m, _RecordedSVDQW4A4Linear, "cpu")
+    case = next(c for c in LAYOUTS["SVDQW4A4Linear"]["cases"] if c["args"]["precision"] == precision
+                and c["args"]["in_features"] == 128 and c["args"]["out_features"] == 128
+                and c["args"]["torch_dtype"] == "bfloat16")
+    for name, spec in case["tensors"].items():
+        got = getattr(k, name)
+        assert (got is None) if spec is None else (list(got.shape), str(got.dtype)) == (
+            spec["shape"], f"torch.{spec['dtype']}"), name
+    assert k.wtscale == (m.wtscale if precision == "nvfp4" else None)
+    x = torch.randn(2, 9, 128).bfloat16()
+    assert torch.allclose(k(x).float(), m(x.float()), atol=2e-2, rtol=1e-2)  # bf16 output rounding
+    k16 = kernel_layer(m, _RecordedSVDQW4A4Linear, "cpu", torch.float16) if precision == "int4" else None
+    if k16 is not None:  # Turing: fp16 tensors
+        assert k16.bias.dtype == k16.proj_up.dtype == k16.wscales.dtype == torch.float16
+
+
+@pytest.mark.parametrize("edit", ["transposed_scales", "int32_codes", "extra_tensor"])
+def test_kernel_layer_refuses_a_layout_it_was_not_written_for(edit, loaded, monkeypatch):
+    from qwenstudio.engine.quant.svdquant import kernel_layer
+    from qwenstudio.errors import IncompatibleWeights
+
+    def alter(t):
+        if edit == "transposed_scales":
+            t["wscales"] = {**t["wscales"], "shape": t["wscales"]["shape"][::-1]}
+        elif edit == "int32_codes":
+            t["qweight"] = {**t["qweight"], "shape": [128, 16], "dtype": "int32"}
+        else:
+            t["wzeros"] = dict(t["bias"])
+        return t
+
+    monkeypatch.setattr(_RecordedSVDQW4A4Linear, "edit", staticmethod(alter))
+    m = loaded["int4"].get_submodule("transformer_blocks.0.attn.to_k")
+    with pytest.raises(IncompatibleWeights, match="nunchaku's _RecordedSVDQW4A4Linear"):
+        kernel_layer(m, _RecordedSVDQW4A4Linear, "cpu")
+
+
+@pytest.mark.parametrize("precision", ["int4", "nvfp4"])
+def test_kernel_path_through_the_model(precision, loaded, monkeypatch, tmp_path):
+    """attach_kernels on the tiny file with nunchaku's recorded class: every layer gets a kernel; the attention layers
+    (and nvfp4's MLP layers) are called with a contiguous 3-D input in the kernel's dtype, the int4 MLPs as one
+    fused_gelu_mlp (as nunchaku's Qwen-Image runs them); the output stays the reference's within bf16 noise. A LoRA
+    on the MLP makes it fall back to per-layer calls (fc2 on the reference), never to a signed fc2 kernel call."""
+    from qwenstudio.engine.quant.svdquant import attach_kernels
+
+    assert LAYOUTS["NunchakuFeedForward"]["fused_gelu_mlp"].startswith("(x: torch.Tensor, fc1: nunchaku.models")
+    model = copy.deepcopy(loaded[precision])
+    monkeypatch.setattr(_RecordedSVDQW4A4Linear, "calls", [])
+    monkeypatch.setattr(_RecordedSVDQW4A4Linear, "fused", [])
+    n = attach_kernels(model, "cpu", linear_cls=_RecordedSVDQW4A4Linear, torch_dtype=torch.bfloat16,
+                       fused_mlp=_recorded_fused_gelu_mlp)
+    assert n == 12
+    layers = [m for m in model.modules() if isinstance(m, SVDQuantLinear)]
+    kept = [m for m in layers if not m.released]  # the natural copies still held: int4 fc2s only
+    assert all(m.qweight is None and m.proj_up is None for m in layers if m.released)
+    assert [m.act_unsigned for m in kept] == ([True, True] if precision == "int4" else [])
+    ref, out = _run(loaded[precision]), _run(model)
+    calls, fused = _RecordedSVDQW4A4Linear.calls, _RecordedSVDQW4A4Linear.fused
+    assert (len(calls), len(fused)) == ((8, 2) if precision == "int4" else (12, 0))
+    assert all(len(s) == 3 and s[0] == 1 and c and d == torch.bfloat16 for s, d, c in calls)
+    rel = ((out - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
+    print(f"{precision}: kernel-path stand-in (bf16 in/out) vs reference, relative RMS {rel:.4f}")
+    assert rel < 0.05
+    set_activation_quant(model, False)  # a released layer off the kernel path rebuilds its tensors from the kernel's
+    try:
+        w4a16 = _run(model)
+    finally:
+        set_activation_quant(model, True)
+    set_activation_quant(loaded[precision], False)
+    try:
+        assert torch.allclose(w4a16, _run(loaded[precision]), atol=1e-5)
+    finally:
+        set_activation_quant(loaded[precision], True)
+    to_k = model.get_submodule("transformer_blocks.0.attn.to_k")
+    ref_k = loaded[precision].get_submodule("transformer_blocks.0.attn.to_k")
+    assert torch.equal(to_k.effective_weight(), ref_k.effective_weight())  # exact round trip through the kernel
+    path, _ = write_lora(tmp_path / "mlp-lora.safetensors", build_source_dit(), "diffusers", seed=3)
+    LoraManager(model).set_stack([(path, 1.0)])
+    calls.clear()
+    fused.clear()
+    _run(model)
+    assert type(model.get_submodule("transformer_blocks.0.img_mlp.net.2")).__name__ == "LoraLinear"
+    assert not fused and len(calls) == (10 if precision == "int4" else 12)  # int4 fc1s alone, fc2s on the reference
+
+
+# ---- real files' layout: nunchaku's NunchakuQwenImageTransformer2DModel state dicts at the real config ----------
+
+REAL = json.loads(gzip.decompress((FIXTURES / "nunchaku_qwenimage_state_dicts.json.gz").read_bytes()))
+REAL_FILES = {"svdq-int4_r32-qwen-image": ("svdq_int4_r32", "int4"), "svdq-fp4_r128-qwen-image": ("svdq_nvfp4_r128",
+                                                                                               "nvfp4")}
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "I8": 1, "U8": 1, "I32": 4, "F8_E4M3": 1}
+
+
+def _real_header(name, *, without=()):
+    """The header of a real nunchaku file: the state dict nunchaku's loader expects plus the ``wtscale`` scalars it
+    pops from the file (nvfp4), and the metadata nunchaku's merge_safetensors writes."""
+    f = REAL["files"][name]
+    table = {k: v for k, v in f["state_dict"].items() if not k.endswith(tuple(without))}
+    table.update({f"{layer}.wtscale": [[1], "BF16"] for layer in f["wtscale_popped_from_file"]})
+    fp4 = f["precision"] == "nvfp4"
+    qcfg = {"method": "svdquant", "rank": f["rank"],
+            **{side: {"dtype": "fp4_e2m1_all" if fp4 else "int4", "group_size": 16 if fp4 else 64}
+               for side in ("weight", "activation")}}
+    meta = {"config": json.dumps(REAL["config"]), "comfy_config": "{}",
+            "model_class": "NunchakuQwenImageTransformer2DModel", "quantization_config": json.dumps(qcfg)}
+    return table, meta
+
+
+def _sparse_safetensors(path, table, meta):
+    """A safetensors file with that exact header and no data written (sparse: ~12 GB apparent, ~0 on disk) — what
+    ``qwenstudio models`` reads of a real download is its header alone."""
+    header, offset = {"__metadata__": meta}, 0
+    for k, (shape, dt) in table.items():
+        n = _ITEMSIZE[dt]
+        for d in shape:
+            n *= d
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+def test_real_file_header_is_listed_as_what_it_is(name, tmp_path):
+    from qwenstudio.engine.registry import ModelRegistry
+
+    table, meta = _real_header(name)
+    (tmp_path / "diffusion_models").mkdir()
+    path = _sparse_safetensors(tmp_path / "diffusion_models" / f"{name}.safetensors", table, meta)
+    info = detect(path)
+    assert (info.role, info.quant, info.dtype) == ("dit", *REAL_FILES[name])
+    [entry] = ModelRegistry([tmp_path]).scan()
+    assert entry.kind == "dit" and entry.public()["quant"] == REAL_FILES[name][0]
+
+
+@pytest.mark.parametrize("name", sorted(REAL_FILES))
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_real_file_header_config_and_every_key_placed(name, with_metadata):
+    """The real config comes back (from the metadata, or from the shapes alone), and every key of the real layout
+    has a place in diffusers' 60-block DiT: no key unused, no model tensor missing, no shape different."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenstudio.engine.formats.nunchaku import map_keys, nunchaku_config, svdquant_kind
+    from qwenstudio.engine.loading import build_empty
+
+    table, meta = _real_header(name)
+    shapes = {k: tuple(s) for k, (s, _) in table.items()}
+    dtypes = {k: d for k, (_, d) in table.items()}
+    assert svdquant_kind(dtypes, shapes) == REAL_FILES[name]
+    cfg = nunchaku_config(meta if with_metadata else {}, shapes)
+    real = {k: v for k, v in REAL["config"].items() if not k.startswith("_")}
+    assert {k: cfg[k] for k in cfg} == {k: real[k] for k in cfg}
+    assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["joint_attention_dim"]) == (60, 24, 3584)
+    model = build_empty(lambda: QwenImageTransformer2DModel.from_config(cfg))
+    plans, plain = map_keys(model, shapes, dtypes)
+    placed = [k for p in plans for k in p.keys] + plain
+    assert len(placed) == len(set(placed)) and set(placed) == set(shapes)  # each key exactly once
+    assert sum(p.kind == "awq" for p in plans) == 120 and sum(len(p.targets) for p in plans if p.kind == "svdq") \
+        == 60 * 12  # q, k, v, add_q/k/v, to_out, to_add_out, 2 MLPs x 2 per block
+    assert [p.targets for p in plans if p.layer == "transformer_blocks.7.attn.add_qkv_proj"] == [
+        ("transformer_blocks.7.attn.add_q_proj", "transformer_blocks.7.attn.add_k_proj",
+         "transformer_blocks.7.attn.add_v_proj")]
+    assert {p.layer.split(".", 2)[2] for p in plans if p.act_unsigned} == {"img_mlp.net.2", "txt_mlp.net.2"}
+
+
+def test_real_file_header_wrong_or_incomplete_is_refused():
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwenstudio.engine.formats.nunchaku import map_keys, nunchaku_config
+    from qwenstudio.errors import IncompatibleWeights
+
+    table, meta = _real_header("svdq-fp4_r128-qwen-image", without=(".wcscales",))  # nunchaku fills ones: optional
+    shapes = {k: tuple(s) for k, (s, _) in table.items()}
+    dtypes = {k: d for k, (_, d) in table.items()}
+    from qwenstudio.engine.loading import build_empty
+
+    model = build_empty(lambda: QwenImageTransformer2DModel.from_config(nunchaku_config(meta, shapes)))
+    map_keys(model, shapes, dtypes)
+    for broken, match in (({k: v for k, v in shapes.items() if k != "norm_out.linear.weight"}, "missing"),
+                          ({**shapes, "transformer_blocks.3.attn.to_qkv.lora_down": (3072, 128)}, "unexpected"),
+                          ({**shapes, "txt_in.weight": (3072, 4096)}, "shape")):
+        with pytest.raises(IncompatibleWeights, match=match):
+            map_keys(model, broken, {**dtypes, "transformer_blocks.3.attn.to_qkv.lora_down": "BF16"})

@@ -207,6 +207,7 @@ class SVDQuantLinear(nn.Module):
         self.act_quant = True
         self.wtscale = 1.0
         self.kernel: nn.Module | None = None  # a nunchaku SVDQW4A4Linear, set by attach_kernels
+        self.released = False  # True once the kernel alone holds the tensors (release_to_kernel)
         for name in ("qweight", "wscales", "smooth", "proj_down", "proj_up", "wcscales"):
             self.register_buffer(name, None)
         self.register_parameter("bias", None)
@@ -223,8 +224,35 @@ class SVDQuantLinear(nn.Module):
             m.bias = nn.Parameter(bias, requires_grad=False)
         return m
 
+    def release_to_kernel(self) -> None:
+        """Drop the natural-layout tensors once ``kernel`` holds the same numbers, so the kernel path keeps the
+        file's bytes once, not twice. A reference call afterwards rebuilds them from the kernel's tensors (an exact
+        round trip, per call: only for the slow paths — activation rounding off, inputs on another device)."""
+        if self.kernel is None:
+            raise ValueError("release_to_kernel needs an attached kernel")
+        for name in ("qweight", "wscales", "smooth", "proj_down", "proj_up", "wcscales"):
+            self._buffers[name] = None
+        self.bias = None
+        self.released = True
+
+    def natural(self, device=None) -> SVDQuantLinear:
+        """This layer with its natural-layout tensors: itself, or when released a copy rebuilt from the kernel's."""
+        if not self.released:
+            return self
+        k = self.kernel
+        names = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias", "wcscales")
+        t = {n: getattr(k, n).detach() for n in names if getattr(k, n, None) is not None}
+        if k.wtscale is not None:
+            t["wtscale"] = torch.tensor([float(k.wtscale)])
+        m = from_kernel_layout(t, self.precision, act_unsigned=self.act_unsigned, dtype=k.proj_up.dtype,
+                               device=device if device is not None else k.qweight.device)
+        m.act_quant = self.act_quant
+        return m
+
     def residual_weight(self) -> torch.Tensor:
         """The dequantized 4-bit part, in the smoothed input basis: float32 [out, in]."""
+        if self.released:
+            return self.natural().residual_weight()
         codes = unpack_nibbles(self.qweight)
         vals = int4_values(codes) if self.precision == "int4" else e2m1_values(codes)
         n, k = vals.shape
@@ -237,21 +265,30 @@ class SVDQuantLinear(nn.Module):
     def effective_weight(self, dtype=torch.float32) -> torch.Tensor:
         """``W = residual / smooth + up @ down``: the float weight this layer stands for (without the activation
         rounding). Used to compare against the source weights and as the 'dequantized base'."""
+        if self.released:
+            return self.natural().effective_weight(dtype)
         w = self.residual_weight() / self.smooth.float()[None, :] + self.proj_up.float() @ self.proj_down.float()
         return w.to(dtype)
 
     def effective_bias(self, dtype=torch.float32) -> torch.Tensor:
         """The bias of the float layer this stands for: for act_unsigned (fc2) layers the file's bias absorbed
         ``-W_res @ shift`` (the shift is added to the input), so it is added back."""
+        if self.released:
+            return self.natural().effective_bias(dtype)
         b = self.bias.float() if self.bias is not None else torch.zeros(self.out_features, device=self.qweight.device)
         if self.act_unsigned:
             b = b + (self.residual_weight() / self.smooth.float()[None, :]).sum(1) * GELU_SHIFT
         return b.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None and x.is_cuda and self.act_quant:
-            return self.kernel(x.reshape(-1, *x.shape[-2:]).to(torch.bfloat16)).to(x.dtype).reshape(
-                *x.shape[:-1], self.out_features)
+        if self.kernel is not None and self.act_quant and not self.act_unsigned and x.device == self.kernel.qweight.device:
+            # nunchaku's forward takes [B, S, C] (it flattens B*S and pads the tokens to 256 itself), contiguous
+            # (its kernels read raw pointers, no strides), in the dtype of its tensors (the kernel's type follows it).
+            # An int4 fc2 (act_unsigned) has a kernel only for the fused MLP (attach_kernels): alone, it is the reference.
+            k_in = x.reshape(1, -1, self.in_features).to(self.kernel.proj_up.dtype).contiguous()
+            return self.kernel(k_in).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.released:
+            return self.natural(x.device)(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         lora = nn.functional.linear(nn.functional.linear(x2.float(), self.proj_down.float()), self.proj_up.float())
@@ -371,10 +408,18 @@ def awq_modulation_layer(tensors: dict, *, splits: int = 6, dtype=torch.float32,
 
 
 # ---- nunchaku's CUDA kernels, where they exist -----------------------------------------------------------------
+# Checked against nunchaku's own classes (tests/fixtures/peers/nunchaku/record_nunchaku_layouts.py records
+# SVDQW4A4Linear's tensors, attributes and kernel calls from its code; tests/engine/test_svdquant.py holds this
+# adapter to that record). Never run: no GPU the kernels support was available.
+
+INT4_SM = (75, 80, 86, 89)  # nunchaku utils.check_hardware_compatibility and setup.py's build targets
+NVFP4_SM = (120, 121)
+
 
 def kernel_support(precision: str, device) -> str | None:
     """Why nunchaku's kernels cannot run ``precision`` on ``device`` (None when they can): they need CUDA, the
-    ``nunchaku`` package, and int4: sm75-sm89 (Turing to Ada), nvfp4: sm120 (Blackwell consumer cards)."""
+    ``nunchaku`` package, and int4: sm75/80/86/89 (Turing, Ampere, Ada), nvfp4: sm120/121 (Blackwell RTX 50,
+    GB10) — exactly the list nunchaku checks; other GPUs (Hopper, sm87 Orin, datacenter Blackwell) have no build."""
     import importlib.util
 
     device = torch.device(device)
@@ -382,45 +427,105 @@ def kernel_support(precision: str, device) -> str | None:
         return "nunchaku's kernels are CUDA-only"
     major, minor = torch.cuda.get_device_capability(device)
     cap = major * 10 + minor
-    if not (75 <= cap <= 89 if precision == "int4" else cap >= 120):  # the GPU first: installing cannot fix it
-        need = "sm75-sm89" if precision == "int4" else "sm120"
+    if cap not in (INT4_SM if precision == "int4" else NVFP4_SM):  # the GPU first: installing cannot fix it
+        need = "sm75/80/86/89" if precision == "int4" else "sm120/121"
         return f"{precision} kernels do not support this GPU (sm{cap}; they need {need})"
     if importlib.util.find_spec("nunchaku") is None:
         return "the 'nunchaku' package is not installed"
     return None
 
 
-def kernel_layer(m: SVDQuantLinear, linear_cls, device) -> nn.Module:
-    """``m`` as a nunchaku ``SVDQW4A4Linear`` (``linear_cls``): its tensors re-packed into the kernel layout under
-    nunchaku's parameter names. The same layout the files have, so a round trip through it is exact."""
-    k = linear_cls(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None, precision=m.precision,
-                   torch_dtype=torch.bfloat16, device=device)
+def kernel_dtype(device) -> torch.dtype:
+    """The 16-bit type nunchaku's kernels compute in on ``device``: fp16 on Turing (sm75 has no bf16 MMA; nunchaku's
+    Turing example: "Turing GPUs only support fp16 precision"), bf16 elsewhere (its Qwen-Image default)."""
+    return torch.float16 if torch.cuda.get_device_capability(torch.device(device)) == (7, 5) else torch.bfloat16
+
+
+def kernel_tensors(m: SVDQuantLinear) -> dict[str, torch.Tensor]:
+    """``m`` in the kernels' layout under nunchaku's parameter names (the files' layout: a round trip is exact)."""
     scales = pack_micro_scales(m.wscales) if m.precision == "nvfp4" else pack_scales(m.wscales)
-    tensors = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
-               "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
-               "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
+    t = {"qweight": pack_weight(unpack_nibbles(m.qweight)), "wscales": scales,
+         "smooth_factor": pack_scales(m.smooth), "smooth_factor_orig": pack_scales(m.smooth),
+         "proj_down": pack_lowrank(m.proj_down, True), "proj_up": pack_lowrank(m.proj_up, False)}
     if m.bias is not None:
-        tensors["bias"] = pack_scales(m.bias.detach())
-    if m.wcscales is not None:
-        tensors["wcscales"] = pack_scales(m.wcscales)
+        t["bias"] = pack_scales(m.bias.detach())
+    if m.precision == "nvfp4":  # nunchaku fills ones when a file has none (patch_scale_key)
+        wc = m.wcscales if m.wcscales is not None else torch.ones(m.out_features, device=m.qweight.device)
+        t["wcscales"] = pack_scales(wc)
+    return t
+
+
+def kernel_layer(m: SVDQuantLinear, linear_cls, device, torch_dtype=torch.bfloat16) -> nn.Module:
+    """``m`` as a nunchaku ``SVDQW4A4Linear`` (``linear_cls``) in ``torch_dtype``. Every tensor nunchaku's class
+    has is set, each with exactly the shape and dtype its constructor made (``.data = t`` would accept any shape):
+    a nunchaku whose layout differs is refused here, by name, instead of computing garbage in the kernel."""
+    from ...errors import IncompatibleWeights
+
+    k = linear_cls(m.in_features, m.out_features, rank=m.rank, bias=m.bias is not None, precision=m.precision,
+                   act_unsigned=m.act_unsigned, torch_dtype=torch_dtype, device=device)
+    cls = type(k).__name__
+    tensors = kernel_tensors(m)
+    theirs = {n for n, _ in k.named_parameters(recurse=False)} | {n for n, _ in k.named_buffers(recurse=False)}
+    if theirs != set(tensors):
+        raise IncompatibleWeights(f"nunchaku's {cls} has tensors {sorted(theirs)}, this adapter sets "
+                                  f"{sorted(tensors)}: a nunchaku version it was not written for")
     for name, t in tensors.items():
-        getattr(k, name).data = t.to(device=device, dtype=getattr(k, name).dtype)
-    k.wtscale = m.wtscale
+        target = getattr(k, name)
+        want = t.dtype if t.dtype in (torch.int8, torch.float8_e4m3fn) else torch_dtype  # codes are never cast
+        if target.dtype != want or tuple(target.shape) != tuple(t.shape):
+            raise IncompatibleWeights(f"nunchaku's {cls}.{name} is {tuple(target.shape)} {target.dtype}; the "
+                                      f"layer's packed tensor is {tuple(t.shape)} {want}")
+        target.data = t.to(device=device, dtype=want)
+    k.wtscale = m.wtscale if m.precision == "nvfp4" else None  # int4: nunchaku keeps None (the kernel asserts 1)
     return k
 
 
-def attach_kernels(model: nn.Module, device) -> int:
-    """Give every SVDQuant layer that the kernels can run alone a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``);
-    its forward then calls it (CUDA, activation rounding on). MLP fc2 layers (act_unsigned) stay on the reference
-    path: nunchaku runs them only inside its fused GELU MLP kernel. Returns the number of layers attached. Written
-    against nunchaku's API; not run on the development machine (no nunchaku-capable GPU)."""
-    from nunchaku.models.linear import SVDQW4A4Linear
+def attach_kernels(model: nn.Module, device, *, linear_cls=None, torch_dtype=None, fused_mlp=None,
+                   release: bool = True) -> int:
+    """Give every SVDQuant layer a nunchaku ``SVDQW4A4Linear`` (``kernel_layer``), used for inputs on ``device``
+    with the activation rounding on; the caller checks ``kernel_support`` first. As in nunchaku's Qwen-Image, the
+    int4 MLPs (fc2 act_unsigned) run as one ``fused_gelu_mlp``: fc1's epilogue applies the tanh GELU, adds 0.171875
+    and quantizes for fc2 — nunchaku's plain ``forward`` would quantize fc2's float input signed, so an int4 fc2 never
+    runs alone: when a LoRA wraps fc1 or fc2 that MLP falls back to per-layer calls, its fc2 on the reference path.
+    nvfp4 fc2s are signed and also run alone. With ``release`` every layer but those int4 fc2s (kept for that
+    fallback) drops its natural-layout copy (``release_to_kernel``): the 4-bit weights are held once, as in nunchaku.
+    Returns the number of layers given a kernel."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
 
+    if linear_cls is None:
+        from nunchaku.models.linear import SVDQW4A4Linear as linear_cls
+    if fused_mlp is None:
+        from nunchaku.ops.fused import fused_gelu_mlp as fused_mlp
+    torch_dtype = torch_dtype or kernel_dtype(device)
     n = 0
     for m in model.modules():
-        if not isinstance(m, SVDQuantLinear) or m.act_unsigned or kernel_support(m.precision, device) is not None:
-            continue
-        # not a submodule: model.to(dtype) must not re-type the kernel's tensors
-        object.__setattr__(m, "kernel", kernel_layer(m, SVDQW4A4Linear, device))
-        n += 1
+        if isinstance(m, SVDQuantLinear):
+            # not a submodule: model.to(dtype) must not re-type the kernel's tensors
+            object.__setattr__(m, "kernel", kernel_layer(m, linear_cls, device, torch_dtype))
+            if release and not m.act_unsigned:
+                m.release_to_kernel()
+            n += 1
+
+    class KernelFeedForward(FeedForward):
+        """diffusers' FeedForward (same module tree and names) whose forward is nunchaku's fused MLP when both
+        layers are still bare SVDQuant layers with kernels."""
+
+        fused = staticmethod(fused_mlp)
+
+        def forward(self, hidden_states, *args, **kwargs):
+            fc1, fc2 = self.net[0].proj, self.net[2]
+            if not (isinstance(fc1, SVDQuantLinear) and isinstance(fc2, SVDQuantLinear) and fc1.kernel is not None
+                    and fc2.kernel is not None and fc1.act_quant and fc2.act_quant
+                    and hidden_states.device == fc1.kernel.qweight.device):
+                return super().forward(hidden_states, *args, **kwargs)
+            x = hidden_states.reshape(1, -1, fc1.in_features).to(fc1.kernel.proj_up.dtype).contiguous()
+            y = self.fused(x, fc1.kernel, fc2.kernel)
+            return y.to(hidden_states.dtype).reshape(*hidden_states.shape[:-1], fc2.out_features)
+
+    for ff in model.modules():
+        if type(ff) is FeedForward and isinstance(ff.net[0], GELU) and ff.net[0].approximate == "tanh" \
+                and isinstance(ff.net[0].proj, SVDQuantLinear) and isinstance(ff.net[2], SVDQuantLinear) \
+                and ff.net[2].act_unsigned:
+            ff.__class__ = KernelFeedForward
     return n
