@@ -66,12 +66,13 @@ def load_dit_int4(info: FileInfo, *, device, dtype):
     return fill_unhandled(model, info, handled, device=device, dtype=dtype)
 
 
-def load_dit_bnb(info: FileInfo, *, device, dtype, config: dict | None = None):
+def load_dit_bnb(info: FileInfo, *, device, dtype, config: dict | None = None, shards: tuple[FileInfo, ...] = ()):
     """A pre-quantized bitsandbytes NF4/FP4 DiT (what diffusers' bitsandbytes quantizer saves with
     ``save_pretrained``; double-quantized statistics too): each Linear with a ``.weight.quant_state.bitsandbytes__*``
     entry becomes ``bnb.nn.Linear4bit`` rebuilt from its stored codes and statistics, computing in ``dtype``.
     ``config``: the transformer config; by default the ``config.json`` diffusers wrote beside the file, else one
-    inferred from the tensors (the 4-bit layers' logical shapes are in their quant-state blobs)."""
+    inferred from the tensors (the 4-bit layers' logical shapes are in their quant-state blobs). ``shards``: the
+    other files of a sharded transformer folder (a layer's statistics may sit in another shard than its codes)."""
     from ..quant.nf4 import nf4_support
 
     reason = nf4_support(device)
@@ -79,20 +80,29 @@ def load_dit_bnb(info: FileInfo, *, device, dtype, config: dict | None = None):
         raise UnsupportedFormat(f"{info.path}: {info.quant} (bitsandbytes) weights cannot be loaded on {device}: "
                                 f"{reason}. `qwenstudio convert SRC DST --to int4` makes a 4-bit file that runs "
                                 "anywhere.")
-    import bitsandbytes as bnb
+    from contextlib import ExitStack
+
     from diffusers import QwenImageTransformer2DModel
     from safetensors import safe_open
 
     from ..loading import build_empty
-    from ..quant.nf4 import keep_codes_as_stored
+    from ..quant.nf4 import import_bitsandbytes, keep_codes_as_stored
 
-    layers = sorted({k.split(BNB_MARKER)[0] for k in info.shapes if BNB_MARKER in k})
+    bnb = import_bitsandbytes()
+
+    infos = [info, *shards]
+    where = {k: i.path for i in infos for k in i.shapes}  # key -> its file
+    layers = sorted({k.split(BNB_MARKER)[0] for k in where if BNB_MARKER in k})
     config = config or bnb_dit_config(info, layers)
     config = {k: v for k, v in config.items() if k != "quantization_config" and not k.startswith("_")}
     model = build_empty(lambda: QwenImageTransformer2DModel.from_config(config))
     handled: set[str] = set()
-    with safe_open(str(info.path), framework="pt") as f:
-        keys = list(f.keys())
+    with ExitStack() as stack:
+        files = {i.path: stack.enter_context(safe_open(str(i.path), framework="pt")) for i in infos}
+
+        def get(key):
+            return files[where[key]].get_tensor(key)
+
         for layer in layers:
             name = strip_dit_prefix(layer)
             try:
@@ -100,23 +110,23 @@ def load_dit_bnb(info: FileInfo, *, device, dtype, config: dict | None = None):
             except AttributeError:
                 raise IncompatibleWeights(f"{info.path}: '{name}' has no place in a Qwen-Image DiT") from None
             head = layer + ".weight."
-            stats = {k[len(head):]: f.get_tensor(k) for k in keys if k.startswith(head)}
+            stats = {k[len(head):]: get(k) for k in where if k.startswith(head)}
             handled |= {layer + ".weight", layer + ".bias"} | {head + s for s in stats}  # from_prequantized pops
-            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=dtype,
-                                    quant_type=info.quant.split("_", 1)[1], device="meta")
-            weight = bnb.nn.Params4bit.from_prequantized(f.get_tensor(layer + ".weight"), stats,
-                                                         requires_grad=False, device=device)
+            weight = bnb.nn.Params4bit.from_prequantized(get(layer + ".weight"), stats, requires_grad=False,
+                                                         device=device)
             if tuple(weight.quant_state.shape) != (old.out_features, old.in_features):
                 raise IncompatibleWeights(f"{info.path}: '{name}' holds a {tuple(weight.quant_state.shape)} weight, "
                                           f"the model expects {(old.out_features, old.in_features)}")
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None, compute_dtype=dtype,
+                                    quant_type=weight.quant_type, device="meta")
             new.weight = weight
             if old.bias is not None:
-                new.bias = torch_parameter(f.get_tensor(layer + ".bias").to(device=device, dtype=dtype))
+                new.bias = torch_parameter(get(layer + ".bias").to(device=device, dtype=dtype))
             keep_codes_as_stored(new)
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent), leaf, new)
 
-    return fill_unhandled(model, info, handled, device=device, dtype=dtype)
+    return fill_unhandled(model, info, handled, device=device, dtype=dtype, paths=[i.path for i in infos])
 
 
 def bnb_dit_config(info: FileInfo, layers: list[str]) -> dict:
@@ -146,12 +156,11 @@ def bnb_dit_config(info: FileInfo, layers: list[str]) -> dict:
         raise IncompatibleWeights(f"{info.path}: cannot infer the DiT configuration (missing {e})") from None
 
 
-def fill_unhandled(model, info: FileInfo, handled: set[str], *, device, dtype):
-    """Every tensor of the file the 4-bit layers did not take (norms, embeddings, kept layers), as usual."""
+def fill_unhandled(model, info: FileInfo, handled: set[str], *, device, dtype, paths=None):
+    """Every tensor of the file (or ``paths``) the 4-bit layers did not take (norms, embeddings, kept layers)."""
     from ..loading import fill_module, iter_safetensors
-    from .keymaps import strip_dit_prefix
 
-    rest = ((key, t) for key, t in iter_safetensors([info.path]) if key not in handled)
+    rest = ((key, t) for key, t in iter_safetensors(paths or [info.path]) if key not in handled)
     fill_module(model, rest, dtype=dtype, device=device, name=f"transformer ({info.path.name})",
                 key_map=strip_dit_prefix)
     return model.eval()

@@ -60,6 +60,23 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version)[:2])
 
 
+def mute_kernels_notice() -> None:
+    """Silence one bitsandbytes import-time log line (idempotent; before bitsandbytes is imported — diffusers imports
+    it with its model classes when it is installed). On AVX512-bf16 CPUs its CPU backend logs that the optional
+    ``kernels`` package (a faster fused kernel) is missing; that kernel serves only the repacked path our layers
+    switch off (``keep_codes_as_stored``), so for qwenstudio the line is noise, and it would land in CLI output."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def import_bitsandbytes():
+    mute_kernels_notice()
+    import bitsandbytes
+
+    return bitsandbytes
+
+
 def keep_codes_as_stored(layer) -> None:
     """Stop bitsandbytes' in-place CPU repack of this ``Linear4bit`` (see the module docstring for why)."""
     layer.support_avx512bf16_for_cpu = False
@@ -69,7 +86,7 @@ def quantize_model_nf4(model: nn.Module, *, device, compute_dtype: torch.dtype,
                        keep: tuple[str, ...] | None = None) -> list[str]:
     """Replace the float ``nn.Linear`` layers of ``model`` (outside ``keep``) by NF4 ``bnb.nn.Linear4bit`` on
     ``device``, in place; returns the names quantized. The engine checks ``nf4_support`` first."""
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     from .fp8 import FP8_KEEP_HIGH_PRECISION, keep_high_precision
 
@@ -92,15 +109,25 @@ def quantize_model_nf4(model: nn.Module, *, device, compute_dtype: torch.dtype,
 
 
 def nf4_dequantized_weight(module, dtype=torch.float32) -> torch.Tensor:
-    """The float weight a bitsandbytes ``Linear4bit`` multiplies by (what a LoRA-equivalence check compares
-    against): bitsandbytes' own dequantization of the stored codes and absmax."""
-    import bitsandbytes as bnb
+    """The float weight a bitsandbytes ``Linear4bit`` multiplies a ``dtype`` input by (what a LoRA-equivalence check
+    compares against): the dequantization its inference matmul runs (``gemm_4bit``'s default implementation:
+    double-quantized absmax restored in fp32, then the codes straight to ``dtype``). Not
+    ``bnb.functional.dequantize_4bit``: that returns the dtype of the weight the file was quantized from (bf16 for
+    diffusers' files), one rounding more than the layer does."""
+    bnb = import_bitsandbytes()
+    ops = torch.ops.bitsandbytes
 
     w = module.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):
+    qs = w.quant_state
+    if getattr(qs, "packing_format_for_cpu", False):
         raise ValueError("this 4-bit weight was repacked for bitsandbytes' fused CPU kernel (a layer not built by "
                          "qwenstudio); dequantize it before its first forward")
-    return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = ops.dequantize_blockwise.default(absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize,
+                                                  torch.float32) + qs.offset
+    del bnb  # imported for its ops' registration
+    return ops.dequantize_4bit.default(w.data, absmax, qs.blocksize, qs.quant_type, qs.shape, dtype)
 
 
 def bitsandbytes_version() -> str | None:
