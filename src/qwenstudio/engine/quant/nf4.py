@@ -17,7 +17,8 @@ in place on its first forward for a fused kernel that computes in bf16 whatever 
 ``quantize_model_nf4`` / the NF4 file loader switch that off per layer (``support_avx512bf16_for_cpu = False``):
 the layer then dequantizes to the run's dtype and multiplies (fp32 stays fp32, so a LoRA on it equals the LoRA on
 the dequantized weights), its stored layout never changes (dequantizing, ``state_dict``, ``.to(device)`` and
-offload hooks see what was loaded), and in bf16 it measured as fast as the fused kernel at diffusion token counts.
+offload hooks see what was loaded), and in bf16 it measured faster than the fused kernel (0.27 vs 0.31 CPU-s, one
+3072 -> 12288 layer on 580 tokens; README "4-bit bases").
 """
 
 from __future__ import annotations
