@@ -140,24 +140,60 @@ def test_cli_generate_on_the_nf4_folder_with_a_lora(models, nf4_engine, fp32_lat
     assert (styled - plain).abs().max() > 1e-3
 
 
-def test_a_pipeline_folder_with_the_nf4_transformer(tiny_folder, tmp_path):
-    """A diffusers pipeline folder whose transformer/ is diffusers' bitsandbytes save: the same DiT as the file."""
+def test_pipeline_folders_with_the_nf4_transformer_whole_and_sharded(tiny_folder, tmp_path):
+    """A diffusers pipeline folder whose transformer/ is diffusers' bitsandbytes save: the same DiT as the file.
+    Sharded too (full-size NF4 transformers exceed diffusers' 10 GB shard): the same state dict re-saved by
+    diffusers' ``save_pretrained(max_shard_size=...)``, which puts some layers' statistics in another shard than
+    their codes."""
     from qwenstudio.engine.formats.comfy import load_dit_file
 
-    pipe = tmp_path / "qwen-image-nf4-pipeline"
-    shutil.copytree(tiny_folder, pipe, ignore=shutil.ignore_patterns("transformer"))
-    shutil.copytree(FIXTURES / "qwen-image-nf4", pipe / "transformer")
-    engine = Engine.load(pipe, device="cpu", variant="tiny", dtype=FP32)
-    assert engine.describe()["quant"] == "bnb_nf4" and engine.describe()["format"] == "diffusers"
+    file = load_dit_file(FIXTURES / "qwen-image-nf4" / "diffusion_pytorch_model.safetensors", device="cpu",
+                         dtype=torch.bfloat16)
+    whole, sharded = tmp_path / "qwen-image-nf4-pipeline", tmp_path / "qwen-image-nf4-sharded"
+    for pipe in (whole, sharded):
+        shutil.copytree(tiny_folder, pipe, ignore=shutil.ignore_patterns("transformer"))
+    shutil.copytree(FIXTURES / "qwen-image-nf4", whole / "transformer")
+    file.save_pretrained(sharded / "transformer", max_shard_size="150KB")
+    shutil.copy(FIXTURES / "qwen-image-nf4" / "config.json", sharded / "transformer" / "config.json")
+    weight_map = json.loads((sharded / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = {}
+    for key, shard in weight_map["weight_map"].items():
+        shards.setdefault(key.split(".weight")[0], set()).add(shard)
+    assert len(set(weight_map["weight_map"].values())) == 3 and any(len(s) > 1 for s in shards.values())
     g = torch.Generator().manual_seed(0)
     inputs = {"hidden_states": torch.randn(1, 16, 64, generator=g), "encoder_hidden_states": torch.randn(1, 5, 32),
               "encoder_hidden_states_mask": torch.ones(1, 5), "timestep": torch.tensor([0.4]),
               "img_shapes": [(1, 4, 4)], "return_dict": False}
     with torch.no_grad():
-        a = engine.components.transformer(**inputs)[0]
-        b = load_dit_file(FIXTURES / "qwen-image-nf4" / "diffusion_pytorch_model.safetensors", device="cpu",
-                          dtype=FP32)(**inputs)[0]
-    assert torch.equal(a, b)
+        want = load_dit_file(FIXTURES / "qwen-image-nf4" / "diffusion_pytorch_model.safetensors", device="cpu",
+                             dtype=FP32)(**inputs)[0]
+        for pipe in (whole, sharded):
+            engine = Engine.load(pipe, device="cpu", variant="tiny", dtype=FP32)
+            assert engine.describe()["quant"] == "bnb_nf4" and engine.describe()["format"] == "diffusers"
+            assert torch.equal(engine.components.transformer(**inputs)[0], want), pipe.name
+
+
+def test_other_quantized_folders_are_refused_by_name(tiny_folder, tmp_path):
+    pipe = tmp_path / "qwen-image-int8"
+    shutil.copytree(tiny_folder, pipe)
+    config = json.loads((pipe / "transformer" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+    (pipe / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedFormat, match="bitsandbytes 8-bit quantized transformer"):
+        Engine.load(pipe, device="cpu", variant="tiny", dtype=FP32)
+
+
+def test_a_lone_file_takes_its_shapes_from_the_quant_state(models, tmp_path):
+    """Copied out of its folder (no config.json): the 4-bit layers' logical shapes come from their quant-state
+    blobs (the packed codes are [n*k/2, 1]); the head size here is not the real 128, so only the RoPE split is
+    inferred rather than read."""
+    from qwenstudio.engine.formats.comfy import load_dit_file
+
+    lone = tmp_path / "qwen-image-nf4.safetensors"
+    shutil.copy(FIXTURES / "qwen-image-nf4" / "diffusion_pytorch_model.safetensors", lone)
+    config = dict(load_dit_file(lone, device="cpu", dtype=FP32).config)
+    assert {k: config[k] for k in SVDQ_DIT_CONFIG if k != "axes_dims_rope"} == \
+        {k: v for k, v in SVDQ_DIT_CONFIG.items() if k != "axes_dims_rope"}
 
 
 def test_lora_on_the_nf4_file_equals_lora_on_its_dequantized_weights(nf4_engine):
