@@ -20,7 +20,7 @@ Every other format is written from that fp32 model by our converters. Per format
 
 Rows: files written by our converters (bf16, fp8 scaled, GGUF, ``convert --to int4``), the quantize-on-load modes
 (``--quant fp8`` with emulated fp8 compute, ``--quant int4``), bitsandbytes NF4 (the layers ``--quant nf4`` builds, run
-through bitsandbytes' CPU backend; the engine itself allows NF4 on CUDA only; skipped without ``bitsandbytes``),
+through bitsandbytes' CPU backend as the engine runs them; skipped without ``bitsandbytes``),
 torchao's int4 weight-only (an evaluation, not a qwenstudio mode: ``PrototypeInt4WeightOnlyConfig``, its CPU layout,
 which takes bf16 activations; skipped without ``torchao``) and the nunchaku files. A second table (``--skip-layer``
 to omit) times one shape-true linear, 3072 -> 12288 on 580 tokens, per implementation.
@@ -150,20 +150,12 @@ def _torchao_int4(model) -> None:
 
 def _rows(root: Path):
     """(label, REAL_BITS key, engine factory) per row."""
-    import torch
 
     from qwenstudio import Engine
     from qwenstudio.testing.svdquant_files import FP4_FILE, INT4_FILE
 
     def load(name, **kw):
         return lambda: Engine.load(name, models_dirs=(root,), device="cpu", variant="tiny", **kw)
-
-    def nf4():
-        from qwenstudio.engine.quant.nf4 import quantize_model_nf4
-
-        engine = load("fp32")()
-        quantize_model_nf4(engine.components.transformer, device="cpu", compute_dtype=torch.float32)
-        return engine
 
     def torchao():
         engine = load("fp32", dtype="bfloat16")()
@@ -176,7 +168,9 @@ def _rows(root: Path):
             ("gguf_q8_0", "gguf_q8_0", load("Q8_0")), ("gguf_q4_0", "gguf_q4_0", load("Q4_0")),
             ("int4 g64 (convert --to int4)", "int4_g64", load("int4")),
             ("int4 g64 (--quant int4)", "int4_g64", load("fp32", quant="int4"))]
-    rows.append(("nf4 (bitsandbytes, --quant nf4)", "nf4", nf4 if _installed("bitsandbytes") else None))
+    bnb = _installed("bitsandbytes")
+    rows.append(("nf4 (bitsandbytes, --quant nf4)", "nf4", load("fp32", quant="nf4") if bnb else None))
+    rows.append(("nf4 file (diffusers bnb save)", "nf4", load("qwen-image-nf4") if bnb else None))
     # torchao's CPU int4 takes bf16 activations: compare it with bf16 compute, plain and with our int4
     rows.append(("bf16 compute (fp32 file)", "bf16", load("fp32", dtype="bfloat16")))
     rows.append(("int4 g64 (--quant int4, bf16 compute)", "int4_g64", load("fp32", dtype="bfloat16", quant="int4")))
@@ -209,6 +203,8 @@ def _write_models(root: Path, source) -> None:
         write_dit_gguf(sd, dm / f"{q}.gguf", q, config=SVDQ_DIT_CONFIG)
     for f in (INT4_FILE, FP4_FILE):
         shutil.copy(FIXTURES / f, dm / f)
+    # the folder diffusers' bitsandbytes quantizer + save_pretrained wrote from the same model
+    shutil.copytree(FIXTURES.parent / "bnb" / "qwen-image-nf4", dm / "qwen-image-nf4")
 
 
 def dit_table(args) -> list[dict]:
@@ -235,7 +231,7 @@ def dit_table(args) -> list[dict]:
             model = engine.components.transformer
             dt = engine.components.dtype
             ins = {k: v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
-            w = _weights(model)  # before any forward: bitsandbytes repacks NF4 codes on its first CPU call
+            w = _weights(model)
             t, out = _time(model, ins, args.repeat)
             latents = engine.generate(**gen).latents.float()
             if base_t is None:
@@ -272,13 +268,14 @@ def layer_table(args) -> list[dict]:
              ("int4 g64 ours, fp32 act", lambda: quantize_linear_int4(lin), torch.float32),
              ("int4 g64 ours, bf16 act", lambda: quantize_linear_int4(lin), torch.bfloat16)]
     if _installed("bitsandbytes"):
-        def nf4():
+        def nf4(dtype):
             from qwenstudio.engine.quant.nf4 import quantize_model_nf4
 
             m = torch.nn.Sequential(copy.deepcopy(lin))
-            quantize_model_nf4(m, device="cpu", compute_dtype=torch.float32)
+            quantize_model_nf4(m, device="cpu", compute_dtype=dtype)
             return m[0]
-        cases.append(("nf4 bitsandbytes (CPU backend)", nf4, torch.float32))
+        for dt, act in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            cases.append((f"nf4 bitsandbytes CPU, {act} act", lambda dt=dt: nf4(dt), dt))
     if _installed("torchao"):
         def tao():
             m = torch.nn.Sequential(copy.deepcopy(lin).bfloat16())

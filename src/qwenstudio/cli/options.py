@@ -66,7 +66,7 @@ _RUN = [
                                   "one-shot run: warm-up costs more than it saves), on, off.")),
     ("attention", str, typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers.")),
     ("quant", Optional[str], typer.Option(None, "--quant", help="fp8: fp8 compute; int4: groupwise 4-bit weights "
-                                          "(any device); nf4: bitsandbytes NF4 (CUDA) — on a bf16/fp32 model.")),
+                                          "(any device); nf4: bitsandbytes NF4 (CUDA or CPU) — on a bf16/fp32 model.")),
     ("cache", Optional[str], typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default; "
                                           "lossy: see README Speed).")),
 ]

@@ -287,7 +287,7 @@ def serve_command(
     compile: str = typer.Option("auto", "--compile", help="Regional compile of the DiT blocks: auto (on, except "
                                 "the tiny model), on, off."),
     attention: str = typer.Option("auto", "--attention", help="auto, sdpa, math, flash, flash3, sage, xformers."),
-    quant: str | None = typer.Option(None, "--quant", help="fp8: fp8 compute; int4 / nf4 (CUDA): 4-bit weights, "
+    quant: str | None = typer.Option(None, "--quant", help="fp8: fp8 compute; int4 / nf4 (CUDA, CPU): 4-bit weights, "
                                       "on a bf16/fp32 model."),
     cache: str | None = typer.Option(None, "--cache", help="Step cache threshold (e.g. 0.08; off by default)."),
     store: str | None = typer.Option(None, "--store", envvar="QWENSTUDIO_STORE", help="Job/preset store: "

@@ -94,7 +94,10 @@ class Engine:
 
         from .loading import load_progress
         from .memory import measure, plan_memory
+        from .quant.nf4 import mute_kernels_notice
         from .sources import component_footprints, load_source, registry_for, resolve
+
+        mute_kernels_notice()  # a bitsandbytes log line diffusers' import would print (quant/nf4.py)
 
         settings = settings or Settings.from_env()
         if isinstance(dtype, str) and dtype.lower() == "auto":  # the default rule (engine/precision.py)

@@ -309,15 +309,35 @@ def load_diffusers_folder(path: str | Path, *, device=None, dtype=None, keep_lm_
     transformer = load_folder_transformer(root, device=device, dtype=dtype)
     parts = load_folder_companions(root, device=device, dtype=dtype, keep_lm_head=keep_lm_head, vae_dtype=vae_dtype)
     files = [f for c in ("transformer", "vae", "text_encoder") for f in component_files(root / c)]
+    quant = folder_transformer_quant(read_json(root / "transformer" / "config.json", "transformer config"))
     identity = {"name": root.name, "format": "diffusers", "class": index.get("_class_name"),
-                "fingerprint": fingerprint(files)}
+                "fingerprint": fingerprint(files), **({"quant": quant} if quant else {})}
     return Components(transformer=transformer.eval(), device=device, dtype=dtype, identity=identity, **parts)
+
+
+def folder_transformer_quant(t_cfg: dict) -> str | None:
+    """``bnb_nf4`` / ``bnb_fp4`` for a transformer saved by diffusers' bitsandbytes 4-bit quantizer (its config's
+    ``quantization_config``), else None. 8-bit bitsandbytes and other quantizers are refused by name."""
+    q = t_cfg.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit", q.get("_load_in_4bit")):
+        return f"bnb_{q.get('bnb_4bit_quant_type', 'fp4')}"
+    kind = q.get("quant_method", "?") + (" 8-bit" if q.get("load_in_8bit") else "")
+    raise UnsupportedFormat(f"transformer/config.json: a {kind} quantized transformer; qwenstudio reads "
+                            "bitsandbytes 4-bit (nf4/fp4) folders, GGUF, fp8 and its own int4 files")
 
 
 def load_folder_transformer(root: Path, *, device, dtype):
     from diffusers import QwenImageTransformer2DModel
 
     t_cfg = read_json(root / "transformer" / "config.json", "transformer config")
+    if folder_transformer_quant(t_cfg) is not None:  # saved by diffusers' bitsandbytes quantizer
+        from .formats.detect import detect
+        from .formats.four_bit import load_dit_bnb
+
+        first, *rest = (detect(f) for f in component_files(root / "transformer"))
+        return load_dit_bnb(first, device=device, dtype=dtype, config=t_cfg, shards=tuple(rest))
     transformer = build_empty(lambda: QwenImageTransformer2DModel.from_config(t_cfg))
     fill_module(transformer, iter_safetensors(component_files(root / "transformer")), dtype=dtype, device=device,
                 name="transformer")

@@ -18,6 +18,7 @@ from ..errors import IncompatibleWeights, ModelNotFound, QwenStudioError
 
 _NOT_WEIGHTS = {".json", ".txt", ".md", ".yaml", ".yml", ".png", ".jpg", ".jpeg", ".webp", ".html", ".py", ".lock"}
 _MIN_WEIGHTS_BYTES = 1024
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the stem of the file diffusers' save_pretrained writes
 # Preferred auto-picks when several text encoders / VAEs are present: the files the official guides name.
 _PREFERRED = {"text_encoder": ("qwen_2.5_vl_7b", "qwen2.5_vl", "qwen_2.5_vl"), "vae": ("qwen_image_vae",)}
 
@@ -96,8 +97,9 @@ class ModelRegistry:
                 if info.role == "unknown":
                     self.problems.append((path, "not a Qwen-Image component (unrecognised tensor names)"))
                     continue
-                ident = identify_name(path.stem) if info.role == "dit" else None
-                e = ModelEntry(path.stem, info.role, path, info.container, info.dtype, info.quant, info.size_bytes,
+                name = file_model_name(path)
+                ident = identify_name(name) if info.role == "dit" else None
+                e = ModelEntry(name, info.role, path, info.container, info.dtype, info.quant, info.size_bytes,
                                ident.variant if ident else "", ident.reason if ident else "")
                 entries.setdefault((e.kind, e.name), e)
         return sorted(entries.values(), key=lambda e: (e.kind, e.name))
@@ -170,6 +172,32 @@ def _candidate_files(root: Path, exclude: list[Path]) -> list[Path]:
                 continue
             out.append(p)
     return out
+
+
+def file_model_name(path: Path) -> str:
+    """A weights file's model name: its stem, except a diffusers component file (``diffusion_pytorch_model
+    .safetensors``, e.g. a bitsandbytes DiT saved by ``save_pretrained``), named after its folder (the pipeline's
+    when that folder is ``transformer/``): its own stem says nothing and repeats."""
+    if path.stem != DIFFUSERS_WEIGHTS:
+        return path.stem
+    folder = path.parent
+    return folder.parent.name if folder.name == "transformer" and folder.parent.name else folder.name
+
+
+def transformer_folder_file(folder: Path) -> Path | None:
+    """The one weights file of a diffusers *transformer* folder (``config.json`` naming the Qwen-Image DiT class
+    beside ``diffusion_pytorch_model.safetensors``, no ``model_index.json``): what ``save_pretrained`` of a
+    transformer alone writes, e.g. after diffusers' bitsandbytes quantizer. None for anything else."""
+    import json
+
+    weights, config = folder / f"{DIFFUSERS_WEIGHTS}.safetensors", folder / "config.json"
+    if (folder / "model_index.json").exists() or not (weights.is_file() and config.is_file()):
+        return None
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return weights if class_name == "QwenImageTransformer2DModel" else None
 
 
 def _tree_size(folder: Path) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..config import Settings
 from ..errors import ModelNotFound
 from .identity import Identity, hub_snapshots, identify_folder, identify_name
-from .registry import ModelEntry, ModelRegistry, require_role
+from .registry import ModelEntry, ModelRegistry, file_model_name, require_role, transformer_folder_file
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,15 @@ def resolve(model: str | Path, registry: ModelRegistry, settings: Settings, *, t
             raise ModelNotFound(f"model '{name}' not found: give a diffusers folder, a DiT file, a name from "
                                 "`qwenstudio models`, or 'tiny'")
         if path.is_dir():
-            return ModelSource(path.name, identify_folder(path), folder=path)
+            weights = transformer_folder_file(path)  # a transformer folder alone: its file is the DiT
+            if weights is None:
+                return ModelSource(path.name, identify_folder(path), folder=path)
+            path = weights
         from .formats.detect import detect
 
         info = detect(path)
-        entry = ModelEntry(path.stem, info.role, path, info.container, info.dtype, info.quant, info.size_bytes)
+        entry = ModelEntry(file_model_name(path), info.role, path, info.container, info.dtype, info.quant,
+                           info.size_bytes)
         registry = ModelRegistry([path.parent, path.parent.parent, *registry.dirs], aliases=registry.aliases)
     else:
         entry = registry.find(name, ("diffusers", "dit"))  # raises ModelNotFound listing the known names
@@ -160,7 +164,7 @@ def load_source(source: ModelSource, *, device, dtype, keep_lm_head: bool = Fals
 def _load_dit_with_folder(source: ModelSource, *, device, dtype, vae_dtype=None):
     import torch
 
-    from .formats.comfy import load_dit_file
+    from .formats.comfy import dit_format_name, load_dit_file
     from .formats.gguf import load_dit_gguf
     from .loading import Components, fingerprint, load_folder_companions
 
@@ -173,7 +177,8 @@ def _load_dit_with_folder(source: ModelSource, *, device, dtype, vae_dtype=None)
         transformer, fp = load_dit_gguf(path, device=device, dtype=dtype), gguf_fingerprint(path)
     else:
         transformer, fp = load_dit_file(path, device=device, dtype=dtype), fingerprint([path])
-    identity = {"name": source.name, "format": "gguf" if source.dit.container == "gguf" else "comfy",
+    identity = {"name": source.name,
+                "format": "gguf" if source.dit.container == "gguf" else dit_format_name(source.dit.quant),
                 "class": "QwenImagePipeline", "files": [path.stem], "components_from": source.companions.name,
                 "quant": source.dit.quant, "fingerprint": fp}
     return Components(transformer=transformer, device=device, dtype=dtype, identity=identity, **parts)

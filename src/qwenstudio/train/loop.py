@@ -180,11 +180,9 @@ class _Run:
         on_gpu = device.type == "cuda"
         # On the CPU the DiT is already in the RAM we measure; on a GPU nothing is on the device yet.
         free = info.vram_free if on_gpu else info.ram_free + shape.resident_bytes
-        try:
-            import bitsandbytes  # noqa: F401
-            bnb = True
-        except ImportError:
-            bnb = False
+        from importlib.util import find_spec
+
+        bnb = find_spec("bitsandbytes") is not None  # not imported: its CPU backend logs at import
         self.estimate = preflight(
             shape, device=str(device), free=free, tokens=tokens, batch=cfg.batch_size, compute_itemsize=itemsize,
             gradient_checkpointing=cfg.gradient_checkpointing, optimizer_8bit=use_8bit(cfg, device),

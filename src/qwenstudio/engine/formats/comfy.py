@@ -391,10 +391,12 @@ def bundled_tokenizer() -> Path:
     return dst
 
 
-def _dit_format_name(quant: str | None) -> str:
-    if quant is not None and quant.startswith("svdq_"):
-        return "nunchaku"
-    return "int4" if quant is not None and quant.startswith("int4") else "comfy"
+def dit_format_name(quant: str | None) -> str:
+    """The ``format`` a single-file DiT's metadata states: its 4-bit family, else "comfy"."""
+    for prefix, name in (("svdq_", "nunchaku"), ("int4", "int4"), ("bnb_", "bitsandbytes")):
+        if quant is not None and quant.startswith(prefix):
+            return name
+    return "comfy"
 
 
 def load_single_files(
@@ -428,7 +430,7 @@ def load_single_files(
     vae_model = load_vae_file(paths[2], device=device, dtype=vae_dtype or dtype)
     identity = {
         "name": paths[0].stem,
-        "format": "gguf" if is_gguf else _dit_format_name(dit_info.quant),
+        "format": "gguf" if is_gguf else dit_format_name(dit_info.quant),
         "class": "QwenImagePipeline",
         "files": [p.stem for p in paths],  # names, never paths: identity ends up in metadata and API responses
         "tokenizer": "bundled Qwen2.5" if Path(tokenizer_dir) == bundled_tokenizer() else "found beside the models",

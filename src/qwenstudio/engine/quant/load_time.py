@@ -3,9 +3,10 @@
 Why at load rather than only through ``convert``: a user with a bf16 file gets 4-bit memory without writing a second
 11 GB file. ``int4`` is our groupwise W4A16 (quant/int4.py; the same numbers ``convert --to int4`` writes, so a run
 on the converted file is the same run), on any device; ``nf4`` is bitsandbytes NF4 the way diffusers' quantizer
-builds it (quant/nf4.py), CUDA only. Both keep the small sensitive layers of ``FP8_KEEP_HIGH_PRECISION`` in float
-(the activation keep-list of fp8 compute does not apply: these are weight-only formats) and return what they did
-for the metadata (``model.acceleration``), so ``--from-image`` repeats the same quantization.
+builds it (quant/nf4.py), on CUDA or the CPU (bitsandbytes >= 0.47). Both keep the small sensitive layers of
+``FP8_KEEP_HIGH_PRECISION`` in float (the activation keep-list of fp8 compute does not apply: these are weight-only
+formats) and return what they did for the metadata (``model.acceleration``), so ``--from-image`` repeats the same
+quantization.
 """
 
 from __future__ import annotations
