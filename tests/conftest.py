@@ -53,6 +53,18 @@ def store_url(request):
     return request.getfixturevalue("postgres_server").create_database()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session_env(tmp_path_factory):
+    """The same environment as ``_isolated_home`` for session- and module-scoped fixtures too, which pytest builds
+    before any function-scoped one: an engine a module fixture loads must not see the user's home or dtype."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QWENSTUDIO_HOME", str(tmp_path_factory.getbasetemp() / "qwenstudio-home"))
+    mp.delenv("QWENSTUDIO_STORE", raising=False)
+    mp.setenv("QWENSTUDIO_DTYPE", "float32")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Never touch the user's ~/.qwenstudio; share one home (and its tiny-model cache) across the session."""
