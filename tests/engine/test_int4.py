@@ -24,7 +24,7 @@ from qwenstudio.engine.quant.int4 import (
 )
 from qwenstudio.errors import InvalidRequest
 from qwenstudio.testing.loras import write_lora
-from qwenstudio.testing.svdquant_files import SVDQ_DIT_CONFIG, build_source_dit
+from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit
 
 # Max |latent difference| vs the fp32 model after 2 steps at 64x64 (latent std 1.45), measured on CPU: 0.24.
 LATENT_TOL = 0.4
@@ -38,15 +38,11 @@ def source():
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, source, tiny_folder):
     """models/: the fp32 source DiT, its int4 conversion written by the CLI, tiny TE/VAE/tokenizer, a LoRA."""
-    from qwenstudio.engine.formats.convert import save_tensors
-    from qwenstudio.engine.formats.keymaps import CONFIG_METADATA_KEY
     from qwenstudio.testing.formats import write_comfy_models_dir
 
     root = tmp_path_factory.mktemp("int4-models")
     write_comfy_models_dir(root, tiny_folder, variants=())
-    src = save_tensors({"model.diffusion_model." + k: v.detach() for k, v in source.state_dict().items()},
-                       root / "diffusion_models" / "wide-fp32.safetensors",
-                       {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+    src = save_source_dit(source, root / "diffusion_models" / "wide-fp32.safetensors", prefix="model.diffusion_model.")
     dst = root / "diffusion_models" / "wide-int4.safetensors"
     result = CliRunner().invoke(app, ["convert", str(src), str(dst), "--to", "int4"])
     assert result.exit_code == 0, result.output

@@ -21,7 +21,7 @@ from qwenstudio.cli.main import app
 from qwenstudio.engine.quant.nf4 import nf4_support
 from qwenstudio.errors import InvalidRequest, UnsupportedFormat
 from qwenstudio.testing.loras import write_lora
-from qwenstudio.testing.svdquant_files import SVDQ_DIT_CONFIG, build_source_dit
+from qwenstudio.testing.svdquant_files import SVDQ_DIT_CONFIG, build_source_dit, save_source_dit
 
 bnb = pytest.importorskip("bitsandbytes")  # in the `test` extra (CI); skipped only where it is not installed
 
@@ -44,17 +44,13 @@ def source():
 def models(tmp_path_factory, source, tiny_folder):
     """models/: the diffusers-written NF4 and FP4 transformer folders (as `save_pretrained` left them) under
     diffusion_models/, the same DiT in fp32, tiny TE/VAE/tokenizer and a LoRA."""
-    from qwenstudio.engine.formats.convert import save_tensors
-    from qwenstudio.engine.formats.keymaps import CONFIG_METADATA_KEY
     from qwenstudio.testing.formats import write_comfy_models_dir
 
     root = tmp_path_factory.mktemp("nf4-models")
     write_comfy_models_dir(root, tiny_folder, variants=())
     for name in LATENT_TOL:
         shutil.copytree(FIXTURES / name, root / "diffusion_models" / name)
-    save_tensors({k: v.detach() for k, v in source.state_dict().items()},
-                 root / "diffusion_models" / "wide-fp32.safetensors",
-                 {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+    save_source_dit(source, root / "diffusion_models" / "wide-fp32.safetensors")
     write_lora(root / "loras" / "style.safetensors", source, "comfy", seed=3)
     return root
 

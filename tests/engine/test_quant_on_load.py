@@ -5,7 +5,6 @@ diffusers' NF4 layers (its CLI runs and refusals: tests/engine/test_nf4.py)."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from qwenstudio.cli.main import app
 from qwenstudio.engine.quant.int4 import Int4WeightLinear
 from qwenstudio.errors import InvalidRequest
 from qwenstudio.testing.loras import write_lora
-from qwenstudio.testing.svdquant_files import SVDQ_DIT_CONFIG, build_source_dit
+from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit
 
 KW = {"prompt": "a boat", "seed": 2, "steps": 2, "width": 64, "height": 64}
 
@@ -30,15 +29,12 @@ def source():
 def models(tmp_path_factory, source, tiny_folder):
     """models/: the 128-wide fp32 DiT (every block linear a multiple of the int4 group), its int4 conversion, tiny
     TE/VAE/tokenizer and a LoRA."""
-    from qwenstudio.engine.formats.convert import convert, save_tensors
-    from qwenstudio.engine.formats.keymaps import CONFIG_METADATA_KEY
+    from qwenstudio.engine.formats.convert import convert
     from qwenstudio.testing.formats import write_comfy_models_dir
 
     root = tmp_path_factory.mktemp("quant-on-load")
     write_comfy_models_dir(root, tiny_folder, variants=())
-    src = save_tensors({"model.diffusion_model." + k: v.detach() for k, v in source.state_dict().items()},
-                       root / "diffusion_models" / "wide-fp32.safetensors",
-                       {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+    src = save_source_dit(source, root / "diffusion_models" / "wide-fp32.safetensors", prefix="model.diffusion_model.")
     convert(src, root / "diffusion_models" / "wide-int4.safetensors", "int4")
     write_lora(root / "loras" / "style.safetensors", source, "comfy", seed=3)
     return root

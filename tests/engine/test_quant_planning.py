@@ -6,7 +6,6 @@ fits only the quantized DiT the run is resident and gives the same pixels as wit
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from qwenstudio.engine.quant.fp8 import quantize_model_fp8
 from qwenstudio.engine.quant.int4 import quantize_model_int4
 from qwenstudio.engine.sources import component_footprints, registry_for, resolve
 from qwenstudio.testing.headers import qwen_image_footprints, qwen_image_shapes
-from qwenstudio.testing.svdquant_files import SVDQ_DIT_CONFIG, build_source_dit
+from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit
 
 KW = {"prompt": "a boat", "seed": 2, "steps": 2, "width": 64, "height": 64}
 GB = 10**9
@@ -31,15 +30,11 @@ def source():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, source, tiny_folder):
-    from qwenstudio.engine.formats.convert import save_tensors
-    from qwenstudio.engine.formats.keymaps import CONFIG_METADATA_KEY
     from qwenstudio.testing.formats import write_comfy_models_dir
 
     root = tmp_path_factory.mktemp("quant-planning")
     write_comfy_models_dir(root, tiny_folder, variants=())
-    save_tensors({"model.diffusion_model." + k: v.detach() for k, v in source.state_dict().items()},
-                 root / "diffusion_models" / "wide-fp32.safetensors",
-                 {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+    save_source_dit(source, root / "diffusion_models" / "wide-fp32.safetensors", prefix="model.diffusion_model.")
     return root
 
 

@@ -34,7 +34,14 @@ from qwenstudio.engine.quant.svdquant import (
     unpack_weight,
 )
 from qwenstudio.testing.loras import write_lora
-from qwenstudio.testing.svdquant_files import FIXTURES, FP4_FILE, INT4_FILE, SVDQ_DIT_CONFIG, build_source_dit
+from qwenstudio.testing.svdquant_files import (
+    FIXTURES,
+    FP4_FILE,
+    INT4_FILE,
+    SVDQ_DIT_CONFIG,
+    build_source_dit,
+    save_source_dit,
+)
 
 FILES = {"int4": INT4_FILE, "nvfp4": FP4_FILE}
 # Max |latent difference| vs the fp32 source model after 2 steps at 64x64 (latent std ~1.2), measured on CPU:
@@ -285,10 +292,6 @@ def test_fused_projections_split_exactly(loaded):
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, tiny_folder, source):
     """A ComfyUI models/ tree: both nunchaku files, the fp32 source DiT as a plain file, tiny TE/VAE, a LoRA."""
-    import json
-
-    from qwenstudio.engine.formats.convert import save_tensors
-    from qwenstudio.engine.formats.keymaps import CONFIG_METADATA_KEY
     from qwenstudio.testing.formats import write_comfy_models_dir
 
     root = tmp_path_factory.mktemp("svdq-models")
@@ -296,9 +299,7 @@ def models_dir(tmp_path_factory, tiny_folder, source):
     (root / "diffusion_models").mkdir(exist_ok=True)
     for f in FILES.values():
         shutil.copy(FIXTURES / f, root / "diffusion_models" / f)
-    save_tensors({k: v.detach() for k, v in source.state_dict().items()},
-                 root / "diffusion_models" / "source-fp32.safetensors",
-                 {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+    save_source_dit(source, root / "diffusion_models" / "source-fp32.safetensors")
     write_lora(root / "loras" / "Qwen-Image-Lightning-8steps-V1.1.safetensors", source, "diffusers", seed=9)
     return root
 

@@ -43,3 +43,17 @@ def build_source_dit(seed: int = 0):
             else:
                 p.copy_(1 + 0.1 * r)
     return model
+
+
+def save_source_dit(model, path: Path, *, prefix: str = "") -> Path:
+    """``model`` (``build_source_dit()``) as one safetensors DiT file with its config in the metadata (its shapes
+    alone do not give the RoPE split): "the same model in fp32" the 4-bit tests and benchmarks compare against.
+    ``prefix``: e.g. ``"model.diffusion_model."`` for ComfyUI's key layout."""
+    import json
+
+    from ..engine.formats.convert import save_tensors
+    from ..engine.formats.keymaps import CONFIG_METADATA_KEY
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_tensors({prefix + k: v.detach() for k, v in model.state_dict().items()}, path,
+                        {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
