@@ -116,6 +116,9 @@ app.add_typer(compare_app, name="compare")
 
 
 def main() -> None:
+    from ..engine.quant.nf4 import mute_kernels_notice
+
+    mute_kernels_notice()  # every command, not only those that load a model: diffusers imports bitsandbytes
     app()
 
 
