@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from conftest import shot
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from typer.testing import CliRunner
 
 from qwenstudio.cli.main import app
@@ -20,6 +21,13 @@ def test_compare_report_opens_offline(tmp_path, page):
     page.on("request", lambda req: requests.append(req.url))
     page.goto((out / "report.html").as_uri())
     page.wait_for_load_state("load")
+    # the report's images are loading="lazy", and lazy images do not delay the load event: wait for them (an image
+    # that never loads still fails below, after the timeout)
+    try:
+        page.wait_for_function("Array.from(document.images).every(e => e.complete && e.naturalWidth > 0)",
+                               timeout=15000)
+    except PlaywrightTimeout:  # the assertion below says which did not load
+        pass
     loaded = page.eval_on_selector_all("img", "els => els.map(e => e.complete && e.naturalWidth > 0)")
     assert loaded == [True] * 4
     assert all(u.startswith("file://") for u in requests), requests  # offline: no request leaves the folder
