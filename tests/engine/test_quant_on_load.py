@@ -105,10 +105,41 @@ def test_cli_quant_int4_png_reruns_with_the_same_quantization(models, tmp_path):
     assert Image.open(tmp_path / "c.png").tobytes() != a.tobytes()  # int4 is lossy: the quant had to be repeated
 
 
-def test_quant_int4_on_an_already_quantized_base_is_refused(models):
-    with pytest.raises(InvalidRequest) as e:
-        Engine.load("wide-int4", models_dirs=(models,), device="cpu", variant="tiny", quant="int4")
-    assert e.value.code == "quant_needs_float_base" and "Int4WeightLinear" in str(e.value)
+def test_quant_on_an_already_quantized_base_is_refused_before_loading(models, tmp_path, monkeypatch):
+    """Every ``--quant`` needs float weights: on an int4, nunchaku or GGUF file (and a 4-bit one on an fp8 file) it
+    is refused from the headers, in one CLI line, before any weight is read. Before this, ``--quant fp8`` on such a
+    file quantized nothing while the PNG said ``quant: fp8``. An fp8 file still takes ``--quant fp8``."""
+    import shutil
+
+    from qwenstudio.engine import loading
+    from qwenstudio.engine.formats.convert import convert
+    from qwenstudio.engine.formats.gguf import write_dit_gguf
+    from qwenstudio.testing.svdquant_files import FIXTURES, INT4_FILE, SVDQ_DIT_CONFIG
+
+    models = shutil.copytree(models, tmp_path / "models")
+    dm = models / "diffusion_models"
+    shutil.copy(FIXTURES / INT4_FILE, dm / INT4_FILE)
+    convert(dm / "wide-fp32.safetensors", dm / "wide-fp8.safetensors", "fp8_scaled", overwrite=True)
+    source = build_source_dit()
+    write_dit_gguf({k: v.detach() for k, v in source.state_dict().items()}, dm / "wide-Q8_0.gguf", "Q8_0",
+                   config=SVDQ_DIT_CONFIG)
+    refused = [("wide-int4", q) for q in ("int4", "nf4", "fp8")] + [
+        (INT4_FILE.removesuffix(".safetensors"), "fp8"), ("wide-Q8_0", "fp8"), ("wide-Q8_0", "int4"),
+        ("wide-fp8", "int4")]
+    read = []
+    monkeypatch.setattr(loading, "fill_module", lambda *a, **k: read.append(a))  # nothing may be read
+    for name, quant in refused:
+        with pytest.raises(InvalidRequest) as e:
+            Engine.load(name, models_dirs=(models,), device="cpu", variant="tiny", quant=quant)
+        assert e.value.code == "quant_needs_float_base" and "already" in str(e.value), (name, quant)
+        r = CliRunner().invoke(app, ["generate", "x", "--model", name, "--models-dir", str(models), "--variant",
+                                     "tiny", "--quant", quant, "--steps", "1"])
+        assert r.exit_code != 0 and "Traceback" not in r.output and "already" in r.output, (name, quant, r.output)
+        assert r.output.strip().count("\n") == 0, r.output
+    assert not read
+    monkeypatch.undo()
+    fp8 = Engine.load("wide-fp8", models_dirs=(models,), device="cpu", variant="tiny", quant="fp8")
+    assert fp8.acceleration["quant"] == "fp8" and fp8.acceleration["fp8_compute_layers"] > 0
 
 
 def test_nf4_layers_match_bitsandbytes_and_take_loras(source, tmp_path):

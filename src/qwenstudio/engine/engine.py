@@ -111,10 +111,11 @@ class Engine:
             dtype = parse_dtype(settings.dtype)
         registry = registry_for(settings, models_dirs)
         device = check_device(device or settings.device or default_device())
-        from .quant.load_time import LOAD_TIME_QUANTS, check_quant_device
+        from .quant.load_time import LOAD_TIME_QUANTS, check_quant_base, check_quant_device
 
         check_quant_device(quant, device)  # e.g. --quant nf4 off CUDA: refused before any weight is read
         source = resolve(model, registry, settings, text_encoder=text_encoder, vae=vae, allow_paths=allow_paths)
+        check_quant_base(quant, source)  # e.g. --quant int4 on a GGUF file: refused from its headers
         spec = get_spec(variant or source.variant)
         reason = f"chosen with --variant {variant}" if variant else source.identity.reason
         if not variant and source.identity.guessed:

@@ -30,6 +30,33 @@ def check_quant_device(quant: str | None, device) -> None:
             raise InvalidRequest(f"--quant nf4 cannot run on {device}: {reason}", code="quant_unavailable")
 
 
+def check_quant_base(quant: str | None, source) -> None:
+    """Refuse, from the DiT file's headers (before any weight is read), a ``--quant`` its weights cannot take: the
+    quantize-on-load modes need float weights. On an already-quantized DiT (GGUF, int4, nunchaku, bitsandbytes) the
+    option would stack a second rounding (int4/nf4) or silently do nothing while the metadata said ``quant: fp8``;
+    an fp8 file takes ``--quant fp8`` (its fp8 compute) but not a 4-bit one. ``quantize_on_load`` and
+    ``refuse_fp8_on_quantized`` check the loaded modules too (a folder's headers may not say)."""
+    from ..precision import stored_weight_kind
+
+    if quant not in LOAD_TIME_QUANTS:
+        return
+    stored = stored_weight_kind(source)
+    if stored == "quantized" or (stored == "fp8" and quant != "fp8"):
+        dit = getattr(source, "dit", None)
+        what = (dit.quant or dit.container) if dit is not None else stored
+        raise InvalidRequest(f"--quant {quant} quantizes a bf16/fp32 DiT; '{source.name}' is already {what}: drop "
+                             f"--quant or load the float file", code="quant_needs_float_base")
+
+
+def refuse_fp8_on_quantized(transformer) -> None:
+    """``--quant fp8`` on a DiT whose layers are already quantized otherwise (see ``check_quant_base``)."""
+    other = quantized_layer_kinds(transformer) - {"FP8Linear"}
+    if other:
+        raise InvalidRequest(f"--quant fp8 quantizes a bf16/fp32 DiT; this one is already quantized "
+                             f"({', '.join(sorted(other))}): drop --quant or load the float file",
+                             code="quant_needs_float_base")
+
+
 def quantized_layer_kinds(model) -> set[str]:
     """Class names of the already-quantized linears in ``model`` (fp8, GGUF, int4, SVDQuant, bitsandbytes)."""
     return {type(m).__name__ for m in model.modules() if type(m).__name__ in QUANTIZED_LINEARS}
