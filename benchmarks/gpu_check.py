@@ -12,8 +12,10 @@
    (``torch.cuda.set_per_process_memory_fraction``): seconds, slowdown vs resident (target at 8 GB: <= 2x), peak.
 4. 4-bit (issue 17): ``--quant int4`` (ours) and ``--quant nf4`` (bitsandbytes) on the full-size bf16 DiT —
    quantize time, forward ms, peak memory, rel-L2 vs bf16 — and nunchaku's kernels on the SVDQuant fixtures vs the
-   torch reference where the GPU supports them (int4: sm75-sm89, nvfp4: sm120; skipped with that reason elsewhere,
-   e.g. on sm90). NF4 needs ``pip install bitsandbytes``, the kernels ``nunchaku``; each row says when it is missing.
+   torch reference where the GPU supports them (int4: sm75/80/86/89, nvfp4: sm120/121; skipped with that reason
+   elsewhere, e.g. on sm90), and ``Engine.load(quant=int4|nf4|fp8)`` on a small float file as users run it (the
+   float DiT loaded in RAM, each layer quantized onto the GPU) vs the same run on the CPU, with and without a LoRA.
+   NF4 needs ``pip install bitsandbytes``, the kernels ``nunchaku``; each row says when it is missing.
 Everything it needs is in the project's dependencies (no downloads: random weights are made on the device).
 
 Usage: python benchmarks/gpu_check.py [--skip-tiny] [--skip-full] [--skip-4bit] [--size 1024] [--json out.json]
@@ -349,6 +351,52 @@ def four_bit(size: int, dry_run: bool) -> dict:
         out[mode] = row
         del c, tr
     out["nunchaku_kernels"] = _nunchaku_kernels("cpu" if dry_run else "cuda")
+    out["engine_load"] = _quant_at_load("cpu" if dry_run else "cuda")
+    return out
+
+
+def _quant_at_load(device: str) -> dict:
+    """``Engine.load(..., quant=q)`` the way users run it, on ``device``: the float DiT is loaded in RAM and each layer
+    quantized onto the device (the path no CPU test can show on a GPU). Per mode: the plan, the latents with and
+    without a LoRA vs the same run on the CPU (fp32 both sides), and the device's peak memory."""
+    import torch
+
+    from qwenstudio import Engine
+    from qwenstudio.errors import QwenStudioError
+    from qwenstudio.testing.formats import write_comfy_models_dir
+    from qwenstudio.testing.loras import write_lora
+    from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit
+    from qwenstudio.testing.tiny import write_diffusers_folder
+
+    root = Path(tempfile.mkdtemp(prefix="qs-quant-load-"))
+    source = build_source_dit()
+    write_comfy_models_dir(root / "models", write_diffusers_folder(root / "tiny-qwen-image"), variants=())
+    save_source_dit(source, root / "models" / "diffusion_models" / "wide-fp32.safetensors")
+    write_lora(root / "models" / "loras" / "check.safetensors", source, "comfy", seed=1)
+    kw = {"prompt": "a red fox", "seed": 3, "steps": 4, "cfg": 1.0, "width": 64, "height": 64}
+    out: dict = {}
+    for q in ("int4", "nf4", "fp8"):
+        load = {"models_dirs": (root / "models",), "variant": "tiny", "dtype": "float32", "quant": q}
+        try:
+            cpu = Engine.load("wide-fp32", device="cpu", compile=False, **load)
+            want = [cpu.generate(**kw).latents.float(), cpu.generate(**kw, loras=[("check", 1.0)]).latents.float()]
+            del cpu
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            # fp8 compute on a GPU runs compiled (eager is refused); its scaled_mm vs the CPU emulation is ~1e-3
+            engine = Engine.load("wide-fp32", device=device, compile=q == "fp8" and device == "cuda", **load)
+            got = [engine.generate(**kw).latents.float().cpu(),
+                   engine.generate(**kw, loras=[("check", 1.0)]).latents.float().cpu()]
+        except QwenStudioError as e:  # e.g. fp8 compute needs compile on a GPU: the reason is the row
+            out[q] = {"skipped": str(e)}
+            continue
+        memory = engine.describe().get("memory", {})
+        out[q] = {"strategy": engine.plan.strategy, "ram_needed_gib": memory.get("ram_needed_gib"),
+                  "max_diff_vs_cpu": max(float((g - w).abs().max()) for g, w in zip(got, want)),
+                  "lora_changes_output": bool((got[1] - got[0]).abs().max() > 1e-3),
+                  "peak_gib": _peak_gib(device != "cuda")}
+        del engine
     return out
 
 

@@ -80,6 +80,9 @@ def test_gpu_check_dry_run_exercises_every_section_on_cpu(tmp_path):
     else:
         assert four["nf4"]["nf4_layers_quantized"] > 0 and 0 < four["nf4"]["rel_l2_vs_bf16"] < 0.1
     assert all("CUDA-only" in row["skipped"] for row in four["nunchaku_kernels"].values())
+    loads = four["engine_load"]  # Engine.load(quant=...) on the device vs the CPU: the same device in a dry run
+    for q in ("int4", "fp8") + (("nf4",) if "skipped" not in four["nf4"] else ()):
+        assert loads[q]["max_diff_vs_cpu"] == 0 and loads[q]["lora_changes_output"], (q, loads[q])
     assert report["memory_caps"]["8GB"]["fp8"]["strategy"] == "group_offload"  # the planner no longer refuses
     for kind in ("fp8", "q8_0"):  # each cap's plan ran (the tiny model, CPU on both sides): the resident latents
         runs = report["memory_runs"][kind]
