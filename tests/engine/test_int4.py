@@ -24,7 +24,7 @@ from qwenstudio.engine.quant.int4 import (
 )
 from qwenstudio.errors import InvalidRequest
 from qwenstudio.testing.loras import write_lora
-from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit
+from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit, source_dit_inputs
 
 # Max |latent difference| vs the fp32 model after 2 steps at 64x64 (latent std 1.45), measured on CPU: 0.24.
 LATENT_TOL = 0.4
@@ -94,11 +94,7 @@ def test_lora_on_int4_base_equals_lora_on_dequantized_base(files, source, tmp_pa
             if isinstance(m, Int4WeightLinear):
                 dense.get_submodule(name).weight.copy_(m.dequantized_weight())
     path, _ = write_lora(tmp_path / "l.safetensors", source, "kohya", seed=4)
-    g = torch.Generator().manual_seed(1)
-    inputs = {"hidden_states": torch.randn(1, 64, 64, generator=g),
-              "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
-              "encoder_hidden_states_mask": torch.ones(1, 5),
-              "timestep": torch.tensor([0.3]), "img_shapes": [(1, 8, 8)], "return_dict": False}
+    inputs = source_dit_inputs()
     with torch.no_grad():
         LoraManager(model).set_stack([(path, 0.7)])
         LoraManager(dense).set_stack([(path, 0.7)])

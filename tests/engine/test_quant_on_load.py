@@ -15,7 +15,7 @@ from qwenstudio.cli.main import app
 from qwenstudio.engine.quant.int4 import Int4WeightLinear
 from qwenstudio.errors import InvalidRequest
 from qwenstudio.testing.loras import write_lora
-from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit
+from qwenstudio.testing.svdquant_files import build_source_dit, save_source_dit, source_dit_inputs
 
 KW = {"prompt": "a boat", "seed": 2, "steps": 2, "width": 64, "height": 64}
 
@@ -166,11 +166,7 @@ def test_nf4_layers_match_bitsandbytes_and_take_loras(source, tmp_path):
             assert (err <= 0.153 * absmax + 1e-6).all(), name
             dense.get_submodule(name).weight.copy_(w)
     path, _ = write_lora(tmp_path / "l.safetensors", source, "kohya", seed=4)
-    g = torch.Generator().manual_seed(1)
-    inputs = {"hidden_states": torch.randn(1, 64, 64, generator=g),
-              "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
-              "encoder_hidden_states_mask": torch.ones(1, 5),
-              "timestep": torch.tensor([0.3]), "img_shapes": [(1, 8, 8)], "return_dict": False}
+    inputs = source_dit_inputs()
     with torch.no_grad():
         exact = source(**inputs)[0]
         rel = ((model(**inputs)[0] - exact).norm() / exact.norm()).item()

@@ -202,9 +202,9 @@ def accelerate_engine(engine, *, compile=False, attention="auto", quant=None, ca
 
         done.update(quantize_on_load(transformer, quant, device=device, place=place, dtype=engine.components.dtype))
     if quant == "fp8":
-        from .quant.load_time import refuse_fp8_on_quantized
+        from .quant.load_time import refuse_quantized_base
 
-        refuse_fp8_on_quantized(transformer)
+        refuse_quantized_base(transformer, quant)
     has_fp8 = any(isinstance(m, FP8Linear) for m in transformer.modules())
     if quant == "fp8" and not has_fp8:
         done["fp8_layers_quantized"] = len(quantize_model_fp8(transformer, device=place))

@@ -57,3 +57,14 @@ def save_source_dit(model, path: Path, *, prefix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_tensors({prefix + k: v.detach() for k, v in model.state_dict().items()}, path,
                         {"format": "pt", CONFIG_METADATA_KEY: json.dumps(SVDQ_DIT_CONFIG)})
+
+
+def source_dit_inputs(seed: int = 1) -> dict:
+    """Keyword inputs of one forward of ``build_source_dit()``: 64 image tokens (8 x 8), a 5-token prompt, t = 0.3."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(1, 64, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, 5, 32, generator=g),
+            "encoder_hidden_states_mask": torch.ones(1, 5),
+            "timestep": torch.tensor([0.3]), "img_shapes": [(1, 8, 8)], "return_dict": False}

@@ -34,8 +34,8 @@ def check_quant_base(quant: str | None, source) -> None:
     """Refuse, from the DiT file's headers (before any weight is read), a ``--quant`` its weights cannot take: the
     quantize-on-load modes need float weights. On an already-quantized DiT (GGUF, int4, nunchaku, bitsandbytes) the
     option would stack a second rounding (int4/nf4) or silently do nothing while the metadata said ``quant: fp8``;
-    an fp8 file takes ``--quant fp8`` (its fp8 compute) but not a 4-bit one. ``quantize_on_load`` and
-    ``refuse_fp8_on_quantized`` check the loaded modules too (a folder's headers may not say)."""
+    an fp8 file takes ``--quant fp8`` (its fp8 compute) but not a 4-bit one. ``refuse_quantized_base`` checks the loaded modules
+    too (a folder's headers may not say)."""
     from ..precision import stored_weight_kind
 
     if quant not in LOAD_TIME_QUANTS:
@@ -48,12 +48,13 @@ def check_quant_base(quant: str | None, source) -> None:
                              f"--quant or load the float file", code="quant_needs_float_base")
 
 
-def refuse_fp8_on_quantized(transformer) -> None:
-    """``--quant fp8`` on a DiT whose layers are already quantized otherwise (see ``check_quant_base``)."""
-    other = quantized_layer_kinds(transformer) - {"FP8Linear"}
-    if other:
-        raise InvalidRequest(f"--quant fp8 quantizes a bf16/fp32 DiT; this one is already quantized "
-                             f"({', '.join(sorted(other))}): drop --quant or load the float file",
+def refuse_quantized_base(transformer, quant: str) -> None:
+    """The loaded-module side of ``check_quant_base``: ``--quant`` on a DiT whose layers are already quantized (an
+    fp8 DiT only takes ``--quant fp8``, its fp8 compute)."""
+    already = quantized_layer_kinds(transformer) - ({"FP8Linear"} if quant == "fp8" else set())
+    if already:
+        raise InvalidRequest(f"--quant {quant} quantizes a bf16/fp32 DiT; this one is already quantized "
+                             f"({', '.join(sorted(already))}): drop --quant or load the float file",
                              code="quant_needs_float_base")
 
 
@@ -67,11 +68,7 @@ def quantize_on_load(transformer, quant: str, *, device, dtype, place=None) -> d
     run's device (what it must support); ``place``: where the quantized layers go (the device for a resident DiT,
     the CPU for an offloaded one; default: where the weights are), one layer at a time, so the float DiT never has
     to fit there."""
-    already = quantized_layer_kinds(transformer)
-    if already:
-        raise InvalidRequest(f"--quant {quant} quantizes a bf16/fp32 DiT; this one is already quantized "
-                             f"({', '.join(sorted(already))}): drop --quant or load the float file",
-                             code="quant_needs_float_base")
+    refuse_quantized_base(transformer, quant)
     if quant == "int4":
         from .int4 import GROUP_SIZE, quantize_model_int4
 
