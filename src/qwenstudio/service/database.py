@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,9 +108,24 @@ class SQLiteDatabase:
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._set_wal()
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+
+    def _set_wal(self, timeout: float = 30.0) -> None:
+        """Switch to WAL. The switch needs the database to itself, and SQLite answers "database is locked" at once
+        (without its busy timeout) while another connection opens the same new file: retry until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                self._conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _run(self, sql: str, args: tuple = ()) -> Result:
         cur = self._conn.execute(sql, args)
